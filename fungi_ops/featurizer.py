@@ -1,0 +1,295 @@
+"""The FUNGI featurizer: embedding plus one projected gradient feature per objective.
+
+One call of :meth:`Featurizer.featurize` on a batch
+
+1. builds every view of every sample on the device (eval view first, then each
+   objective's views), seeded per row;
+2. runs them through the frozen backbone in one forward pass, with the target layer's
+   hook armed;
+3. backpropagates the per-sample losses of all objectives (one backward when their
+   views are disjoint) down to the target layer only;
+4. forms each sample's weight+bias gradient in closed form, projects it with the
+   seeded Rademacher matrix and L2-normalises it.
+
+Features of a sample never depend on the other samples of the batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fungi_ops.adapters import ViewGroup, make_adapter
+from fungi_ops.backbones import Backbone, load_backbone, resolve_target_layer
+from fungi_ops.errors import ConfigError, SampleError
+from fungi_ops.gradients import LinearGradientTap, grouped_linear_gradients
+from fungi_ops.objectives import Objective
+from fungi_ops.projection import RandomProjection, generate_projection
+from fungi_ops.spec import FeaturizerSpec, feature_column
+
+log = logging.getLogger(__name__)
+SETUP_FILE = "setup.safetensors"
+
+
+@dataclass
+class FeatureBatch:
+    """Features of the rows that succeeded, and an error message for each row that failed."""
+
+    keys: list[str]
+    features: dict[str, np.ndarray]
+    errors: dict[int, SampleError] = field(default_factory=dict)
+
+    @property
+    def ok_rows(self) -> list[int]:
+        """Indices (into the input batch) of the rows that have features, in order."""
+        return [i for i in range(len(self.keys)) if i not in self.errors]
+
+
+class Featurizer:
+    """Load a frozen backbone once, then featurize batches of decoded samples.
+
+    ``device``: where the model runs (default: CUDA when available).
+    ``projection``: an explicit ``[k, d]`` matrix instead of the seeded one (for parity
+    checks against other implementations).
+    """
+
+    def __init__(
+        self,
+        spec: FeaturizerSpec,
+        *,
+        device: str | torch.device | None = None,
+        projection: torch.Tensor | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backbone: Backbone = load_backbone(
+            spec.model,
+            spec.modality,
+            weights=spec.weights,
+            seed=spec.seed,
+            pooling=spec.pooling,
+            trust_remote_code=trust_remote_code,
+        )
+        target_path, layer = resolve_target_layer(self.backbone.model, spec.target_layer, self.backbone.default_target)
+        self.backbone.model.to(self.device)
+        self.adapter = make_adapter(self.backbone)
+        resolved_objectives = tuple(config.resolved(spec.modality) for config in spec.objectives)
+        self.spec = self._resolve(spec, target_path, resolved_objectives)
+
+        self.objectives: dict[str, Objective] = {
+            config.name: config.build(self.backbone.embed_dim, spec.modality, spec.seed).to(self.device)
+            for config in self.spec.objectives
+        }
+        self.groups = self._view_groups()
+        self.tap = LinearGradientTap(layer)
+        self.compute_dtype = self._compute_dtype()
+        if projection is None:
+            projection = generate_projection(
+                self.spec.projection_dim, self.tap.gradient_dim, self.spec.seed, dtype=self.compute_dtype, device=self.device
+            )
+        elif tuple(projection.shape) != (self.spec.projection_dim, self.tap.gradient_dim):
+            raise ConfigError(
+                f"projection must be {self.spec.projection_dim} x {self.tap.gradient_dim}, got {tuple(projection.shape)}"
+            )
+        self.projection = RandomProjection(projection.to(self.device, self.compute_dtype))
+
+    # -- construction helpers -------------------------------------------------
+    def _resolve(self, spec: FeaturizerSpec, target: str, objectives: tuple) -> FeaturizerSpec:
+        backbone = self.backbone
+        if spec.weights_sha256 and backbone.weights_sha256 and spec.weights_sha256 != backbone.weights_sha256:
+            raise ConfigError(
+                f"weights {spec.weights} have sha256 {backbone.weights_sha256[:12]}..., "
+                f"the spec expects {spec.weights_sha256[:12]}..."
+            )
+        if spec.embed_dim is not None and spec.embed_dim != backbone.embed_dim:
+            raise ConfigError(f"model {spec.model} embeds to {backbone.embed_dim}, the spec expects {spec.embed_dim}")
+        return dataclasses.replace(
+            spec,
+            target_layer=target,
+            weights_sha256=backbone.weights_sha256,
+            pooling=backbone.pooling,
+            objectives=objectives,
+            embed_dim=backbone.embed_dim,
+            projection_dim=spec.projection_dim or backbone.embed_dim,
+        )
+
+    def _view_groups(self) -> list[ViewGroup]:
+        groups = [ViewGroup("eval", 1)]
+        for objective in self.objectives.values():
+            kind = objective.config.view_kind
+            if kind not in self.adapter.view_kinds:
+                raise ConfigError(f"objective '{objective.name}' needs '{kind}' views, which {self.spec.modality} lacks")
+            if kind != "eval":
+                count = self.adapter.views_per_sample(kind, objective.config)
+                groups.append(ViewGroup(kind, count, objective.config))
+        return groups
+
+    def _compute_dtype(self) -> torch.dtype:
+        precision = self.spec.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return torch.float32
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- public API -----------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        return self.spec.feature_names
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        dims = {"embedding": self.backbone.embed_dim}
+        dims.update({feature_column(name): self.spec.projection_dim for name in self.objectives})
+        return dims
+
+    @property
+    def needs_setup(self) -> bool:
+        return any(objective.needs_setup for objective in self.objectives.values())
+
+    def decode(self, payload: Any) -> Any:
+        """Canonical form of one raw payload; raises SampleError for a bad row."""
+        return self.adapter.decode(payload)
+
+    def _group_of(self, objective: Objective) -> tuple[int, int, int]:
+        """(index, first row, rows) of the objective's view group for a batch of one."""
+        start = 0
+        for index, group in enumerate(self.groups):
+            if group.kind == objective.config.view_kind and (group.config is None or group.config == objective.config):
+                return index, start, group.count
+            start += group.count
+        raise AssertionError(f"no view group for {objective.name}")
+
+    @torch.no_grad()
+    def setup(self, samples: Sequence[Any], keys: Sequence[str], batch_size: int = 8) -> None:
+        """Encode supporting data (SimCLR negatives) from decoded samples of a training split."""
+        for objective in self.objectives.values():
+            if not objective.needs_setup:
+                continue
+            index, _, count = self._group_of(objective)
+            group = self.groups[index]
+            latents = []
+            for start in range(0, len(samples), batch_size):
+                chunk, chunk_keys = samples[start : start + batch_size], keys[start : start + batch_size]
+                inputs = self.adapter.build_views(chunk, chunk_keys, [group], self.spec.seed, self.device)
+                with self._autocast():
+                    embeddings = self.backbone.embed(inputs)
+                    latents.append(objective.latents(embeddings).float())
+            objective.set_negatives(torch.cat(latents))
+
+    def setup_state(self) -> dict[str, torch.Tensor]:
+        """Supporting tensors, keyed by objective, for saving next to the output."""
+        return {
+            f"{name}.negatives": objective.negatives.detach().cpu().contiguous()
+            for name, objective in self.objectives.items()
+            if objective.needs_setup
+        }
+
+    def load_setup_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, objective in self.objectives.items():
+            if objective.needs_setup:
+                if f"{name}.negatives" not in state:
+                    raise ConfigError(f"setup artifact has no '{name}.negatives'")
+                objective.set_negatives(state[f"{name}.negatives"])
+
+    def save_setup(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.setup_state(), str(path), metadata={"fungi.spec_hash": self.spec.hash})
+
+    def load_setup(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get("fungi.spec_hash")
+            if stored != self.spec.hash:
+                raise ConfigError(f"setup artifact {path} belongs to spec {stored}, not {self.spec.hash}")
+            self.load_setup_state({key: handle.get_tensor(key) for key in handle.keys()})
+
+    def featurize(self, samples: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
+        """Features of decoded samples. A row whose features are not finite is reported, not returned."""
+        if len(samples) != len(keys):
+            raise ValueError(f"{len(samples)} samples but {len(keys)} keys")
+        keys = [str(k) for k in keys]
+        if not samples:
+            return FeatureBatch(keys, {name: np.zeros((0, dim), np.float32) for name, dim in self.feature_dims.items()})
+        inputs = self.adapter.build_views(samples, keys, self.groups, self.spec.seed, self.device)
+        features = self.featurize_views(inputs, len(samples))
+        finite = np.all([np.isfinite(values).all(axis=1) for values in features.values()], axis=0)
+        errors = {
+            int(i): SampleError("features are not finite (NaN/inf in the model output or gradient)", stage="featurize")
+            for i in np.flatnonzero(~finite)
+        }
+        if errors:
+            features = {name: values[finite] for name, values in features.items()}
+        return FeatureBatch(keys, features, errors)
+
+    def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
+        """Decode then featurize; rows that fail to decode are reported, the rest go on."""
+        decoded, decoded_rows, errors = [], [], {}
+        for row, payload in enumerate(payloads):
+            try:
+                decoded.append(self.decode(payload))
+                decoded_rows.append(row)
+            except SampleError as exc:
+                errors[row] = exc
+        result = self.featurize(decoded, [str(keys[row]) for row in decoded_rows])
+        errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
+        return FeatureBatch([str(k) for k in keys], result.features, errors)
+
+    def featurize_views(self, inputs: Any, batch: int) -> dict[str, np.ndarray]:
+        """Features from model-ready views laid out as :attr:`groups` (group-major, sample-major)."""
+        self.tap.armed = True
+        try:
+            with torch.enable_grad(), self._autocast():
+                embeddings = self.backbone.embed(inputs)
+                losses = self._losses(embeddings, batch)
+            outputs = {"embedding": F.normalize(embeddings[:batch].float(), dim=-1)}
+            outputs.update(self._gradient_features(losses, batch))
+        finally:
+            self.tap.armed = False
+            self.tap.clear()
+        return {name: outputs[name].detach().cpu().numpy() for name in self.feature_names}
+
+    def _losses(self, embeddings: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        losses = {}
+        for name, objective in self.objectives.items():
+            _, first, count = self._group_of(objective)
+            rows = embeddings[first * batch : (first + count) * batch]
+            losses[name] = objective.loss(rows.reshape(batch, count, -1)).sum()
+        return losses
+
+    def _gradient_features(self, losses: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        # Objectives whose views are disjoint share one backward pass; objectives that
+        # share a view group get their own, so their gradients never mix.
+        rounds: list[list[str]] = []
+        for name in losses:
+            group = self._group_of(self.objectives[name])[0]
+            target = next((r for r in rounds if all(self._group_of(self.objectives[o])[0] != group for o in r)), None)
+            if target is None:
+                rounds.append([name])
+            else:
+                target.append(name)
+        features = {}
+        for position, names in enumerate(rounds):
+            (output_grads,) = torch.autograd.grad(
+                sum(losses[name] for name in names), self.tap.outputs, retain_graph=position < len(rounds) - 1
+            )
+            for name in names:
+                _, first, count = self._group_of(self.objectives[name])
+                rows = slice(first * batch, (first + count) * batch)
+                flat = grouped_linear_gradients(
+                    self.tap.inputs[rows], output_grads[rows], batch, self.tap.has_bias
+                )
+                features[feature_column(name)] = F.normalize(self.projection(flat), dim=-1)
+        return features

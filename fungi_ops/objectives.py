@@ -1,0 +1,311 @@
+"""Self-supervised objectives whose gradients become features.
+
+Each objective is a small config dataclass (its hyper-parameters, serialised into the
+:class:`~fungi_ops.spec.FeaturizerSpec`) that builds an :class:`Objective` module: the
+random heads, seeded from the run seed, and a *per-sample* loss on the backbone
+embeddings of that sample's views. Losses are vectorised over samples and views and
+never mix two samples, so a sample's gradient does not depend on its batch.
+
+Adding an objective
+-------------------
+1. Write a frozen dataclass with its hyper-parameters and a ``name`` class variable,
+   decorated with :func:`register_objective`.
+2. Give it ``view_kind`` ("eval": the model's own single view, shared with the
+   embedding; "multicrop": DINO crops; "contrastive": SimCLR views; the modality
+   adapters build them) and ``build(...)``.
+3. ``build`` returns an :class:`Objective` whose ``loss(embeddings)`` maps
+   ``[batch, views, dim]`` embeddings to ``[batch]`` losses.
+``notebooks/custom_objective.ipynb`` walks through one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fungi_ops.errors import ConfigError
+from fungi_ops.seeding import generator
+
+MODALITIES = ("image", "text", "audio")
+OBJECTIVES: dict[str, type["ObjectiveConfig"]] = {}
+
+
+def register_objective(config_cls: type["ObjectiveConfig"]) -> type["ObjectiveConfig"]:
+    """Class decorator: make an objective config available by its ``name``."""
+    if not config_cls.name:
+        raise ConfigError(f"{config_cls.__name__} needs a non-empty 'name'")
+    OBJECTIVES[config_cls.name] = config_cls
+    return config_cls
+
+
+def seeded_linear(in_dim: int, out_dim: int, seed: int, *names: object) -> nn.Linear:
+    """An ``nn.Linear`` with PyTorch's default init drawn from a named seed stream."""
+    layer = nn.Linear(in_dim, out_dim)
+    gen = generator(seed, *names)
+    bound = 1.0 / math.sqrt(in_dim)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    layer.requires_grad_(False)
+    return layer
+
+
+class Objective(nn.Module):
+    """A built objective: heads plus a per-sample loss on view embeddings."""
+
+    config: "ObjectiveConfig"
+
+    def __init__(self, config: "ObjectiveConfig") -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def needs_setup(self) -> bool:
+        """True when supporting data (e.g. negatives) must be computed before featurizing."""
+        return False
+
+    def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Map ``[batch, views, dim]`` backbone embeddings to ``[batch]`` losses."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Base of objective configs; subclasses are frozen dataclasses."""
+
+    name: ClassVar[str] = ""
+    view_kind: ClassVar[str] = "eval"
+    modalities: ClassVar[tuple[str, ...]] = MODALITIES
+
+    def resolved(self, modality: str) -> "ObjectiveConfig":
+        """Fill modality-dependent defaults and validate; raises ConfigError."""
+        if modality not in self.modalities:
+            raise ConfigError(
+                f"objective '{self.name}' supports {', '.join(self.modalities)}, not {modality}"
+            )
+        return self
+
+    def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@register_objective
+@dataclass(frozen=True)
+class KLConfig(ObjectiveConfig):
+    """KL divergence between a uniform distribution and the softmax of a random head.
+
+    As in the reference code, ``F.kl_div(log_softmax(head(normalize(emb)) / T), uniform)``,
+    i.e. KL(uniform || p). It uses the model's own eval view, the same forward pass that
+    yields the embedding. T = 15 as in the paper's experiment jobs.
+    """
+
+    name: ClassVar[str] = "kl"
+    view_kind: ClassVar[str] = "eval"
+    temperature: float = 15.0
+    latent_dim: int = 768
+
+    def resolved(self, modality: str) -> "KLConfig":
+        super().resolved(modality)
+        _check_positive(self, "temperature", "latent_dim")
+        return self
+
+    def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        return KLObjective(self, embed_dim, seed)
+
+
+class KLObjective(Objective):
+    def __init__(self, config: KLConfig, embed_dim: int, seed: int) -> None:
+        super().__init__(config)
+        self.head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "kl")
+
+    def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        logits = self.head(F.normalize(embeddings, dim=-1)) / self.config.temperature
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        latent_dim = log_probs.shape[-1]
+        # KL(u || p) = sum_i u_i (log u_i - log p_i), u_i = 1/L
+        per_view = -(math.log(latent_dim) + log_probs.mean(dim=-1))
+        return per_view.sum(dim=1)
+
+
+@register_objective
+@dataclass(frozen=True)
+class DINOConfig(ObjectiveConfig):
+    """DINO self-distillation between a student head and a frozen teacher head.
+
+    Views: 2 global crops (area ``global_crops_scale``) and ``local_crops_number`` local
+    crops (``local_crops_scale``), all at the model's input size. The teacher sees the
+    global views; the loss sums the cross-entropy over every teacher x student view pair
+    (same-view pairs included, as the reference does).
+    """
+
+    name: ClassVar[str] = "dino"
+    view_kind: ClassVar[str] = "multicrop"
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    teacher_temperature: float = 0.07
+    student_temperature: float = 0.1
+    latent_dim: int = 2048
+    global_crops_scale: tuple[float, float] = (0.25, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.25)
+    local_crops_number: int = 10
+
+    def resolved(self, modality: str) -> "DINOConfig":
+        super().resolved(modality)
+        _check_positive(self, "teacher_temperature", "student_temperature", "latent_dim")
+        for scale_name in ("global_crops_scale", "local_crops_scale"):
+            low, high = getattr(self, scale_name)
+            if not 0 < low <= high <= 1:
+                raise ConfigError(f"dino.{scale_name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+        if self.local_crops_number < 0:
+            raise ConfigError("dino.local_crops_number must be >= 0")
+        return dataclasses.replace(
+            self,
+            global_crops_scale=tuple(self.global_crops_scale),
+            local_crops_scale=tuple(self.local_crops_scale),
+        )
+
+    def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        return DINOObjective(self, embed_dim, seed)
+
+
+class DINOObjective(Objective):
+    def __init__(self, config: DINOConfig, embed_dim: int, seed: int) -> None:
+        super().__init__(config)
+        self.head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "dino", "student")
+        self.teacher_head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "dino", "teacher")
+
+    def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        normalized = F.normalize(embeddings, dim=-1)
+        with torch.no_grad():
+            teacher = self.teacher_head(normalized[:, :2].detach()).float()
+            teacher_probs = F.softmax(teacher / self.config.teacher_temperature, dim=-1)
+        student = self.head(normalized).float()
+        student_log_probs = F.log_softmax(student / self.config.student_temperature, dim=-1)
+        # sum over teacher views t and student views s of -<p_t, log q_s>
+        return -(teacher_probs.sum(dim=1) * student_log_probs.sum(dim=1)).sum(dim=-1)
+
+
+@register_objective
+@dataclass(frozen=True)
+class SimCLRConfig(ObjectiveConfig):
+    """InfoNCE between a sample's views and a fixed batch of negatives.
+
+    Views: overlapping patches for images (``num_patches``, ``stride_scale``: 4 and 6
+    give 7x7 = 49 patches), random word deletion for text (``word_deletion``,
+    ``text_views``), random time crops of the spectrogram for audio (``audio_views``,
+    ``audio_crop_scale``). Negatives: the views of ``num_negatives`` samples of a
+    training split, encoded once by :meth:`Featurizer.setup`.
+
+    ``scale_denominator=False`` reproduces the reference implementation, where the
+    temperature divides only the positive similarities and the log-sum-exp runs over
+    raw cosine similarities; ``True`` gives textbook InfoNCE.
+    """
+
+    name: ClassVar[str] = "simclr"
+    view_kind: ClassVar[str] = "contrastive"
+    temperature: float = 0.07
+    latent_dim: int | None = None
+    num_negatives: int | None = None
+    scale_denominator: bool = False
+    num_patches: int = 4
+    stride_scale: int = 6
+    word_deletion: float = 0.1
+    text_views: int = 12
+    audio_views: int = 8
+    audio_crop_scale: tuple[float, float] = (0.5, 0.9)
+    default_latent_dim: ClassVar[dict[str, int]] = {"image": 96, "text": 256, "audio": 256}
+    default_num_negatives: ClassVar[dict[str, int]] = {"image": 64, "text": 256, "audio": 64}
+
+    def resolved(self, modality: str) -> "SimCLRConfig":
+        super().resolved(modality)
+        _check_positive(self, "temperature")
+        if math.isqrt(self.num_patches) ** 2 != self.num_patches:
+            raise ConfigError(f"simclr.num_patches must be a perfect square, got {self.num_patches}")
+        if self.stride_scale < 1:
+            raise ConfigError("simclr.stride_scale must be >= 1")
+        if not 0 <= self.word_deletion < 1:
+            raise ConfigError("simclr.word_deletion must be in [0, 1)")
+        low, high = self.audio_crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"simclr.audio_crop_scale must satisfy 0 < low <= high <= 1, got {(low, high)}")
+        if min(self.text_views, self.audio_views) < 2:
+            raise ConfigError("simclr needs at least 2 text and audio views per sample")
+        return dataclasses.replace(
+            self,
+            latent_dim=self.latent_dim or self.default_latent_dim[modality],
+            num_negatives=self.num_negatives or self.default_num_negatives[modality],
+            audio_crop_scale=tuple(self.audio_crop_scale),
+        )
+
+    def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        return SimCLRObjective(self, embed_dim, seed)
+
+
+class SimCLRObjective(Objective):
+    self_similarity: float = -1e4
+
+    def __init__(self, config: SimCLRConfig, embed_dim: int, seed: int) -> None:
+        super().__init__(config)
+        self.head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "simclr")
+        self.register_buffer("negatives", torch.empty(0, config.latent_dim), persistent=False)
+
+    @property
+    def needs_setup(self) -> bool:
+        return True
+
+    def latents(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Head outputs, the space in which negatives are stored (un-normalised)."""
+        return self.head(embeddings)
+
+    def set_negatives(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 2 or latents.shape[1] != self.config.latent_dim:
+            raise ConfigError(
+                f"simclr negatives must be [n, {self.config.latent_dim}], got {tuple(latents.shape)}"
+            )
+        self.negatives = latents.to(self.head.weight.device, torch.float32)
+
+    def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.negatives.numel() == 0:
+            raise ConfigError("simclr has no negatives: run Featurizer.setup() or load a setup artifact")
+        z = F.normalize(self.latents(embeddings).float(), dim=-1)  # [B, V, L]
+        negatives = F.normalize(self.negatives, dim=-1)
+        views = z.shape[1]
+        positive = z @ z.transpose(1, 2)  # [B, V, V]
+        negative = z @ negatives.T  # [B, V, M]
+        eye = torch.eye(views, dtype=torch.bool, device=z.device)
+        mean_positive = positive.masked_fill(eye, 0.0).sum(dim=-1) / (views - 1)
+        denominator = torch.cat([negative, positive.masked_fill(eye, self.self_similarity)], dim=-1)
+        if self.config.scale_denominator:
+            denominator = denominator / self.config.temperature
+        per_view = -mean_positive / self.config.temperature + torch.logsumexp(denominator, dim=-1)
+        return per_view.mean(dim=1)
+
+
+def _check_positive(config: ObjectiveConfig, *names: str) -> None:
+    for attr in names:
+        if getattr(config, attr) <= 0:
+            raise ConfigError(f"{config.name}.{attr} must be > 0, got {getattr(config, attr)}")
+
+
+def make_objective_config(name: str, **params: Any) -> ObjectiveConfig:
+    """Build a registered objective's config from its name and parameters."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}'; known: {', '.join(sorted(OBJECTIVES))}")
+    config_cls = OBJECTIVES[name]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"objective '{name}' has no parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    coerced = {key: tuple(value) if isinstance(value, list) else value for key, value in params.items()}
+    return config_cls(**coerced)

@@ -1,0 +1,128 @@
+"""FeaturizerSpec: everything that determines a feature value, serialisable and hashable.
+
+Two runs with the same spec hash produce the same features for the same row, on any
+worker. The pipeline writes the spec JSON into every Parquet file and the manifest, and
+refuses to mix outputs of different specs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fungi_ops.errors import ConfigError
+from fungi_ops.objectives import OBJECTIVES, KLConfig, ObjectiveConfig, make_objective_config
+from fungi_ops.projection import PROJECTION_KIND
+
+SPEC_FORMAT = 1
+FEATURE_ORDER = ("kl", "dino", "simclr")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fungi")
+    except PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def feature_column(objective_name: str) -> str:
+    return f"grad_{objective_name}"
+
+
+@dataclass(frozen=True)
+class FeaturizerSpec:
+    """What to compute. ``Featurizer`` fills the ``None`` fields when it resolves the spec.
+
+    ``precision``: ``auto`` runs bf16 autocast on CUDA and fp32 elsewhere.
+    ``projection_dim``: output size of each gradient feature (default: embedding size).
+    """
+
+    model: str
+    modality: str
+    weights: str | None = None
+    weights_sha256: str | None = None
+    target_layer: str | None = None
+    pooling: str | None = None
+    objectives: tuple[ObjectiveConfig, ...] = (KLConfig(),)
+    seed: int = 0
+    projection: str = PROJECTION_KIND
+    projection_dim: int | None = None
+    embed_dim: int | None = None
+    precision: str = "auto"
+    version: str = field(default_factory=_library_version)
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("image", "text", "audio"):
+            raise ConfigError(f"modality must be image, text or audio, got '{self.modality}'")
+        if self.projection != PROJECTION_KIND:
+            raise ConfigError(f"projection must be '{PROJECTION_KIND}', got '{self.projection}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"objectives repeat: {', '.join(names)}")
+        ordered = sorted(
+            self.objectives,
+            key=lambda o: (FEATURE_ORDER.index(o.name) if o.name in FEATURE_ORDER else len(FEATURE_ORDER), names.index(o.name)),
+        )
+        object.__setattr__(self, "objectives", tuple(ordered))
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Column names in their fixed order: ``embedding`` then one ``grad_<objective>`` each."""
+        return ["embedding", *(feature_column(o.name) for o in self.objectives)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "objectives"}
+        data["objectives"] = [{"name": o.name, "params": o.params()} for o in self.objectives]
+        data["format"] = SPEC_FORMAT
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        """Stable short hash of the canonical JSON."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeaturizerSpec":
+        data = dict(data)
+        if data.pop("format", SPEC_FORMAT) != SPEC_FORMAT:
+            raise ConfigError("spec was written by an incompatible fungi version")
+        objectives = tuple(
+            make_objective_config(entry["name"], **entry.get("params", {})) for entry in data.pop("objectives", [])
+        )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown spec field(s): {', '.join(unknown)}")
+        return cls(objectives=objectives, **data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "FeaturizerSpec":
+        return cls.from_dict(json.loads(text))
+
+
+def parse_objectives(text: str) -> tuple[ObjectiveConfig, ...]:
+    """``"kl,simclr"`` -> default configs; ``"kl:temperature=10"`` sets a parameter."""
+    configs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, rest = item.partition(":")
+        params: dict[str, Any] = {}
+        for assignment in filter(None, rest.split(";")):
+            key, _, value = assignment.partition("=")
+            try:
+                params[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key.strip()] = value
+        configs.append(make_objective_config(name.strip(), **params))
+    if not configs:
+        raise ConfigError(f"no objective given; known: {', '.join(sorted(OBJECTIVES))}")
+    return tuple(configs)

@@ -1,0 +1,50 @@
+"""The ``fungi`` command line: one sub-command per module in :mod:`pipelines.commands`.
+
+Each command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Heavy imports (torch, ray) happen inside ``run`` so that
+``fungi --help`` answers instantly.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS: dict[str, str] = {
+    "featurize": "pipelines.commands.featurize",
+    "eval": "pipelines.commands.evaluate",
+    "submit": "pipelines.commands.submit",
+    "demo": "pipelines.commands.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="fungi",
+        description="FUNGI: gradient features from frozen encoders, featurized with Ray Data.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_path in COMMANDS.items():
+        module = importlib.import_module(module_path)
+        sub = subparsers.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fungi`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fungi`` CLI, one module each (see :mod:`pipelines.cli`)."""

