@@ -52,6 +52,31 @@ class FeatureBatch:
         return [i for i in range(len(self.keys)) if i not in self.errors]
 
 
+def resolve_spec(spec: FeaturizerSpec, backbone: Backbone) -> FeaturizerSpec:
+    """Fill what the loaded backbone determines (target layer, dims, weights hash, pooling)
+    and the objectives' modality defaults; check what the spec already pins.
+
+    Cheap enough for a job driver to fail fast on bad settings before any data is read.
+    """
+    target, _ = resolve_target_layer(backbone.model, spec.target_layer, backbone.default_target)
+    if spec.weights_sha256 and backbone.weights_sha256 and spec.weights_sha256 != backbone.weights_sha256:
+        raise ConfigError(
+            f"weights {spec.weights} have sha256 {backbone.weights_sha256[:12]}..., "
+            f"the spec expects {spec.weights_sha256[:12]}..."
+        )
+    if spec.embed_dim is not None and spec.embed_dim != backbone.embed_dim:
+        raise ConfigError(f"model {spec.model} embeds to {backbone.embed_dim}, the spec expects {spec.embed_dim}")
+    return dataclasses.replace(
+        spec,
+        target_layer=target,
+        weights_sha256=backbone.weights_sha256,
+        pooling=backbone.pooling,
+        objectives=tuple(config.resolved(spec.modality) for config in spec.objectives),
+        embed_dim=backbone.embed_dim,
+        projection_dim=spec.projection_dim or backbone.embed_dim,
+    )
+
+
 class Featurizer:
     """Load a frozen backbone once, then featurize batches of decoded samples.
 
@@ -77,11 +102,10 @@ class Featurizer:
             pooling=spec.pooling,
             trust_remote_code=trust_remote_code,
         )
-        target_path, layer = resolve_target_layer(self.backbone.model, spec.target_layer, self.backbone.default_target)
+        self.spec = resolve_spec(spec, self.backbone)
+        _, layer = resolve_target_layer(self.backbone.model, self.spec.target_layer, self.backbone.default_target)
         self.backbone.model.to(self.device)
         self.adapter = make_adapter(self.backbone)
-        resolved_objectives = tuple(config.resolved(spec.modality) for config in spec.objectives)
-        self.spec = self._resolve(spec, target_path, resolved_objectives)
 
         self.objectives: dict[str, Objective] = {
             config.name: config.build(self.backbone.embed_dim, spec.modality, spec.seed).to(self.device)
@@ -101,25 +125,6 @@ class Featurizer:
         self.projection = RandomProjection(projection.to(self.device, self.compute_dtype))
 
     # -- construction helpers -------------------------------------------------
-    def _resolve(self, spec: FeaturizerSpec, target: str, objectives: tuple) -> FeaturizerSpec:
-        backbone = self.backbone
-        if spec.weights_sha256 and backbone.weights_sha256 and spec.weights_sha256 != backbone.weights_sha256:
-            raise ConfigError(
-                f"weights {spec.weights} have sha256 {backbone.weights_sha256[:12]}..., "
-                f"the spec expects {spec.weights_sha256[:12]}..."
-            )
-        if spec.embed_dim is not None and spec.embed_dim != backbone.embed_dim:
-            raise ConfigError(f"model {spec.model} embeds to {backbone.embed_dim}, the spec expects {spec.embed_dim}")
-        return dataclasses.replace(
-            spec,
-            target_layer=target,
-            weights_sha256=backbone.weights_sha256,
-            pooling=backbone.pooling,
-            objectives=objectives,
-            embed_dim=backbone.embed_dim,
-            projection_dim=spec.projection_dim or backbone.embed_dim,
-        )
-
     def _view_groups(self) -> list[ViewGroup]:
         groups = [ViewGroup("eval", 1)]
         for objective in self.objectives.values():

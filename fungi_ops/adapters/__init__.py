@@ -52,14 +52,19 @@ class ModalityAdapter:
 
 def make_adapter(backbone: Backbone) -> ModalityAdapter:
     """The adapter matching the backbone's modality and input settings."""
-    if backbone.modality == "image":
+    return make_decoder(backbone.modality, backbone.input_config, backbone.tokenizer)
+
+
+def make_decoder(modality: str, input_config: Any, tokenizer: Any = None) -> ModalityAdapter:
+    """An adapter from input settings alone: enough to decode on workers that hold no model."""
+    if modality == "image":
         from fungi_ops.adapters.image import ImageAdapter
 
-        return ImageAdapter(backbone.input_config)
-    if backbone.modality == "text":
+        return ImageAdapter(input_config)
+    if modality == "text":
         from fungi_ops.adapters.text import TextAdapter
 
-        return TextAdapter(backbone.tokenizer, backbone.input_config)
+        return TextAdapter(tokenizer, input_config)
     from fungi_ops.adapters.audio import AudioAdapter
 
-    return AudioAdapter(backbone.input_config)
+    return AudioAdapter(input_config)
