@@ -319,7 +319,13 @@ def _load_hf(
         model = _random_init(lambda: model_cls.from_config(config, **kwargs), seed)
     elif weights is None:
         try:
-            model = model_cls.from_pretrained(name, **kwargs)
+            # quiet: the loading report lists the unused pooler/classifier weights we drop on purpose
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+            try:
+                model = model_cls.from_pretrained(name, **kwargs)
+            finally:
+                transformers.logging.set_verbosity(verbosity)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"cannot load Hugging Face model '{name}': {exc}") from exc
     else:

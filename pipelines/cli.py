@@ -14,8 +14,6 @@ from typing import Sequence
 COMMANDS: dict[str, str] = {
     "featurize": "pipelines.commands.featurize",
     "eval": "pipelines.commands.evaluate",
-    "submit": "pipelines.commands.submit",
-    "demo": "pipelines.commands.demo",
 }
 
 

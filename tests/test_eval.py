@@ -287,6 +287,26 @@ def test_load_feature_table_reads_a_directory_and_skips_bookkeeping(tmp_path):
     assert list(explicit.features) == ["grad_kl"] and explicit.n_rows == 4
 
 
+def test_load_feature_table_from_an_s3_uri(monkeypatch):
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True)
+        s3.create_dir("bucket")
+        emb, labels = clustered(2, 2, 3, seed=8)
+        with s3.open_output_stream("bucket/features/part-0.parquet") as sink:
+            write_features(sink, {"embedding": emb}, labels)
+        table = load_feature_table(f"s3://bucket/features?endpoint_override={host}:{port}&scheme=http&region=us-east-1")
+        np.testing.assert_array_equal(table.features["embedding"], emb)
+        assert table.spec_hash == "h1"
+    finally:
+        server.stop()
+
+
 def test_missing_label_column_names_column_and_file(tmp_path):
     path = tmp_path / "t.parquet"
     write_features(path, {"embedding": np.ones((2, 3))}, [0, 1])

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fungi_ops.eval import FEATURE_COLUMNS
+from fungi_ops.eval import FEATURE_COLUMNS, TASKS
 from fungi_ops.eval.linear import DEFAULT_C_GRID
 from pipelines import cli
 from pipelines.commands import evaluate as eval_command
@@ -76,6 +76,7 @@ def test_eval_linear_with_pca_and_feature_selection(tmp_path, capsys):
         (lambda d: ["--train", str(d / "train"), "--test", str(d / "missing")], "missing"),
         (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--shots", "9"], "'cat' (8)"),
         (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--seeds", "3"], "set shots"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--device", "bogus"], "unknown torch device"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_error(tmp_path, capsys, make_args, message):
@@ -83,7 +84,8 @@ def test_bad_input_exits_2_with_a_one_line_error(tmp_path, capsys, make_args, me
     write_split(tmp_path / "test", 1)
     write_split(tmp_path / "other", 1, spec_hash="h2")
     write_split(tmp_path / "nolabel", 0, with_label=False)
-    code = cli.main(["eval", *make_args(tmp_path), "--device", "cpu"])
+    args = make_args(tmp_path)
+    code = cli.main(["eval", *args] if "--device" in args else ["eval", *args, "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
@@ -93,6 +95,7 @@ def test_bad_input_exits_2_with_a_one_line_error(tmp_path, capsys, make_args, me
 def test_cli_constants_match_the_library():
     """The command duplicates these so that ``fungi --help`` does not import torch."""
     assert eval_command._FEATURES == FEATURE_COLUMNS
+    assert eval_command._TASKS == TASKS
     parser = cli.build_parser()
     args = parser.parse_args(["eval", "--train", "a", "--test", "b"])
     assert tuple(args.c_grid) == DEFAULT_C_GRID

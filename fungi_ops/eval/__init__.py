@@ -14,7 +14,8 @@ Protocol summary (details in each module):
 
 * every feature block is L2-normalised, blocks are concatenated in the order
   embedding, grad_kl, grad_dino, grad_simclr, optionally reduced by a PCA fitted on the
-  train split only, and L2-normalised again; similarity is cosine;
+  train split only (all its rows, also for few-shot; labels unused), and L2-normalised
+  again; similarity is cosine;
 * k-NN: k=20, DINO-style similarity-weighted vote with temperature 0.07 (or majority);
   k above the train size is clamped with an :class:`EvalWarning`;
 * linear probe: standardised features, logistic regression, C chosen on held-out train rows;

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,7 +59,7 @@ class FeatureTable:
     spec: dict[str, Any] | None = None
     spec_hash: str | None = None
     source: str = "<memory>"
-    label_column: str | None = field(default=None)
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -119,7 +119,9 @@ def load_feature_table(
     """Read a feature table written by the pipeline.
 
     Args:
-        path: a Parquet file or directory, local or a URI such as ``s3://bucket/prefix``.
+        path: a Parquet file or directory, local or a URI such as ``s3://bucket/prefix``
+            (an S3-compatible endpoint goes in the URI:
+            ``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``).
         label_column: column holding class labels; ``None`` loads no labels.
         features: feature columns to load; ``None`` loads every column of
             :data:`FEATURE_COLUMNS` present in the table.

@@ -90,13 +90,13 @@ def evaluate(
     Raises:
         EvalInputError: unusable input or options; the message says what and where.
     """
-    check_options(task=task, pca=pca, shots=shots, seeds=seeds, vote=vote, temperature=temperature)
+    check_options(task=task, pca=pca, shots=shots, seeds=seeds, k=k, vote=vote, temperature=temperature)
+    dev = resolve_device(device)
     for table in (train, test):
         if table.labels is None:
             raise EvalInputError(f"{table.source} has no labels; load it with a label column")
     columns = resolve_columns(train, test, features)
     classes, train_codes, test_codes = _encode_labels(train, test)
-    dev = resolve_device(device)
 
     draws = (
         [None]
@@ -151,6 +151,7 @@ def evaluate(
         "test_rows_unseen_label": int(np.sum(test_codes < 0)),
         "features": columns,
         "pca": pca,
+        "pca_fit_rows": train.n_rows if pca is not None else None,
         "shots": shots,
         "seeds": list(range(seeds)) if shots is not None else [],
         "device": str(dev),
@@ -163,7 +164,7 @@ def evaluate(
 
 
 def check_options(
-    *, task: str, pca: int | None, shots: int | None, seeds: int, vote: str, temperature: float
+    *, task: str, pca: int | None, shots: int | None, seeds: int, k: int, vote: str, temperature: float
 ) -> None:
     """Reject bad :func:`evaluate` options before any expensive work (also used by the CLI before loading)."""
     if task not in TASKS:
@@ -176,6 +177,8 @@ def check_options(
         raise EvalInputError(f"seeds must be positive, got {seeds}")
     if seeds > 1 and shots is None:
         raise EvalInputError("several seeds only make sense for few-shot evaluation; set shots")
+    if k < 1:
+        raise EvalInputError(f"k must be positive, got {k}")
     if vote not in VOTE_RULES:
         raise EvalInputError(f"vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
     if temperature <= 0:

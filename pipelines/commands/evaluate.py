@@ -1,7 +1,8 @@
 """Evaluate FUNGI feature tables the way the paper does and write a report.
 
 Reads two feature tables written by `fungi featurize` (a Parquet file or directory,
-local or s3://...; files and folders starting with "_" or "." are skipped), checks that
+local or s3://bucket/prefix, with ?endpoint_override=host:port&scheme=http for an
+S3-compatible store; files and folders starting with "_" or "." are skipped), checks that
 they come from the same featurizer spec and have the same feature dimensions, and
 evaluates every feature combination in one call:
 
@@ -43,9 +44,12 @@ from typing import Any, Callable
 
 HELP = "evaluate feature tables (k-NN, linear probe, retrieval; few-shot, PCA) and write a report"
 
+# Copies of fungi_ops.eval constants, so that `fungi --help` does not import torch
+# (tests/test_eval_cli.py checks that they agree).
 _TASKS = ("knn", "linear", "retrieval")
 _VOTES = ("weighted", "majority")
 _FEATURES = ("embedding", "grad_kl", "grad_dino", "grad_simclr")
+_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=_positive_float, default=0.07, help="temperature of the weighted vote (default: %(default)s)"
     )
     protocol.add_argument(
-        "--c-grid", type=_float_list, default=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), metavar="C,C,...",
+        "--c-grid", type=_float_list, default=_C_GRID, metavar="C,C,...",
         help="linear probe: inverse regularisation strengths tried on held-out train rows "
         "(default: 0.001,0.01,0.1,1,10,100)",
     )
@@ -107,15 +111,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load both tables, evaluate, print the table and write the report; 0 on success, 2 on bad input."""
     from fungi_ops.eval import EvalInputError, evaluate, load_feature_table, write_report
+    from fungi_ops.eval.device import resolve_device
     from fungi_ops.eval.protocol import check_options
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             check_options(
-                task=args.task, pca=args.pca, shots=args.shots, seeds=args.seeds,
+                task=args.task, pca=args.pca, shots=args.shots, seeds=args.seeds, k=args.k,
                 vote=args.vote, temperature=args.temperature,
             )
+            resolve_device(args.device)
             tables = [
                 load_feature_table(path, label_column=args.label_column, features=args.features)
                 for path in (args.train, args.test)

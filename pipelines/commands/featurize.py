@@ -1,0 +1,127 @@
+"""Featurize Parquet data (local directory or s3:// prefix) into FUNGI feature tables.
+
+Reads the id and payload columns, decodes payloads on CPU tasks, computes features in
+an actor pool that keeps the frozen model loaded (one GPU per actor when the cluster
+has GPUs), and writes Parquet with `id`, `content_hash`, the kept columns, `embedding`
+and one `grad_<objective>` column per objective (FixedSizeList<float32>), the spec JSON
+in each file's metadata (`fungi.spec`) and `_fungi_manifest.json` at the output root.
+Rows that fail go to `<output>/_errors/` with the stage and the message.
+
+Examples:
+  fungi featurize --input data/ --output feats/ --modality text \\
+      --model hf:sentence-transformers/all-MiniLM-L6-v2 --objectives kl,simclr --keep-columns label
+  fungi featurize --input s3://lake/images/ --output s3://lake/fungi/ --modality image \\
+      --model timm:vit_base_patch16_224 --objectives kl,dino,simclr --setup-from s3://lake/train/ --incremental
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "featurize Parquet data into FUNGI feature tables with Ray Data"
+
+
+def _actors(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError("use N or MIN,MAX with 1 <= MIN <= MAX")
+    return parts[0], parts[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("data")
+    io.add_argument("--input", required=True, help="Parquet file or directory, local or s3://bucket/prefix")
+    io.add_argument("--output", required=True, help="output directory, local or s3://bucket/prefix")
+    io.add_argument("--modality", required=True, choices=["image", "text", "audio"])
+    io.add_argument("--id-column", default="id", help="unique row id column (default: id)")
+    io.add_argument(
+        "--data-column",
+        help="payload column: encoded image bytes, UTF-8 text, or wav/flac bytes (default: the modality name)",
+    )
+    io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output (e.g. label)")
+    io.add_argument("--storage-options", help='JSON for s3fs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    model = parser.add_argument_group("model and features")
+    model.add_argument("--model", required=True, help="timm:<name> or hf:<hub id or local directory>")
+    model.add_argument(
+        "--weights",
+        help="local .safetensors / PyTorch checkpoint (loaded with weights_only), or 'random' for a seeded random init",
+    )
+    model.add_argument("--target-layer", help="dotted path of the nn.Linear (default: last block's attention output projection)")
+    model.add_argument("--pooling", choices=["cls", "mean"], help="text pooling (default: the model's own, else cls)")
+    model.add_argument(
+        "--objectives",
+        default="kl",
+        help="comma-separated kl, dino (images), simclr; parameters as name:key=value;key=value (default: kl)",
+    )
+    model.add_argument("--projection-dim", type=int, help="size of each gradient feature (default: embedding size)")
+    model.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    model.add_argument("--seed", type=int, default=0, help="run seed: projection, heads, negatives and views derive from it")
+    model.add_argument("--setup-from", help="Parquet of a training split to draw SimCLR negatives from (default: the input)")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow Hugging Face models with custom code")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, default=16, help="samples per featurize call (default: 16)")
+    run.add_argument("--actors", type=_actors, help="actor pool size: N or MIN,MAX (default: one per GPU, else per CPU)")
+    run.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    run.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: sized to the machine)")
+    run.add_argument("--incremental", action="store_true", help="featurize only rows whose id or content is new")
+    run.add_argument("--overwrite", action="store_true", help="replace an output written with a different spec")
+    run.add_argument(
+        "--max-error-fraction", type=float, default=0.01,
+        help="exit non-zero if more than this fraction of rows fail (default: 0.01)",
+    )
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipelines.job import FeaturizeConfig
+    from pipelines.storage import parse_storage_options
+
+    return FeaturizeConfig(
+        input=args.input,
+        output=args.output,
+        modality=args.modality,
+        model=args.model,
+        objectives=args.objectives,
+        weights=args.weights,
+        target_layer=args.target_layer,
+        pooling=args.pooling,
+        id_column=args.id_column,
+        data_column=args.data_column,
+        keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
+        setup_from=args.setup_from,
+        seed=args.seed,
+        projection_dim=args.projection_dim,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        incremental=args.incremental,
+        overwrite=args.overwrite,
+        max_error_fraction=args.max_error_fraction,
+        storage_options=parse_storage_options(args.storage_options),
+        address=args.address,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fungi_ops.errors import FungiError
+    from pipelines.job import run_featurize
+
+    try:
+        summary = run_featurize(config_from_args(args))
+    except (FungiError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    if not summary.ok:
+        print(
+            f"error: {summary.failed_fraction:.1%} of rows failed (> --max-error-fraction "
+            f"{summary.max_error_fraction}); see {summary.output}/_errors/",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
