@@ -14,6 +14,7 @@ from typing import Sequence
 COMMANDS: dict[str, str] = {
     "featurize": "pipelines.commands.featurize",
     "eval": "pipelines.commands.evaluate",
+    "submit": "pipelines.commands.submit",
 }
 
 

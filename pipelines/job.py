@@ -246,7 +246,7 @@ class FeaturizeJob:
 
         import torch
 
-        blob = save({k: torch.from_numpy(v) for k, v in state.items()}, metadata={"fungi.spec_hash": self.spec.hash})
+        blob = save({k: torch.tensor(v) for k, v in state.items()}, metadata={"fungi.spec_hash": self.spec.hash})
         fs.create_dir(self.output.child_path(SETUP_DIR), recursive=True)
         with fs.open_output_stream(path) as handle:
             handle.write(blob)
@@ -307,10 +307,14 @@ class FeaturizeJob:
         staging = self.output.join(STAGING_DIR, self.run_id)
         self.output.filesystem().create_dir(staging.path, recursive=True)
         columns = list(dict.fromkeys([config.id_column, self.data_column, *config.keep_columns]))
-        dataset = ray.data.read_parquet(
-            [f.path for f in self.input_files], filesystem=self.input.filesystem(), columns=columns
-        )
         concurrency, gpus_per_actor, cpus_per_actor = self.actor_resources()
+        max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
+        dataset = ray.data.read_parquet(
+            [f.path for f in self.input_files],
+            filesystem=self.input.filesystem(),
+            # enough blocks to keep every actor busy, also when the input is a few files
+            override_num_blocks=max(len(self.input_files), 4 * max_actors),
+        ).select_columns(columns)
         spec_json = self.spec.to_json()
         decoded = dataset.map_batches(
             stages.decode_batch,
@@ -362,9 +366,9 @@ class FeaturizeJob:
             )
         keep_old: dict[str, int] = dict(manifest.files) if (manifest and self.config.incremental) else {}
         replaced = 0
-        if keep_old:
+        if keep_old and new_ids:
             # rows whose content changed are featurized again: drop their old version
-            changed = pa.array(sorted(set(new_ids)))
+            changed = pa.array(sorted(set(new_ids)), pa.string())
             for name in list(keep_old):
                 old_path = f"{root}/{name}"
                 table = pq.read_table(old_path, filesystem=fs)
@@ -392,7 +396,8 @@ class FeaturizeJob:
             name = f"{ERRORS_DIR}/{path.rsplit('/', 1)[-1]}"
             fs.move(path, f"{root}/{name}")
             committed_errors[name] = rows
-        fs.delete_dir(self.output.child_path(STAGING_DIR))  # one run per output at a time
+        if exists(fs, self.output.child_path(STAGING_DIR)):  # object stores drop empty prefixes
+            fs.delete_dir(self.output.child_path(STAGING_DIR))  # one run per output at a time
         self._manifest = Manifest(
             spec=self.spec.to_dict(),
             spec_hash=self.spec.hash,

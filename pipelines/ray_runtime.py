@@ -4,6 +4,7 @@ Usage-stats reporting is always off: it would try to reach the internet.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -17,7 +18,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    # Inside a submitted Ray job, Ray merges this with the job's runtime env and refuses a
+    # variable that both set: leave those to the job's runtime env.
+    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in _job_env_vars()}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
@@ -27,6 +31,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
         )
+
+
+def _job_env_vars() -> set[str]:
+    """Names of the env vars set by the runtime env of the Ray job this driver runs in, if any."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def cluster_resources() -> tuple[float, float]:

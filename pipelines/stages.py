@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ ERROR_COLUMN = "__fungi_error"
 STAGE_COLUMN = "__fungi_stage"
 SPEC_KEY = b"fungi.spec"
 SPEC_HASH_KEY = b"fungi.spec_hash"
+FAULT_INJECT_ENV = "FUNGI_FAULT_INJECT_ONCE"
 CANON_DTYPES = {"image": np.uint8, "text": np.uint8, "audio": np.float32}
 
 
@@ -62,11 +64,15 @@ def decode_batch(
     id_column: str,
     data_column: str,
     keep_columns: Sequence[str],
-    known_hashes: dict[str, str] | None = None,
+    known_hashes: "dict[str, str] | ray.ObjectRef | None" = None,
 ) -> pa.Table:
     """CPU stage: validate and decode payloads; drop rows already featurized (incremental)."""
+    import ray
+
     from fungi_ops.adapters import make_decoder
 
+    if isinstance(known_hashes, ray.ObjectRef):
+        known_hashes = ray.get(known_hashes)  # shared once through the object store
     decoder = make_decoder(modality, input_config)
     ids = table.column(id_column).to_pylist()
     payloads = table.column(data_column).to_pylist()
@@ -145,6 +151,7 @@ class FeaturizeActor:
             self.featurizer.load_setup_state(setup_state)
         self.modality = spec.modality
         self.dims = self.featurizer.feature_dims
+        self._first_batch = True
 
     def _featurize_rows(self, samples: list, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Featurize; if the batch as a whole raises, retry row by row to isolate the bad row."""
@@ -173,6 +180,9 @@ class FeaturizeActor:
         return stacked, errors
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self._first_batch:
+            self._first_batch = False
+            _maybe_inject_fault()
         errors = table.column(ERROR_COLUMN).to_pylist()
         stages = table.column(STAGE_COLUMN).to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
@@ -194,6 +204,28 @@ class FeaturizeActor:
             table = table.append_column(name, feature_array(features[name], ok, dim))
         table = table.append_column(ERROR_COLUMN, pa.array(errors, pa.string()))
         return table.append_column(STAGE_COLUMN, pa.array(stages, pa.string()))
+
+
+def _maybe_inject_fault() -> None:
+    """Testing hook, off unless ``FUNGI_FAULT_INJECT_ONCE=<marker file>`` is set for the workers.
+
+    On an actor's first batch, if the marker file does not exist yet, create it and kill
+    this worker process with ``os._exit(1)``, as a segfault or an OOM kill would. Ray then
+    restarts the actor and retries the batch; the marker (created atomically, so one crash
+    per marker even with several actors) makes the restarted actor carry on. The marker
+    must be on a filesystem every node sees. Used by tests/test_cluster.py.
+    """
+    marker = os.environ.get(FAULT_INJECT_ENV)
+    if not marker:
+        return
+    try:
+        handle = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    os.write(handle, f"{os.getpid()}\n".encode())
+    os.close(handle)
+    log.warning("%s: injected crash of actor process %d", FAULT_INJECT_ENV, os.getpid())
+    os._exit(1)
 
 
 def _batch_name(ids: Sequence[str]) -> str:

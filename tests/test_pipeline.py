@@ -1,0 +1,279 @@
+"""End-to-end tests of the Ray Data featurization job on a shared local Ray (2 CPUs)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import png_bytes, wav_bytes
+from fungi_ops import ConfigError, Featurizer, FeaturizerSpec
+from pipelines.cli import main as cli_main
+from pipelines.job import FeaturizeConfig, run_featurize
+
+TEXTS = [
+    "the cat sat on the mat",
+    "dogs bark loudly at night",
+    "quantum physics is a branch of science",
+    "I love pizza with extra cheese",
+    "the stock market fell sharply today",
+    "how do I reset my password",
+    "",
+    "a quiet walk along the river at dawn",
+    "neural networks learn from examples",
+    "please pass the salt",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_parquet(path: Path, **columns) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.fixture()
+def text_input(tmp_path: Path) -> Path:
+    root = tmp_path / "text_in"
+    ids = list(range(len(TEXTS)))
+    write_parquet(root / "part-0.parquet", id=ids[:5], text=TEXTS[:5], label=[i % 3 for i in ids[:5]])
+    write_parquet(root / "part-1.parquet", id=ids[5:], text=TEXTS[5:], label=[i % 3 for i in ids[5:]])
+    return root
+
+
+def text_config(minilm_dir: str, input_path: Path, output_path: Path, **overrides) -> FeaturizeConfig:
+    settings = dict(
+        input=str(input_path),
+        output=str(output_path),
+        modality="text",
+        model=f"hf:{minilm_dir}",
+        objectives="kl,simclr:num_negatives=6",
+        keep_columns=("label",),
+        batch_size=3,
+        actors=(2, 2),
+        max_error_fraction=0.2,
+    )
+    settings.update(overrides)
+    return FeaturizeConfig(**settings)
+
+
+def read_output(path: Path) -> pa.Table:
+    return pq.read_table(path).sort_by("id")
+
+
+def in_process_features(output: Path, payloads: list, ids: list[str]) -> dict[str, np.ndarray]:
+    """Features of the same rows computed without Ray, with the run's own spec and negatives."""
+    manifest = json.loads((output / "_fungi_manifest.json").read_text())
+    featurizer = Featurizer(FeaturizerSpec.from_dict(manifest["spec"]), device="cpu")
+    if manifest["setup_artifact"]:
+        featurizer.load_setup(output / manifest["setup_artifact"])
+    batch = featurizer.featurize_payloads(payloads, ids)
+    assert not batch.errors
+    return batch.features
+
+
+def test_text_job_writes_features_errors_manifest_and_matches_in_process(minilm_dir, text_input, tmp_path):
+    output = tmp_path / "text_out"
+    summary = run_featurize(text_config(minilm_dir, text_input, output))
+    assert (summary.rows_in, summary.rows_written, summary.rows_failed) == (10, 9, 1)
+
+    table = read_output(output)
+    assert table.num_rows == 9
+    assert len(set(table.column("id").to_pylist())) == 9
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert table.schema.field("grad_kl").type == pa.list_(pa.float32(), 384)
+    assert table.column("label").to_pylist() == [int(i) % 3 for i in table.column("id").to_pylist()]
+    metadata = pq.read_schema(next(output.glob("part-*.parquet"))).metadata
+    spec = FeaturizerSpec.from_json(metadata[b"fungi.spec"])
+    assert spec.hash == metadata[b"fungi.spec_hash"].decode() == summary.spec_hash
+
+    errors = pq.read_table(output / "_errors").to_pylist()
+    assert errors == [
+        {"id": "6", "content_hash": errors[0]["content_hash"], "stage": "decode", "error": "text is empty"}
+    ]
+    manifest = json.loads((output / "_fungi_manifest.json").read_text())
+    assert manifest["rows"] == 9 and manifest["errors"] == 1 and manifest["spec_hash"] == spec.hash
+    assert manifest["runs"][0]["rows_written"] == 9
+
+    ids = table.column("id").to_pylist()
+    expected = in_process_features(output, [TEXTS[int(i)] for i in ids], ids)
+    for name in ("embedding", "grad_kl", "grad_simclr"):
+        got = np.asarray(table.column(name).to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(got, expected[name], atol=1e-5)
+
+
+def test_incremental_rerun_skips_known_rows_and_replaces_changed_ones(minilm_dir, text_input, tmp_path):
+    output = tmp_path / "inc_out"
+    config = text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1))
+    run_featurize(config)
+    before = read_output(output)
+
+    again = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), incremental=True))
+    assert again.rows_written == 0 and again.rows_skipped == 9 and again.rows_failed == 1
+    assert read_output(output).equals(before)
+
+    write_parquet(text_input / "part-2.parquet", id=[10, 11], text=["brand new row", "another one"], label=[1, 2])
+    write_parquet(text_input / "part-0.parquet", id=[0, 1, 2, 3, 4], text=["changed text"] + TEXTS[1:5], label=[0, 1, 2, 0, 1])
+    third = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), incremental=True))
+    assert third.rows_written == 3  # two new, one changed
+    after = read_output(output)
+    ids = after.column("id").to_pylist()
+    assert sorted(ids, key=int) == [str(i) for i in range(12) if i != 6]
+    changed = after.filter(pa.compute.equal(after.column("id"), "0"))
+    old = before.filter(pa.compute.equal(before.column("id"), "0"))
+    assert changed.column("content_hash")[0] != old.column("content_hash")[0]
+    manifest = json.loads((output / "_fungi_manifest.json").read_text())
+    assert [run["rows_written"] for run in manifest["runs"]] == [9, 0, 3]
+    assert manifest["runs"][-1]["rows_replaced"] == 1
+
+
+def test_changed_spec_is_refused_unless_overwrite(minilm_dir, text_input, tmp_path):
+    output = tmp_path / "spec_out"
+    run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1)))
+    with pytest.raises(ConfigError, match="holds features of spec"):
+        run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), seed=7, incremental=True))
+    replaced = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), seed=7, overwrite=True))
+    assert replaced.rows_written == 9
+    assert len(list(output.glob("part-*.parquet"))) >= 1
+    assert read_output(output).num_rows == 9
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data-column", "body"], "data column 'body' not found"),
+        (["--keep-columns", "nope"], "column 'nope' not found"),
+        (["--target-layer", "encoder.layer.99.attention.output.dense"], "not found"),
+        (["--target-layer", "encoder.layer.0.attention"], "not an nn.Linear"),
+    ],
+)
+def test_bad_settings_fail_fast_with_a_clear_message(minilm_dir, text_input, tmp_path, capsys, extra, message):
+    code = cli_main(
+        ["featurize", "--input", str(text_input), "--output", str(tmp_path / "o"), "--modality", "text",
+         "--model", f"hf:{minilm_dir}", *extra]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "_fungi_manifest.json").exists()
+
+
+def test_unknown_model_and_missing_input_fail_fast(text_input, tmp_path, capsys):
+    assert cli_main(["featurize", "--input", str(text_input), "--output", str(tmp_path / "o"),
+                     "--modality", "image", "--data-column", "text", "--model", "timm:not_a_model"]) == 2
+    assert "unknown timm model 'not_a_model'" in capsys.readouterr().err
+    assert cli_main(["featurize", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
+                     "--modality", "image", "--model", "timm:test_vit", "--weights", "random"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_error_fraction_above_threshold_exits_non_zero_but_keeps_results(minilm_dir, text_input, tmp_path, capsys):
+    output = tmp_path / "strict"
+    code = cli_main(["featurize", "--input", str(text_input), "--output", str(output), "--modality", "text",
+                     "--model", f"hf:{minilm_dir}", "--actors", "1", "--max-error-fraction", "0.05"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "rows in 10" in captured.out and "failed 1" in captured.out
+    assert "_errors" in captured.err
+    assert read_output(output).num_rows == 9
+
+
+def test_image_job_all_objectives_matches_in_process(tmp_path):
+    payloads = [png_bytes(48, 64, seed=1), png_bytes(70, 40, seed=2), b"not an image", png_bytes(50, 50, seed=3)]
+    write_parquet(tmp_path / "img_in" / "a.parquet", id=["a", "b", "c", "d"], image=payloads)
+    output = tmp_path / "img_out"
+    summary = run_featurize(FeaturizeConfig(
+        input=str(tmp_path / "img_in"), output=str(output), modality="image", model="timm:test_vit",
+        weights="random", objectives="kl,dino:local_crops_number=2,simclr:num_negatives=2",
+        batch_size=2, actors=(1, 1), max_error_fraction=0.5,
+    ))
+    assert (summary.rows_written, summary.rows_failed) == (3, 1)
+    table = read_output(output)
+    assert table.column_names[:2] == ["id", "content_hash"]
+    errors = pq.read_table(output / "_errors").to_pylist()
+    assert errors[0]["id"] == "c" and errors[0]["stage"] == "decode" and "cannot decode image" in errors[0]["error"]
+    ids = table.column("id").to_pylist()
+    expected = in_process_features(output, [payloads["abcd".index(i)] for i in ids], ids)
+    for name in ("embedding", "grad_kl", "grad_dino", "grad_simclr"):
+        np.testing.assert_allclose(np.asarray(table.column(name).to_pylist(), np.float32), expected[name], atol=1e-5)
+
+
+def test_audio_job_reports_short_and_nan_clips(tiny_ast_dir, tmp_path):
+    payloads = [wav_bytes(1.0, 16000, 440), wav_bytes(0.05), wav_bytes(0.8, 22050, 300), wav_bytes(0.7, nan=True)]
+    write_parquet(tmp_path / "aud_in" / "a.parquet", id=[1, 2, 3, 4], audio=payloads)
+    output = tmp_path / "aud_out"
+    summary = run_featurize(FeaturizeConfig(
+        input=str(tmp_path / "aud_in"), output=str(output), modality="audio", model=f"hf:{tiny_ast_dir}",
+        objectives="kl,simclr:num_negatives=2", batch_size=4, actors=(1, 1), max_error_fraction=0.6,
+    ))
+    assert (summary.rows_written, summary.rows_failed) == (2, 2)
+    errors = {row["id"]: row["error"] for row in pq.read_table(output / "_errors").to_pylist()}
+    assert "needs at least" in errors["2"] and "NaN" in errors["4"]
+    table = read_output(output)
+    expected = in_process_features(output, [payloads[0], payloads[2]], ["1", "3"])
+    np.testing.assert_allclose(np.asarray(table.column("grad_simclr").to_pylist(), np.float32), expected["grad_simclr"], atol=1e-5)
+
+
+@pytest.fixture()
+def s3_endpoint(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield endpoint
+    server.stop()
+
+
+def test_s3_bucket_in_bucket_out(minilm_dir, s3_endpoint):
+    import ray
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("lake-in")
+    fs.mkdir("lake-out")
+    with fs.open("lake-in/texts/part-0.parquet", "wb") as handle:
+        pq.write_table(pa.table({"id": [1, 2, 3], "text": TEXTS[:3], "label": [0, 1, 2]}), handle)
+    # Ray workers were started before the endpoint existed: pass it explicitly.
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    summary = run_featurize(FeaturizeConfig(
+        input="s3://lake-in/texts", output="s3://lake-out/features", modality="text", model=f"hf:{minilm_dir}",
+        objectives="kl", keep_columns=("label",), batch_size=2, actors=(1, 1), storage_options=options,
+    ))
+    assert (summary.rows_in, summary.rows_written) == (3, 3)
+    assert ray.is_initialized()
+    assert fs.exists("lake-out/features/_fungi_manifest.json")
+    parts = [p for p in fs.ls("lake-out/features") if p.endswith(".parquet")]
+    table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts]).sort_by("id")
+    assert table.column("id").to_pylist() == ["1", "2", "3"]
+    assert json.loads(fs.cat("lake-out/features/_fungi_manifest.json"))["rows"] == 3
+    assert not any(p.rstrip("/").endswith("_staging") and fs.ls(p) for p in fs.ls("lake-out/features"))
+
+
+def test_features_do_not_depend_on_actor_count_or_batch_size(minilm_dir, text_input, tmp_path):
+    first = tmp_path / "a"
+    second = tmp_path / "b"
+    run_featurize(text_config(minilm_dir, text_input, first, objectives="kl", actors=(1, 1), batch_size=5))
+    run_featurize(text_config(minilm_dir, text_input, second, objectives="kl", actors=(2, 2), batch_size=2))
+    left, right = read_output(first), read_output(second)
+    assert left.column("id").equals(right.column("id"))
+    np.testing.assert_allclose(
+        np.asarray(left.column("grad_kl").to_pylist()), np.asarray(right.column("grad_kl").to_pylist()), atol=1e-5
+    )
