@@ -57,6 +57,8 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class TextInput:
+    """How the model expects text: the longest tokenised input (longer texts are truncated)."""
+
     max_length: int = 512
 
 
@@ -132,6 +134,7 @@ def default_target_layer(model: nn.Module) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 23), b""):

@@ -4,8 +4,8 @@ One call of :meth:`Featurizer.featurize` on a batch
 
 1. builds every view of every sample on the device (eval view first, then each
    objective's views), seeded per row;
-2. runs them through the frozen backbone in one forward pass, with the target layer's
-   hook armed;
+2. runs them through the frozen backbone with the target layer's hook armed: in one
+   forward pass on accelerators, in chunks of rows on the CPU (see ``CPU_FORWARD_ELEMENTS``);
 3. backpropagates the per-sample losses of all objectives (one backward when their
    views are disjoint) down to the target layer only;
 4. forms each sample's weight+bias gradient in closed form, projects it with the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,13 +30,18 @@ import torch.nn.functional as F
 from fungi_ops.adapters import ViewGroup, make_adapter
 from fungi_ops.backbones import Backbone, load_backbone, resolve_target_layer
 from fungi_ops.errors import ConfigError, SampleError
-from fungi_ops.gradients import LinearGradientTap, grouped_linear_gradients
+from fungi_ops.gradients import LinearGradientTap, accumulate_linear_gradients
 from fungi_ops.objectives import Objective
 from fungi_ops.projection import RandomProjection, generate_projection
 from fungi_ops.spec import FeaturizerSpec, feature_column
 
 log = logging.getLogger(__name__)
 SETUP_FILE = "setup.safetensors"
+# On the CPU the backbone runs on chunks of rows whose target-layer input holds at most
+# this many values. Bigger activations are mmap'ed afresh by the allocator on every call,
+# and their page faults cost up to ~40% of a ViT-Tiny forward (measured: 248 views in one
+# pass 66 ms/view, chunks of 12-16 views 31-42 ms/view, with no page faults).
+CPU_FORWARD_ELEMENTS = 1 << 19
 
 
 @dataclass
@@ -107,12 +113,19 @@ class Featurizer:
         self.backbone.model.to(self.device)
         self.adapter = make_adapter(self.backbone)
 
+        # Heads and losses run in float64 (autocast leaves float64 alone; MPS has none): the
+        # loss gradient reaching the embedding is a small remainder once F.normalize's
+        # backward removes its radial part, and in float32 that cancellation turned the
+        # rounding noise of the head matmul into ~3e-5 differences of a normalised KL
+        # feature between batch sizes (the tests allow 1e-5).
+        self.loss_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.objectives: dict[str, Objective] = {
-            config.name: config.build(self.backbone.embed_dim, spec.modality, spec.seed).to(self.device)
+            config.name: config.build(self.backbone.embed_dim, spec.modality, spec.seed).to(self.device, self.loss_dtype)
             for config in self.spec.objectives
         }
         self.groups = self._view_groups()
         self.tap = LinearGradientTap(layer)
+        self._tokens_per_row: int | None = None
         self.compute_dtype = self._compute_dtype()
         if projection is None:
             projection = generate_projection(
@@ -188,8 +201,8 @@ class Featurizer:
                 chunk, chunk_keys = samples[start : start + batch_size], keys[start : start + batch_size]
                 inputs = self.adapter.build_views(chunk, chunk_keys, [group], self.spec.seed, self.device)
                 with self._autocast():
-                    embeddings = self.backbone.embed(inputs)
-                    latents.append(objective.latents(embeddings).float())
+                    embeddings = self._embed(inputs)
+                    latents.append(objective.latents(embeddings.to(self.loss_dtype)).float())
             objective.set_negatives(torch.cat(latents))
 
     def setup_state(self) -> dict[str, torch.Tensor]:
@@ -205,7 +218,7 @@ class Featurizer:
             if objective.needs_setup:
                 if f"{name}.negatives" not in state:
                     raise ConfigError(f"setup artifact has no '{name}.negatives'")
-                objective.set_negatives(state[f"{name}.negatives"])
+                objective.set_negatives(torch.as_tensor(state[f"{name}.negatives"]))
 
     def save_setup(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -254,10 +267,11 @@ class Featurizer:
 
     def featurize_views(self, inputs: Any, batch: int) -> dict[str, np.ndarray]:
         """Features from model-ready views laid out as :attr:`groups` (group-major, sample-major)."""
+        rows = self._rows_per_forward(inputs)
         self.tap.armed = True
         try:
             with torch.enable_grad(), self._autocast():
-                embeddings = self.backbone.embed(inputs)
+                embeddings = self._embed(inputs, rows)
                 losses = self._losses(embeddings, batch)
             outputs = {"embedding": F.normalize(embeddings[:batch].float(), dim=-1)}
             outputs.update(self._gradient_features(losses, batch))
@@ -266,12 +280,40 @@ class Featurizer:
             self.tap.clear()
         return {name: outputs[name].detach().cpu().numpy() for name in self.feature_names}
 
+    def _embed(self, inputs: Any, rows: int | None = None) -> torch.Tensor:
+        """Backbone embeddings of all rows, ``rows`` (default: see ``_rows_per_forward``) at a time."""
+        rows = rows or self._rows_per_forward(inputs)
+        return torch.cat([self.backbone.embed(chunk) for chunk in _row_chunks(inputs, rows)])
+
+    def _rows_per_forward(self, inputs: Any) -> int:
+        """All rows on accelerators; on the CPU, as many as fit ``CPU_FORWARD_ELEMENTS``."""
+        if self.device.type != "cpu":
+            return _row_count(inputs)
+        return max(1, CPU_FORWARD_ELEMENTS // (self._row_tokens(inputs) * self.tap.layer.in_features))
+
+    def _row_tokens(self, inputs: Any) -> int:
+        """Tokens per row at the target layer: the padded length for text, else probed once on one row."""
+        if isinstance(inputs, dict):
+            return int(next(iter(inputs.values())).shape[1])
+        if self._tokens_per_row is None:
+            shapes: list[torch.Size] = []
+            handle = self.tap.layer.register_forward_hook(lambda module, args, output: shapes.append(args[0].shape))
+            armed, self.tap.armed = self.tap.armed, False  # the probe is not a chunk
+            try:
+                with torch.no_grad(), self._autocast():
+                    self.backbone.embed(inputs[:1])
+            finally:
+                handle.remove()
+                self.tap.armed = armed
+            self._tokens_per_row = math.prod(shapes[0][1:-1])
+        return self._tokens_per_row
+
     def _losses(self, embeddings: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
         losses = {}
         for name, objective in self.objectives.items():
             _, first, count = self._group_of(objective)
             rows = embeddings[first * batch : (first + count) * batch]
-            losses[name] = objective.loss(rows.reshape(batch, count, -1)).sum()
+            losses[name] = objective.loss(rows.reshape(batch, count, -1).to(self.loss_dtype)).sum()
         return losses
 
     def _gradient_features(self, losses: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
@@ -287,14 +329,40 @@ class Featurizer:
                 target.append(name)
         features = {}
         for position, names in enumerate(rounds):
-            (output_grads,) = torch.autograd.grad(
-                sum(losses[name] for name in names), self.tap.outputs, retain_graph=position < len(rounds) - 1
+            output_grads = torch.autograd.grad(
+                sum(losses[name] for name in names),
+                self.tap.outputs,
+                retain_graph=position < len(rounds) - 1,
+                allow_unused=True,  # chunks that hold none of these objectives' views
             )
             for name in names:
                 _, first, count = self._group_of(self.objectives[name])
-                rows = slice(first * batch, (first + count) * batch)
-                flat = grouped_linear_gradients(
-                    self.tap.inputs[rows], output_grads[rows], batch, self.tap.has_bias
-                )
-                features[feature_column(name)] = F.normalize(self.projection(flat), dim=-1)
+                begin, end = first * batch, (first + count) * batch
+                total = torch.zeros((batch, self.tap.gradient_dim), dtype=torch.float32, device=self.device)
+                chunk_start = 0
+                for inputs, grads in zip(self.tap.inputs, output_grads):
+                    low, high = max(begin, chunk_start), min(end, chunk_start + inputs.shape[0])
+                    if low < high and grads is not None:
+                        accumulate_linear_gradients(
+                            total,
+                            inputs[low - chunk_start : high - chunk_start],
+                            grads[low - chunk_start : high - chunk_start],
+                            low - begin,
+                            count,
+                            self.tap.has_bias,
+                        )
+                    chunk_start += inputs.shape[0]
+                features[feature_column(name)] = F.normalize(self.projection(total), dim=-1)
         return features
+
+
+def _row_count(inputs: Any) -> int:
+    return int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, dict) else int(inputs.shape[0])
+
+
+def _row_chunks(inputs: Any, rows: int) -> list[Any]:
+    """Consecutive slices of ``rows`` rows of a tensor or of a dict of tensors (text)."""
+    total = _row_count(inputs)
+    if isinstance(inputs, dict):
+        return [{key: value[start : start + rows] for key, value in inputs.items()} for start in range(0, total, rows)]
+    return [inputs[start : start + rows] for start in range(0, total, rows)]

@@ -5,7 +5,8 @@ For ``y = x W^T + b`` applied to tokens, the gradient of a loss with respect to
 detached leaf, so autograd starts at the target layer: nothing before it builds a graph
 (all parameters are frozen) and the backward pass covers only what follows it.
 Summing ``dy_t^T x_t`` over the tokens of all views of a sample gives that sample's
-gradient with one batched matmul.
+gradient with one batched matmul. The model may run in several forward chunks (one hook
+call each); a sample whose views straddle two chunks gets its gradient in two parts.
 """
 from __future__ import annotations
 
@@ -19,21 +20,22 @@ class LinearGradientTap:
     def __init__(self, layer: nn.Linear) -> None:
         self.layer = layer
         self.armed = False
-        self.inputs: torch.Tensor | None = None
-        self.outputs: torch.Tensor | None = None
+        # one entry per forward call (chunk) since the tap was last cleared, in call order
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
         self._handle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not self.armed:
             return None
-        self.inputs = inputs[0].detach()
+        self.inputs.append(inputs[0].detach())
         leaf = output.detach().requires_grad_(True)
-        self.outputs = leaf
+        self.outputs.append(leaf)
         return leaf
 
     def clear(self) -> None:
-        self.inputs = None
-        self.outputs = None
+        self.inputs = []
+        self.outputs = []
 
     def remove(self) -> None:
         self._handle.remove()
@@ -59,9 +61,45 @@ def grouped_linear_gradients(
     """
     in_features = inputs.shape[-1]
     out_features = output_grads.shape[-1]
+    if inputs.ndim == 3:
+        # Tokens whose output gradient is zero in every row add nothing: when the model
+        # pools one token (a ViT's class token) that is all but one of them, so the
+        # matmul shrinks ~200x. A NaN makes its token's sum NaN, hence live: it still
+        # reaches the feature.
+        live = output_grads.abs().sum(dim=(0, 2)) != 0
+        if not bool(live.all()):
+            inputs, output_grads = inputs[:, live], output_grads[:, live]
     x = inputs.reshape(samples, -1, in_features)
     g = output_grads.reshape(samples, -1, out_features).to(x.dtype)
     weight = torch.bmm(g.transpose(1, 2), x)  # [samples, out, in]
     if with_bias:
         weight = torch.cat([weight, g.sum(dim=1, keepdim=True).transpose(1, 2)], dim=2)
     return weight.reshape(samples, -1)
+
+
+def accumulate_linear_gradients(
+    total: torch.Tensor,
+    inputs: torch.Tensor,
+    output_grads: torch.Tensor,
+    first_row: int,
+    views_per_sample: int,
+    with_bias: bool,
+) -> None:
+    """Add a slice of rows' gradients to their samples' rows of ``total`` ``[samples, out * (in + bias)]``.
+
+    Row ``r`` of the slice is view ``(first_row + r) % V`` of sample ``(first_row + r) // V``.
+    Whole samples go through one batched matmul; a sample cut by the slice's ends (its
+    other views are in a neighbouring forward chunk) gets its own.
+    """
+    rows, start = inputs.shape[0], 0
+    while start < rows:
+        sample, view = divmod(first_row + start, views_per_sample)
+        if view == 0 and rows - start >= views_per_sample:
+            count = (rows - start) // views_per_sample
+            stop = start + count * views_per_sample
+        else:
+            count, stop = 1, min(rows, start + views_per_sample - view)
+        total[sample : sample + count] += grouped_linear_gradients(
+            inputs[start:stop], output_grads[start:stop], count, with_bias
+        )
+        start = stop

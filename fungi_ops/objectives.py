@@ -43,6 +43,11 @@ def register_objective(config_cls: type["ObjectiveConfig"]) -> type["ObjectiveCo
     return config_cls
 
 
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (the featurizer's loss dtype); lower precisions become float32."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def seeded_linear(in_dim: int, out_dim: int, seed: int, *names: object) -> nn.Linear:
     """An ``nn.Linear`` with PyTorch's default init drawn from a named seed stream."""
     layer = nn.Linear(in_dim, out_dim)
@@ -132,7 +137,7 @@ class KLObjective(Objective):
 
     def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
         logits = self.head(F.normalize(embeddings, dim=-1)) / self.config.temperature
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+        log_probs = F.log_softmax(full_precision(logits), dim=-1)
         latent_dim = log_probs.shape[-1]
         # KL(u || p) = sum_i u_i (log u_i - log p_i), u_i = 1/L
         per_view = -(math.log(latent_dim) + log_probs.mean(dim=-1))
@@ -188,9 +193,9 @@ class DINOObjective(Objective):
     def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
         normalized = F.normalize(embeddings, dim=-1)
         with torch.no_grad():
-            teacher = self.teacher_head(normalized[:, :2].detach()).float()
+            teacher = full_precision(self.teacher_head(normalized[:, :2].detach()))
             teacher_probs = F.softmax(teacher / self.config.teacher_temperature, dim=-1)
-        student = self.head(normalized).float()
+        student = full_precision(self.head(normalized))
         student_log_probs = F.log_softmax(student / self.config.student_temperature, dim=-1)
         # sum over teacher views t and student views s of -<p_t, log q_s>
         return -(teacher_probs.sum(dim=1) * student_log_probs.sum(dim=1)).sum(dim=-1)
@@ -278,8 +283,8 @@ class SimCLRObjective(Objective):
     def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
         if self.negatives.numel() == 0:
             raise ConfigError("simclr has no negatives: run Featurizer.setup() or load a setup artifact")
-        z = F.normalize(self.latents(embeddings).float(), dim=-1)  # [B, V, L]
-        negatives = F.normalize(self.negatives, dim=-1)
+        z = F.normalize(full_precision(self.latents(embeddings)), dim=-1)  # [B, V, L]
+        negatives = F.normalize(self.negatives.to(z.dtype), dim=-1)
         views = z.shape[1]
         positive = z @ z.transpose(1, 2)  # [B, V, V]
         negative = z @ negatives.T  # [B, V, M]

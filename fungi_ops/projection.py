@@ -63,10 +63,12 @@ class RandomProjection(torch.nn.Module):
 
     @property
     def out_dim(self) -> int:
+        """Size of a projected gradient."""
         return self.matrix.shape[0]
 
     @property
     def in_dim(self) -> int:
+        """Size of a flattened weight+bias gradient."""
         return self.matrix.shape[1]
 
     def forward(self, flat_gradients: torch.Tensor) -> torch.Tensor:

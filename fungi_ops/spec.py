@@ -31,6 +31,7 @@ def _library_version() -> str:
 
 
 def feature_column(objective_name: str) -> str:
+    """Output column of an objective's gradient feature: ``grad_<name>``."""
     return f"grad_{objective_name}"
 
 
@@ -78,12 +79,14 @@ class FeaturizerSpec:
         return ["embedding", *(feature_column(o.name) for o in self.objectives)]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary; objectives as ``{"name", "params"}`` entries."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "objectives"}
         data["objectives"] = [{"name": o.name, "params": o.params()} for o in self.objectives]
         data["format"] = SPEC_FORMAT
         return data
 
     def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): what the hash and the file metadata hold."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @property
@@ -93,6 +96,7 @@ class FeaturizerSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeaturizerSpec":
+        """Inverse of :meth:`to_dict`; raises ConfigError for unknown fields or objectives."""
         data = dict(data)
         if data.pop("format", SPEC_FORMAT) != SPEC_FORMAT:
             raise ConfigError("spec was written by an incompatible fungi version")
@@ -107,6 +111,7 @@ class FeaturizerSpec:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "FeaturizerSpec":
+        """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
 

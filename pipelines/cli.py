@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 COMMANDS: dict[str, str] = {
+    "demo": "pipelines.commands.demo",
     "featurize": "pipelines.commands.featurize",
     "eval": "pipelines.commands.evaluate",
     "submit": "pipelines.commands.submit",

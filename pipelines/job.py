@@ -36,6 +36,7 @@ DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
 STAGING_DIR = "_staging"
 ERRORS_DIR = "_errors"
 SETUP_DIR = "_fungi_setup"
+MAX_ROWS_PER_BLOCK = 4096
 
 
 @dataclass
@@ -309,12 +310,18 @@ class FeaturizeJob:
         columns = list(dict.fromkeys([config.id_column, self.data_column, *config.keep_columns]))
         concurrency, gpus_per_actor, cpus_per_actor = self.actor_resources()
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        dataset = ray.data.read_parquet(
-            [f.path for f in self.input_files],
-            filesystem=self.input.filesystem(),
-            # enough blocks to keep every actor busy, also when the input is a few files
-            override_num_blocks=max(len(self.input_files), 4 * max_actors),
-        ).select_columns(columns)
+        fs = self.input.filesystem()
+        rows = sum(pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows for f in self.input_files)
+        # Ray Data coalesces small reads into one block (override_num_blocks does not split
+        # them) and an actor task takes whole blocks: cut the stream into blocks of at least
+        # a batch, several per actor (load balance; a lost node costs only its blocks in
+        # flight), and at most MAX_ROWS_PER_BLOCK rows (one staged file each).
+        rows_per_block = max(config.batch_size, min(MAX_ROWS_PER_BLOCK, -(-rows // (4 * max_actors))))
+        dataset = (
+            ray.data.read_parquet([f.path for f in self.input_files], filesystem=fs)
+            .select_columns(columns)
+            .repartition(target_num_rows_per_block=rows_per_block)
+        )
         spec_json = self.spec.to_json()
         decoded = dataset.map_batches(
             stages.decode_batch,

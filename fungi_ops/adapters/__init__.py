@@ -36,6 +36,7 @@ class ModalityAdapter:
         raise NotImplementedError
 
     def views_per_sample(self, kind: str, config: ObjectiveConfig | None) -> int:
+        """Number of views of ``kind`` one sample gets for the objective ``config``."""
         raise NotImplementedError
 
     def build_views(

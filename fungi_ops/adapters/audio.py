@@ -24,6 +24,8 @@ FRAME_LENGTH_MS = 25.0
 
 
 class AudioAdapter(ModalityAdapter):
+    """Audio adapter: wav/flac bytes -> log-mel spectrogram; views are time crops of it."""
+
     modality = "audio"
     view_kinds = ("eval", "contrastive")
 
@@ -70,6 +72,7 @@ class AudioAdapter(ModalityAdapter):
         return fbank[: self.settings.max_frames].numpy().astype(np.float32)
 
     def views_per_sample(self, kind: str, config: ObjectiveConfig | None) -> int:
+        """1 eval view; ``audio_views`` time crops for SimCLR."""
         if kind == "eval":
             return 1
         if kind == "contrastive" and isinstance(config, SimCLRConfig):

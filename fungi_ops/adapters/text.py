@@ -17,6 +17,8 @@ from fungi_ops.seeding import generator
 
 
 class TextAdapter(ModalityAdapter):
+    """Text adapter: cleaned strings; views are the text and its word-deletion variants."""
+
     modality = "text"
     view_kinds = ("eval", "contrastive")
 
@@ -25,6 +27,7 @@ class TextAdapter(ModalityAdapter):
         self.settings = settings
 
     def decode(self, payload: Any) -> str:
+        """A string (or UTF-8 bytes) with whitespace collapsed; raises SampleError if empty or invalid."""
         if isinstance(payload, (bytes, bytearray, memoryview)):
             try:
                 payload = bytes(payload).decode("utf-8")
@@ -38,6 +41,7 @@ class TextAdapter(ModalityAdapter):
         return text
 
     def views_per_sample(self, kind: str, config: ObjectiveConfig | None) -> int:
+        """1 eval view; ``text_views`` word-deletion views for SimCLR."""
         if kind == "eval":
             return 1
         if kind == "contrastive" and isinstance(config, SimCLRConfig):
@@ -66,6 +70,7 @@ class TextAdapter(ModalityAdapter):
         seed: int,
         device: torch.device,
     ) -> dict[str, torch.Tensor]:
+        """Tokenise every view of every sample in one call (group-major, then sample-major)."""
         texts = [
             view
             for group in groups

@@ -43,13 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver (default: 0)")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return without following the job")
     parser.add_argument("--timeout", type=float, help="stop the job and exit 124 if it runs longer than this many seconds")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the fungi command, e.g. -- featurize --input ...")
+    parser.add_argument(
+        "fungi_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+        help="-- then the fungi command to run on the cluster, e.g. -- featurize --input ...",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.submit import SubmitOptions, submit
 
-    command = list(args.command)
+    command = list(args.fungi_command)
     if command and command[0] == "--":
         command = command[1:]
     return submit(

@@ -1,0 +1,129 @@
+"""`fungi demo`: the offline dataset builder, and the whole run on a shared local Ray (2 CPUs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main as cli_main
+from pipelines.demo import SPLITS, build_dataset, eligible_topics, load_topics
+
+TOPICS = ("ai", "food", "money", "sports")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    # "local": a new Ray of our own even if a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def read_splits(data) -> dict[str, pa.Table]:
+    return {split: pq.read_table(getattr(data, split)) for split in SPLITS}
+
+
+def test_topics_are_real_deduplicated_and_filtered():
+    topics = load_topics()
+    eligible = eligible_topics(topics, 24)
+    assert len(eligible) >= 15
+    for small in ("health", "history", "tech_support"):  # tech_support: 2100 lines, 20 unique
+        assert small in topics and small not in eligible
+    owners: dict[str, list[str]] = {}
+    for topic, lines in topics.items():
+        assert len(lines) == len(set(lines)) and all(line.strip() == line and line for line in lines)
+        for line in lines:
+            owners.setdefault(line, []).append(topic)
+    assert all(len(names) == 1 for names in owners.values()), "a line belongs to two topics"
+
+
+def test_dataset_is_seeded_stratified_and_capped(tmp_path: Path):
+    first = build_dataset(tmp_path / "a", per_topic=10, seed=3)
+    again = build_dataset(tmp_path / "b", per_topic=10, seed=3)
+    other = build_dataset(tmp_path / "c", per_topic=10, seed=4)
+    tables, same, different = read_splits(first), read_splits(again), read_splits(other)
+    assert all(tables[s].equals(same[s]) for s in SPLITS)
+    assert not all(tables[s].equals(different[s]) for s in SPLITS)
+
+    assert first.topics == eligible_topics(load_topics(), 24)
+    assert tables["train"].schema.names == ["id", "text", "label", "split"]
+    assert all(t.schema.field(c).type == pa.string() for t in tables.values() for c in t.schema.names)
+    rows = pa.concat_tables(tables.values()).to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == first.total
+    for row in rows:
+        assert row["id"].startswith(row["label"] + "-")
+        assert row["split"] in SPLITS
+        assert len(row["text"]) <= 200  # --max-chars
+    for table in tables.values():  # sorted by length: batches pad less
+        lengths = [len(text) for text in table.column("text").to_pylist()]
+        assert lengths == sorted(lengths)
+    for topic in first.topics:
+        counts = {s: sum(1 for r in rows if r["label"] == topic and r["split"] == s) for s in SPLITS}
+        assert counts["train"] >= 1 and counts["test"] >= 1
+        assert counts["train"] + counts["test"] == first.lines_per_topic[topic] <= 10
+        if first.lines_per_topic[topic] == 10:
+            assert counts["test"] == 3  # 30%
+
+    # ids are stable: a bigger draw keeps the text of every id
+    bigger = pa.concat_tables(read_splits(build_dataset(tmp_path / "d", per_topic=40, seed=3)).values()).to_pylist()
+    text_of = {r["id"]: r["text"] for r in bigger}
+    assert all(text_of.get(r["id"], r["text"]) == r["text"] for r in rows)
+
+
+def test_dataset_rejects_bad_settings(tmp_path: Path):
+    with pytest.raises(ValueError, match="unknown topic"):
+        build_dataset(tmp_path, topics=["ai", "no_such_topic"])
+    with pytest.raises(ValueError, match="at least 2 topics"):
+        build_dataset(tmp_path, topics=["ai"])
+    with pytest.raises(ValueError, match="per-topic"):
+        build_dataset(tmp_path, per_topic=1)
+    assert cli_main(["demo", "--workdir", str(tmp_path), "--topics", "ai,nope"]) == 2
+    assert cli_main(["demo", "--workdir", str(tmp_path), "--objectives", "kl,nope"]) == 2
+    assert cli_main(["demo", "--workdir", str(tmp_path), "--objectives", "dino"]) == 2  # images only
+
+
+def test_list_topics(capsys):
+    assert cli_main(["demo", "--list-topics"]) == 0
+    out = capsys.readouterr().out
+    assert "tech_support" in out and "left out" in out and "trivia" in out
+
+
+def test_demo_end_to_end(tmp_path: Path, local_ray, capsys):
+    workdir = tmp_path / "demo"
+    args = ["demo", "--workdir", str(workdir), "--per-topic", "8", "--topics", ",".join(TOPICS)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "Where everything is"):
+        assert step in out
+    for row in ("| embedding |", "| grad_kl |", "| grad_simclr |", "| embedding+grad_kl |",
+                "| embedding+grad_kl+grad_simclr |"):
+        assert row in out
+    assert "k=20" in out
+
+    features = workdir / "features"
+    table = pq.read_table(features)
+    assert {"id", "content_hash", "label", "split", "embedding", "grad_kl", "grad_simclr"} <= set(table.column_names)
+    assert table.num_rows == 4 * 8
+    assert table.schema.field("grad_simclr").type == pa.list_(pa.float32(), 384)
+    manifest = json.loads((features / "_fungi_manifest.json").read_text())
+    assert manifest["rows"] == 32 and manifest["errors"] == 0
+    assert manifest["spec"]["pooling"] == "mean"
+    assert list((features / "_fungi_setup").glob("*.safetensors"))
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    assert report["task"] == "knn" and report["settings"]["test"]["rows"] == 8
+    assert (workdir / "report" / "report.png").stat().st_size > 0
+    for path in (workdir / "data", features, features / "_errors", workdir / "report" / "report.md"):
+        assert str(path) in out
+
+    # same settings again: every row is reused, the table is the same
+    assert cli_main(args) == 0
+    again = capsys.readouterr().out
+    assert "skipped 32, written 0" in again
+    rerun = json.loads((workdir / "report" / "report.json").read_text())
+    assert [(r["name"], r["metrics"]) for r in rerun["results"]] == [(r["name"], r["metrics"]) for r in report["results"]]
