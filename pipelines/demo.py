@@ -23,6 +23,7 @@ incremental mode); changed settings recompute them.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -70,15 +71,21 @@ def load_topics(directory: str | Path | None = None) -> dict[str, list[str]]:
     Whitespace is collapsed, empty lines are skipped. Returns ``{topic: [line, ...]}``
     sorted by topic name, for every topic (no size filter).
     """
+    directory = Path(directory) if directory is not None else corpus_dir()
+    return {topic: list(lines) for topic, lines in _read_topics(str(directory.resolve()))}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_topics(directory: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     import yaml
 
-    directory = Path(directory) if directory is not None else corpus_dir()
-    files = sorted(directory.glob("*.yml"))
+    files = sorted(Path(directory).glob("*.yml"))
     if not files:
         raise RuntimeError(f"no topic files (*.yml) in {directory}")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same result, 10x faster
     topics: dict[str, list[str]] = {}
     for path in files:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
         lines: dict[str, None] = {}
         for conversation in document.get("conversations") or []:
             for line in conversation or []:
@@ -90,7 +97,7 @@ def load_topics(directory: str | Path | None = None) -> dict[str, list[str]]:
     for lines in topics.values():
         for text in lines:
             owners[text] = owners.get(text, 0) + 1
-    return {topic: [t for t in lines if owners[t] == 1] for topic, lines in topics.items()}
+    return tuple((topic, tuple(t for t in lines if owners[t] == 1)) for topic, lines in topics.items())
 
 
 def eligible_topics(topics: dict[str, list[str]], min_lines: int = DEFAULT_MIN_LINES) -> list[str]:

@@ -188,6 +188,7 @@ def base_env(home: Path) -> dict[str, str]:
     env.update(
         HOME=str(home),
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        # this checkout, whatever the venv's (editable) install points at; jobs add their working_dir
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
         RAY_USAGE_STATS_ENABLED="0",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # advertise 127.0.0.1, not the machine's address
@@ -491,7 +492,7 @@ def reference(cluster, text_input, minilm_dir, tmp_path_factory):
 def test_submitted_job_succeeds_with_token_auth(cluster, reference):
     output, out, seconds = reference
     assert "fungi: submitted job fungi-test-" in out and "SUCCEEDED" in out
-    assert "fungi: rows in 48, skipped 0, written 48, failed 0" in out  # the driver's summary, followed
+    assert "written 48, failed 0" in out  # the driver's own summary line, streamed back
     assert cluster.token not in out
     table = assert_complete(output)
     assert {"embedding", "grad_kl", "content_hash"} <= set(table.column_names)
@@ -503,11 +504,11 @@ def test_unauthenticated_submission_is_refused(cluster, text_input, minilm_dir, 
     job = {"entrypoint": "echo should-never-run"}
     assert cluster.request("POST", "/api/jobs/", token=None, json=job).status_code == 401
     assert cluster.request("POST", "/api/jobs/", token="not-the-token", json=job).status_code == 403
-    before = cluster.request("GET", "/api/jobs/").json()
+    before = {job["submission_id"] for job in cluster.request("GET", "/api/jobs/").json()}
     code, out, _ = fungi_submit(cluster, featurize_args(text_input, tmp_path / "out", minilm_dir), authenticated=False)
     assert code == 2, out
     assert "401" in out and "RAY_AUTH_MODE=token" in out
-    assert cluster.request("GET", "/api/jobs/").json() == before  # nothing was submitted
+    assert {job["submission_id"] for job in cluster.request("GET", "/api/jobs/").json()} == before  # nothing submitted
     assert not (tmp_path / "out").exists()
 
 
@@ -518,7 +519,7 @@ def test_missing_input_fails_fast_with_the_message(cluster, minilm_dir, tmp_path
     assert code == 2, out  # the driver's exit code: a configuration error
     assert f"error: input {missing} does not exist" in out
     assert "FAILED" in out
-    assert seconds < 120
+    assert "Starting execution of Dataset" not in out and seconds < 150  # failed before any data was read
 
 
 @pytest.mark.slow
@@ -527,8 +528,8 @@ def test_wrong_model_fails_fast_with_the_message(cluster, text_input, tmp_path):
     code, out, seconds = fungi_submit(cluster, command)
     assert code == 2, out
     assert "cannot load Hugging Face config for 'fungi-tests/no-such-model'" in out
+    assert "Starting execution of Dataset" not in out and seconds < 150
     assert not list((tmp_path / "out").glob("part-*.parquet"))
-    assert seconds < 120
 
 
 @pytest.mark.slow

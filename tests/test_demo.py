@@ -94,9 +94,40 @@ def test_list_topics(capsys):
     assert "tech_support" in out and "left out" in out and "trivia" in out
 
 
+def test_features_are_reused_only_with_the_same_settings(tmp_path: Path, monkeypatch):
+    """The demo's reuse decision, with the featurize job replaced by a stub (no Ray)."""
+    import dataclasses
+
+    import pipelines.job
+    from pipelines import demo
+
+    calls = []
+
+    def fake_run_featurize(config):
+        output = Path(config.output)
+        calls.append((config.incremental, config.overwrite, (output / "_fungi_setup").exists()))
+        (output / "_fungi_setup").mkdir(parents=True, exist_ok=True)
+        (output / "_fungi_manifest.json").write_text("{}")
+        return "summary"
+
+    monkeypatch.setattr(pipelines.job, "run_featurize", fake_run_featurize)
+    config = demo.DemoConfig(workdir=str(tmp_path), per_topic=4, topics=TOPICS)
+    data = build_dataset(tmp_path / "data", per_topic=4, topics=TOPICS)
+    features = tmp_path / "features"
+
+    def run(settings):
+        return demo._featurize(settings, "hf:model", data, features, lambda line: None)
+
+    run(config)  # first run: everything is computed
+    run(config)  # same settings: incremental, negatives kept
+    run(dataclasses.replace(config, objectives="kl,simclr:num_negatives=8"))  # changed: recomputed
+    run(dataclasses.replace(config, objectives="kl,simclr:num_negatives=8", fresh=True))  # --fresh
+    assert calls == [(False, True, False), (True, False, True), (False, True, False), (False, True, False)]
+
+
 def test_demo_end_to_end(tmp_path: Path, local_ray, capsys):
     workdir = tmp_path / "demo"
-    args = ["demo", "--workdir", str(workdir), "--per-topic", "8", "--topics", ",".join(TOPICS)]
+    args = ["demo", "--workdir", str(workdir), "--per-topic", "8", "--topics", ",".join(TOPICS), "--actors", "1"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "Where everything is"):
@@ -104,7 +135,7 @@ def test_demo_end_to_end(tmp_path: Path, local_ray, capsys):
     for row in ("| embedding |", "| grad_kl |", "| grad_simclr |", "| embedding+grad_kl |",
                 "| embedding+grad_kl+grad_simclr |"):
         assert row in out
-    assert "k=20" in out
+    assert "k=20" in out and "written 32, failed 0" in out
 
     features = workdir / "features"
     table = pq.read_table(features)
@@ -117,13 +148,9 @@ def test_demo_end_to_end(tmp_path: Path, local_ray, capsys):
     assert list((features / "_fungi_setup").glob("*.safetensors"))
     report = json.loads((workdir / "report" / "report.json").read_text())
     assert report["task"] == "knn" and report["settings"]["test"]["rows"] == 8
+    assert [r["name"] for r in report["results"]] == [
+        "embedding", "grad_kl", "grad_simclr", "embedding+grad_kl", "embedding+grad_kl+grad_simclr",
+    ]
     assert (workdir / "report" / "report.png").stat().st_size > 0
     for path in (workdir / "data", features, features / "_errors", workdir / "report" / "report.md"):
         assert str(path) in out
-
-    # same settings again: every row is reused, the table is the same
-    assert cli_main(args) == 0
-    again = capsys.readouterr().out
-    assert "skipped 32, written 0" in again
-    rerun = json.loads((workdir / "report" / "report.json").read_text())
-    assert [(r["name"], r["metrics"]) for r in rerun["results"]] == [(r["name"], r["metrics"]) for r in report["results"]]
