@@ -342,9 +342,9 @@ def run_demo(config: DemoConfig, out: Callable[[str], None] | None = None) -> De
     say("      topics: " + ", ".join(f"{t} ({n})" for t, n in data.lines_per_topic.items()))
 
     model = config.model or default_model()
-    say(f"[2/4] featurizing both splits with Ray Data on a local Ray (progress bars below)")
+    say("[2/4] featurizing both splits with Ray Data on a local Ray (progress bars below)")
     say(f"      model {model}")
-    say(f"      objectives {config.objectives}; simclr negatives from {data.train.name}; -> {features_dir}")
+    say(f"      objectives {config.objectives} -> {features_dir}")
     say("      " + _plan(config.objectives, data.rows["train"]))
     step = time.time()
     summary = _featurize(config, model, data, features_dir, say)
@@ -382,7 +382,10 @@ def run_demo(config: DemoConfig, out: Callable[[str], None] | None = None) -> De
             f"({100 * (accuracy[best] - baseline):+.1f} points)"
         )
     say("")
-    say(f"Done in {timings['total']:.0f} s. Where everything is:")
+    say(
+        f"Done in {timings['total']:.0f} s (data {timings['data']:.0f} s, featurize {timings['featurize']:.0f} s, "
+        f"evaluation {timings['evaluate']:.0f} s). Where everything is:"
+    )
     for label, path in (
         ("data (Parquet: id, text, label, split)", data.directory),
         ("features (Parquet: id, content_hash, label, split, embedding, grad_*)", features_dir),
@@ -475,7 +478,7 @@ def _plan(objectives: str, train_rows: int) -> str:
     if with_negatives:
         config = with_negatives[0]
         line = (
-            f"first the {config.name} negatives ({min(config.num_negatives, train_rows)} train texts x "
+            f"first the {config.name} negatives ({min(config.num_negatives, train_rows)} texts of the train split x "
             f"{getattr(config, 'text_views', 1)} views, encoded once), then decode -> featurize -> write; {line}"
         )
     return line

@@ -88,6 +88,25 @@ def test_dataset_rejects_bad_settings(tmp_path: Path):
     assert cli_main(["demo", "--workdir", str(tmp_path), "--objectives", "dino"]) == 2  # images only
 
 
+def test_cli_defaults_match_the_library_and_help_stays_light():
+    """`fungi demo` copies the defaults so that `fungi --help` imports neither torch nor ray."""
+    import subprocess
+    import sys
+
+    from pipelines import demo
+    from pipelines.commands import demo as command
+
+    assert (command._WORKDIR, command._PER_TOPIC, command._MIN_LINES, command._MAX_CHARS,
+            command._TEST_FRACTION, command._OBJECTIVES, command._K) == (
+        demo.DEFAULT_WORKDIR, demo.DEFAULT_PER_TOPIC, demo.DEFAULT_MIN_LINES, demo.DEFAULT_MAX_CHARS,
+        demo.DEFAULT_TEST_FRACTION, demo.DEFAULT_OBJECTIVES, demo.DEFAULT_K)
+    check = (
+        "import sys; from pipelines.cli import build_parser; build_parser().parse_args(['demo']); "
+        "heavy = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 def test_list_topics(capsys):
     assert cli_main(["demo", "--list-topics"]) == 0
     out = capsys.readouterr().out

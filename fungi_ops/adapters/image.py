@@ -171,43 +171,48 @@ class ImageAdapter(ModalityAdapter):
         shapes = shapes.to(device, torch.float32)
         batch, total_views = boxes.shape[:2]
         views = torch.empty((batch * total_views, 3, size, size), dtype=torch.float32, device=device)
+        # On the CPU one sample at a time keeps every intermediate small (one grid_sample
+        # for the batch allocated ~100 MB per image afresh, whose page faults cost as much
+        # as the sampling); accelerators take the whole batch in one call per group.
+        block = 1 if device.type == "cpu" else batch
         start = 0
         for group in groups:
-            for index in range(batch):
-                # One sample's views of one group at a time, written straight into the
-                # group-major, sample-major layout: every intermediate stays small. (One
-                # grid_sample for the batch allocated ~100 MB per image afresh, and its page
-                # faults cost as much as the sampling itself on the CPU.)
-                grid = box_grid(boxes[index, start : start + group.count], shapes[index], transposed[index], size, short, long)
-                sampled = F.grid_sample(images[index : index + 1], grid, mode="bilinear", padding_mode="border", align_corners=False)
-                first = start * batch + index * group.count
-                views[first : first + group.count].copy_(sampled.view(3, group.count, size, size).transpose(0, 1))
+            for first in range(0, batch, block):
+                rows = slice(first, min(batch, first + block))
+                grid = box_grid(boxes[rows, start : start + group.count], shapes[rows], transposed[rows], size, short, long)
+                sampled = F.grid_sample(images[rows], grid, mode="bilinear", padding_mode="border", align_corners=False)
+                # straight into the group-major, sample-major layout the model consumes
+                target = views[(start * batch + first * group.count) : (start * batch + rows.stop * group.count)]
+                target.view(-1, group.count, 3, size, size).copy_(sampled.view(-1, 3, group.count, size, size).transpose(1, 2))
             start += group.count
         return views
 
 
 def box_grid(
-    boxes: torch.Tensor, shape: torch.Tensor, transposed: bool, size: int, canvas_h: int, canvas_w: int
+    boxes: torch.Tensor, shapes: torch.Tensor, transposed: Sequence[bool], size: int, canvas_h: int, canvas_w: int
 ) -> torch.Tensor:
-    """``grid_sample`` grid ``[1, V*S, S, 2]`` resampling each of one image's boxes to ``size x size``.
+    """``grid_sample`` grid ``[B, V*S, S, 2]`` resampling each box to ``size x size``.
 
-    ``boxes`` are ``[V, 4]`` (x0, y0, w, h) in the image's own pixels, ``shape`` its (h, w);
-    ``transposed`` says the image is stored transposed on the canvas. Output pixel centres
-    map into the box; coordinates are clamped to the image's own extent so that canvas
-    padding is never sampled. The grid is separable (x varies along output columns, y
-    along rows), so coordinates are computed per row/column and only broadcast into the grid.
+    ``boxes`` are ``[B, V, 4]`` (x0, y0, w, h) in each image's own pixels, ``shapes`` its
+    (h, w); ``transposed`` marks images stored transposed on the canvas. Output pixel
+    centres map into the box; coordinates are clamped to the image's own extent so that
+    canvas padding is never sampled. The grid is separable (x varies along output columns,
+    y along rows), so coordinates are computed per row/column and only broadcast into it.
     """
     steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # [S]
-    x0, y0, bw, bh = boxes.unbind(-1)  # [V]
-    xs = torch.minimum((x0[:, None] + steps * bw[:, None] - 0.5).clamp(min=0.0), shape[1] - 1)  # [V, S]
-    ys = torch.minimum((y0[:, None] + steps * bh[:, None] - 0.5).clamp(min=0.0), shape[0] - 1)
-    # canvas x runs along the image's rows when the image is stored transposed
-    canvas_x, canvas_y = (ys, xs) if transposed else (xs, ys)
-    grid_x, grid_y = (2.0 * canvas_x + 1.0) / canvas_w - 1.0, (2.0 * canvas_y + 1.0) / canvas_h - 1.0
-    grid = torch.empty((boxes.shape[0], size, size, 2), dtype=torch.float32, device=boxes.device)
-    grid[..., 0] = grid_x[:, :, None] if transposed else grid_x[:, None, :]
-    grid[..., 1] = grid_y[:, None, :] if transposed else grid_y[:, :, None]
-    return grid.view(1, -1, size, 2)
+    x0, y0, bw, bh = boxes.unbind(-1)  # [B, V]
+    heights, widths = shapes[:, 0].view(-1, 1, 1), shapes[:, 1].view(-1, 1, 1)
+    xs = torch.minimum((x0[..., None] + steps * bw[..., None] - 0.5).clamp(min=0.0), widths - 1)  # [B, V, S]
+    ys = torch.minimum((y0[..., None] + steps * bh[..., None] - 0.5).clamp(min=0.0), heights - 1)
+    batch, views = boxes.shape[:2]
+    grid = torch.empty((batch, views, size, size, 2), dtype=torch.float32, device=boxes.device)
+    for index, flip in enumerate(transposed):
+        # canvas x runs along the image's rows when the image is stored transposed
+        canvas_x, canvas_y = (ys[index], xs[index]) if flip else (xs[index], ys[index])
+        grid_x, grid_y = (2.0 * canvas_x + 1.0) / canvas_w - 1.0, (2.0 * canvas_y + 1.0) / canvas_h - 1.0
+        grid[index, ..., 0] = grid_x[:, :, None] if flip else grid_x[:, None, :]
+        grid[index, ..., 1] = grid_y[:, None, :] if flip else grid_y[:, :, None]
+    return grid.view(batch, views * size, size, 2)
 
 
 def random_resized_boxes(

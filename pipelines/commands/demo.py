@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     features = parser.add_argument_group("features")
     features.add_argument(
         "--model", metavar="ID",
-        help="model id as for `fungi featurize` (default: hf:<directory of the offline all-MiniLM-L6-v2>)",
+        help="a text model id as for `fungi featurize`, e.g. hf:<hub id or directory> "
+        "(default: hf:<directory of the offline all-MiniLM-L6-v2>)",
     )
     features.add_argument(
         "--objectives", default=_OBJECTIVES, metavar="SPEC",
@@ -117,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--k", type=_positive_int, default=_K, help="k-NN neighbours (default: %(default)s)")
     run.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="samples per featurize call (default: %(default)s)")
-    run.add_argument("--actors", type=_actors, metavar="N|MIN,MAX", help="featurize actors (default: one per CPU)")
+    run.add_argument("--actors", type=_actors, metavar="N|MIN,MAX", help="featurize actors (default: sized to the machine, as for `fungi featurize`)")
     run.add_argument("--fresh", action="store_true", help="recompute every feature instead of reusing those of a previous run")
 
 
