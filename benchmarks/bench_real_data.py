@@ -56,7 +56,7 @@ def report(title: str, train: FeatureTable, test: FeatureTable) -> None:
 def tables(features: dict[str, np.ndarray], ids: np.ndarray, labels: np.ndarray, train_mask: np.ndarray):
     def split(mask: np.ndarray, source: str) -> FeatureTable:
         return FeatureTable(
-            ids=ids[mask], features={k: v[mask] for k, v in features.items()}, labels=labels[mask], source=source
+            ids=ids[mask], features={k: v[mask] for k, v in features.items()}, labels=labels[mask], source=source, label_column="label"
         )
 
     return split(train_mask, "train"), split(~train_mask, "test")

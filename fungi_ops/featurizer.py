@@ -213,12 +213,15 @@ class Featurizer:
             if objective.needs_setup
         }
 
-    def load_setup_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_setup_state(self, state: dict[str, Any]) -> None:
+        """Install supporting tensors (or arrays) saved by :meth:`setup_state`; they are copied."""
         for name, objective in self.objectives.items():
             if objective.needs_setup:
                 if f"{name}.negatives" not in state:
                     raise ConfigError(f"setup artifact has no '{name}.negatives'")
-                objective.set_negatives(torch.as_tensor(state[f"{name}.negatives"]))
+                value = state[f"{name}.negatives"]
+                # copies: arrays from the object store are read-only, tensors may be shared
+                objective.set_negatives(value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value))
 
     def save_setup(self, path: str | Path) -> None:
         from safetensors.torch import save_file

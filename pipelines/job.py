@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class RunSummary:
     rows_failed: int
     wall_s: float
     max_error_fraction: float
+    first_write_s: float | None = None
+    steady_rows_per_s: float | None = None
 
     @property
     def rows_processed(self) -> int:
@@ -95,9 +98,14 @@ class RunSummary:
 
     def line(self) -> str:
         rate = self.rows_processed / self.wall_s if self.wall_s else 0.0
+        steady = (
+            f" ({self.steady_rows_per_s:.1f} rows/s after the first write at {self.first_write_s:.0f} s)"
+            if self.steady_rows_per_s is not None and self.first_write_s is not None
+            else ""
+        )
         return (
             f"fungi: rows in {self.rows_in}, skipped {self.rows_skipped}, written {self.rows_written}, "
-            f"failed {self.rows_failed} ({self.failed_fraction:.1%}), {rate:.1f} rows/s, "
+            f"failed {self.rows_failed} ({self.failed_fraction:.1%}), {rate:.1f} rows/s{steady}, "
             f"wall {self.wall_s:.1f} s -> {self.output} (spec {self.spec_hash})"
         )
 
@@ -222,8 +230,14 @@ class FeaturizeJob:
         return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
 
     # -- 3. setup artifact ---------------------------------------------------------
-    def setup_state(self) -> tuple[dict | None, str | None]:
-        """Load the setup artifact for this spec from the output, or compute and save it."""
+    def setup_state(self) -> tuple[Any, str | None]:
+        """The setup state for this spec: loaded from the output, or an encode task in flight.
+
+        A fresh state is returned as the ``ObjectRef`` of a Ray task and saved by
+        :meth:`save_setup` once the stream has run: the actors take the reference, so their
+        start (worker processes, model loading) and the read and decode stages overlap the
+        encoding of the negatives instead of waiting for it.
+        """
         from fungi_ops.objectives import OBJECTIVES
 
         needs = [o for o in self.spec.objectives if OBJECTIVES[o.name].__name__ == "SimCLRConfig"]
@@ -242,16 +256,22 @@ class FeaturizeJob:
             print("fungi: simclr negatives drawn from the input (pass --setup-from to use a training split)")
         count = max(getattr(o, "num_negatives", 0) or 0 for o in needs)
         samples, keys = self.select_setup_rows(source, count)
-        state = _compute_setup(self.spec.to_json(), self.input_config, samples, keys, self.config)
+        return _start_setup(self.spec.to_json(), samples, keys, self.config), relative
+
+    def save_setup(self, state: Any, relative: str | None) -> None:
+        """Write a freshly computed setup state beside the output (a loaded one is already there)."""
+        import ray
+
+        if not isinstance(state, ray.ObjectRef):
+            return
+        import torch
         from safetensors.torch import save
 
-        import torch
-
-        blob = save({k: torch.tensor(v) for k, v in state.items()}, metadata={"fungi.spec_hash": self.spec.hash})
+        blob = save({k: torch.tensor(v) for k, v in ray.get(state).items()}, metadata={"fungi.spec_hash": self.spec.hash})
+        fs = self.output.filesystem()
         fs.create_dir(self.output.child_path(SETUP_DIR), recursive=True)
-        with fs.open_output_stream(path) as handle:
+        with fs.open_output_stream(self.output.child_path(relative)) as handle:
             handle.write(blob)
-        return state, relative
 
     def select_setup_rows(self, source: Location, count: int) -> tuple[list, list[str]]:
         """The ``count`` rows with the smallest seeded hash of their id: independent of file layout."""
@@ -301,7 +321,7 @@ class FeaturizeJob:
         concurrency: tuple[int, int] | int = low if low == high else (low, high)
         return concurrency, gpus_per_actor, cpus_per_actor
 
-    def execute(self, known: dict[str, str] | None, setup_state: dict | None) -> list[dict[str, Any]]:
+    def execute(self, known: dict[str, str] | None, setup_state: Any) -> list[dict[str, Any]]:
         import ray
 
         config = self.config
@@ -340,12 +360,16 @@ class FeaturizeJob:
             stages.FeaturizeActor,
             batch_format="pyarrow",
             batch_size=config.batch_size,
-            concurrency=concurrency,
+            compute=(
+                ray.data.ActorPoolStrategy(size=concurrency)
+                if isinstance(concurrency, int)
+                else ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+            ),
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
             fn_constructor_kwargs=dict(
                 spec_json=spec_json,
-                setup_state=ray.put(setup_state) if setup_state else None,
+                setup_state=setup_state if isinstance(setup_state, ray.ObjectRef) or not setup_state else ray.put(setup_state),
                 threads=None if gpus_per_actor else max(1, int(round(cpus_per_actor))),
             ),
         )
@@ -425,9 +449,11 @@ class FeaturizeJob:
         init_ray(self.config.address)
         setup_state, setup_artifact = self.setup_state()
         stats = self.execute(known, setup_state)
+        self.save_setup(setup_state, setup_artifact)
         rows_in = sum(pq.ParquetFile(f.path, filesystem=self.input.filesystem()).metadata.num_rows for f in self.input_files)
         written, failed, replaced = self.commit(manifest, stats, setup_artifact)
         wall = time.time() - started
+        first_write_s, steady_rows_per_s = _throughput(stats, started)
         self._manifest.runs.append(
             RunRecord(
                 run_id=self.run_id,
@@ -440,6 +466,8 @@ class FeaturizeJob:
                 rows_replaced=replaced,
                 rows_failed=failed,
                 input_fingerprint=fingerprint(self.input_files),
+                first_write_s=first_write_s,
+                steady_rows_per_s=steady_rows_per_s,
             )
         )
         fs = self.output.filesystem()
@@ -456,22 +484,48 @@ class FeaturizeJob:
             rows_failed=failed,
             wall_s=wall,
             max_error_fraction=self.config.max_error_fraction,
+            first_write_s=first_write_s,
+            steady_rows_per_s=steady_rows_per_s,
         )
 
 
-def _compute_setup(spec_json: str, input_config: Any, samples: list, keys: list[str], config: FeaturizeConfig) -> dict:
-    """Encode the negatives once, on a worker with the same resources as an actor."""
+def _start_setup(spec_json: str, samples: list, keys: list[str], config: FeaturizeConfig) -> Any:
+    """Start encoding the negatives on a worker with an actor's accelerator; returns its ObjectRef.
+
+    Without an accelerator the task reserves no CPU and runs torch on every core of its node:
+    the actors block on its result while they start, so it has the cores mostly to itself,
+    and the read and decode tasks, which need a CPU slot, are not held back by it.
+    """
     import ray
 
-    @ray.remote(num_gpus=config.gpus_per_actor or 0)
+    @ray.remote(num_gpus=config.gpus_per_actor or 0, num_cpus=1 if config.gpus_per_actor else 0)
     def encode(spec_json: str, samples: list, keys: list[str]) -> dict:
+        import torch
+
         from fungi_ops import Featurizer, FeaturizerSpec
 
         featurizer = Featurizer(FeaturizerSpec.from_json(spec_json))
+        if featurizer.device.type == "cpu":
+            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         featurizer.setup(samples, keys, batch_size=max(1, config.batch_size // 4))
         return {k: v.numpy() for k, v in featurizer.setup_state().items()}
 
-    return ray.get(encode.remote(spec_json, samples, keys))
+    return encode.remote(spec_json, samples, keys)
+
+
+def _throughput(stats: list[dict[str, Any]], started: float) -> tuple[float | None, float | None]:
+    """(seconds to the first staged block, rows/s of the blocks staged after it).
+
+    The end-to-end rate of a short run is dominated by start-up; the steady rate is what a
+    long nightly run gets, and what scales with actors.
+    """
+    blocks = sorted((row["written_at"], row["rows"] + row["errors"]) for row in stats if row.get("written_at"))
+    if not blocks:
+        return None, None
+    first = round(blocks[0][0] - started, 3)
+    if len(blocks) < 2 or blocks[-1][0] <= blocks[0][0]:
+        return first, None
+    return first, round(sum(rows for _, rows in blocks[1:]) / (blocks[-1][0] - blocks[0][0]), 3)
 
 
 def _read_ids(fs: Any, paths: list[str]) -> list[str]:

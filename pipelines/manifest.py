@@ -32,6 +32,10 @@ class RunRecord:
     rows_replaced: int
     rows_failed: int
     input_fingerprint: str
+    # seconds from the start to the first staged file, and rows/s from then on: start-up
+    # (model loading, setup, Ray Data start) and steady throughput, told apart
+    first_write_s: float | None = None
+    steady_rows_per_s: float | None = None
 
 
 @dataclass

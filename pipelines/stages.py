@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -251,7 +252,7 @@ def write_batch(
     good = table.filter(pc.invert(failed_mask)).drop_columns([ERROR_COLUMN, STAGE_COLUMN])
     bad = table.filter(failed_mask)
     metadata = {SPEC_KEY: spec_json.encode(), SPEC_HASH_KEY: spec_hash.encode()}
-    stats = {"file": [None], "rows": [good.num_rows], "error_file": [None], "errors": [bad.num_rows]}
+    stats = {"file": [None], "rows": [good.num_rows], "error_file": [None], "errors": [bad.num_rows], "written_at": [0.0]}
     if good.num_rows:
         path = staging.child_path(name)
         pq.write_table(good.replace_schema_metadata(metadata), path, filesystem=fs)
@@ -269,4 +270,5 @@ def write_batch(
         fs.create_dir(staging.child_path("_errors"), recursive=True)
         pq.write_table(errors, path, filesystem=fs)
         stats["error_file"] = [path]
+    stats["written_at"] = [time.time()]  # wall clock of the node: the job derives its steady rate from these
     return pa.table(stats)

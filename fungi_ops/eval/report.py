@@ -99,7 +99,7 @@ def format_markdown(report: EvalReport) -> str:
         "",
         f"- train: `{s['train']['source']}` ({s['train']['rows']} rows); "
         f"test: `{s['test']['source']}` ({s['test']['rows']} rows); "
-        f"{s['n_classes']} classes from column `{s['label_column']}`",
+        f"{s['n_classes']} classes" + (f" from column `{s['label_column']}`" if s.get("label_column") else ""),
         f"- {_protocol_line(report)}",
         "",
         "| features | dim | " + " | ".join(f"{m} (%)" for m in report.metric_names) + " |",
