@@ -163,16 +163,19 @@ class Featurizer:
     # -- public API -----------------------------------------------------------
     @property
     def feature_names(self) -> list[str]:
+        """Output columns in order: ``embedding`` then ``grad_<objective>`` per objective."""
         return self.spec.feature_names
 
     @property
     def feature_dims(self) -> dict[str, int]:
+        """Width of each output column: the backbone's embed dim, and ``projection_dim`` per gradient."""
         dims = {"embedding": self.backbone.embed_dim}
         dims.update({feature_column(name): self.spec.projection_dim for name in self.objectives})
         return dims
 
     @property
     def needs_setup(self) -> bool:
+        """True when some objective (SimCLR) needs :meth:`setup` or :meth:`load_setup` before featurizing."""
         return any(objective.needs_setup for objective in self.objectives.values())
 
     def decode(self, payload: Any) -> Any:
@@ -224,11 +227,13 @@ class Featurizer:
                 objective.set_negatives(value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value))
 
     def save_setup(self, path: str | Path) -> None:
+        """Write :meth:`setup_state` to a safetensors file tagged with the spec hash."""
         from safetensors.torch import save_file
 
         save_file(self.setup_state(), str(path), metadata={"fungi.spec_hash": self.spec.hash})
 
     def load_setup(self, path: str | Path) -> None:
+        """Install a file written by :meth:`save_setup`; raises ConfigError if it belongs to another spec."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

@@ -34,18 +34,22 @@ class LinearGradientTap:
         return leaf
 
     def clear(self) -> None:
+        """Drop the inputs and output leaves kept from past forward calls (frees their memory)."""
         self.inputs = []
         self.outputs = []
 
     def remove(self) -> None:
+        """Detach the forward hook from the layer for good."""
         self._handle.remove()
 
     @property
     def has_bias(self) -> bool:
+        """Whether the layer has a bias, whose gradient then joins the weight's in the feature."""
         return self.layer.bias is not None
 
     @property
     def gradient_dim(self) -> int:
+        """Length of a flattened per-sample gradient: ``out * (in + has_bias)``."""
         out_features, in_features = self.layer.weight.shape
         return out_features * (in_features + int(self.has_bias))
 

@@ -71,6 +71,7 @@ class Objective(nn.Module):
 
     @property
     def name(self) -> str:
+        """The registered name of the objective's config (e.g. ``"kl"``)."""
         return self.config.name
 
     @property
@@ -100,9 +101,11 @@ class ObjectiveConfig:
         return self
 
     def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        """The :class:`Objective` for ``embed_dim``-wide embeddings, its heads seeded from ``seed``."""
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
+        """Hyper-parameters as a plain dict, as serialised in the spec."""
         return dataclasses.asdict(self)
 
 
@@ -122,20 +125,30 @@ class KLConfig(ObjectiveConfig):
     latent_dim: int = 768
 
     def resolved(self, modality: str) -> "KLConfig":
+        """Check the modality and that ``temperature`` and ``latent_dim`` are positive."""
         super().resolved(modality)
         _check_positive(self, "temperature", "latent_dim")
         return self
 
     def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        """A :class:`KLObjective` with a seeded ``embed_dim -> latent_dim`` head."""
         return KLObjective(self, embed_dim, seed)
 
 
 class KLObjective(Objective):
+    """KL(uniform || softmax(head(normalize(emb)) / T)) per sample; see :class:`KLConfig`."""
+
     def __init__(self, config: KLConfig, embed_dim: int, seed: int) -> None:
         super().__init__(config)
         self.head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "kl")
 
     def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``[batch, views, dim]`` embeddings -> ``[batch]`` losses, KL(u || p) summed over views.
+
+        Per view this is the reference ``F.kl_div(log_softmax(logits), uniform)`` summed
+        over the latent, ``sum_i u_i (log u_i - log p_i) = -log(L) - mean_i log p_i`` with
+        ``u_i = 1/L``, ``L = latent_dim``, ``logits = head(normalize(emb)) / T``; in nats.
+        """
         logits = self.head(F.normalize(embeddings, dim=-1)) / self.config.temperature
         log_probs = F.log_softmax(full_precision(logits), dim=-1)
         latent_dim = log_probs.shape[-1]
@@ -166,6 +179,7 @@ class DINOConfig(ObjectiveConfig):
     local_crops_number: int = 10
 
     def resolved(self, modality: str) -> "DINOConfig":
+        """Validate temperatures, ``latent_dim`` and crop scales; crop scales become tuples."""
         super().resolved(modality)
         _check_positive(self, "teacher_temperature", "student_temperature", "latent_dim")
         for scale_name in ("global_crops_scale", "local_crops_scale"):
@@ -181,16 +195,25 @@ class DINOConfig(ObjectiveConfig):
         )
 
     def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        """A :class:`DINOObjective` with seeded student and teacher heads."""
         return DINOObjective(self, embed_dim, seed)
 
 
 class DINOObjective(Objective):
+    """DINO loss between a frozen teacher head on the global crops and a student head on all crops."""
+
     def __init__(self, config: DINOConfig, embed_dim: int, seed: int) -> None:
         super().__init__(config)
         self.head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "dino", "student")
         self.teacher_head = seeded_linear(embed_dim, config.latent_dim, seed, "head", "dino", "teacher")
 
     def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``[batch, views, dim]`` embeddings (the 2 global crops first) -> ``[batch]`` losses.
+
+        Sum over teacher (global) views t and student views s of the cross-entropy
+        ``-<p_t, log q_s>``, with ``p_t = softmax(teacher / T_t)`` (no gradient) and
+        ``q_s = softmax(student / T_s)``.
+        """
         normalized = F.normalize(embeddings, dim=-1)
         with torch.no_grad():
             teacher = full_precision(self.teacher_head(normalized[:, :2].detach()))
@@ -233,6 +256,7 @@ class SimCLRConfig(ObjectiveConfig):
     default_num_negatives: ClassVar[dict[str, int]] = {"image": 64, "text": 256, "audio": 64}
 
     def resolved(self, modality: str) -> "SimCLRConfig":
+        """Validate the view settings and fill ``latent_dim``/``num_negatives`` per modality."""
         super().resolved(modality)
         _check_positive(self, "temperature")
         if math.isqrt(self.num_patches) ** 2 != self.num_patches:
@@ -254,10 +278,17 @@ class SimCLRConfig(ObjectiveConfig):
         )
 
     def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
+        """A :class:`SimCLRObjective` with a seeded head; its negatives come from setup."""
         return SimCLRObjective(self, embed_dim, seed)
 
 
 class SimCLRObjective(Objective):
+    """InfoNCE of each view against the sample's other views and fixed negatives; see :class:`SimCLRConfig`.
+
+    ``self_similarity`` stands in for a view's similarity to itself in the log-sum-exp,
+    removing it in effect.
+    """
+
     self_similarity: float = -1e4
 
     def __init__(self, config: SimCLRConfig, embed_dim: int, seed: int) -> None:
@@ -267,6 +298,7 @@ class SimCLRObjective(Objective):
 
     @property
     def needs_setup(self) -> bool:
+        """Always True: the negatives must be set before :meth:`loss` runs."""
         return True
 
     def latents(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -274,6 +306,7 @@ class SimCLRObjective(Objective):
         return self.head(embeddings)
 
     def set_negatives(self, latents: torch.Tensor) -> None:
+        """Store ``[n, latent_dim]`` head outputs (see :meth:`latents`) as float32 negatives."""
         if latents.ndim != 2 or latents.shape[1] != self.config.latent_dim:
             raise ConfigError(
                 f"simclr negatives must be [n, {self.config.latent_dim}], got {tuple(latents.shape)}"
@@ -281,6 +314,13 @@ class SimCLRObjective(Objective):
         self.negatives = latents.to(self.head.weight.device, torch.float32)
 
     def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``[batch, views, dim]`` embeddings -> ``[batch]`` InfoNCE losses, averaged over views.
+
+        Per view, on cosine similarities of the normalised head outputs:
+        ``-mean(positives) / T + logsumexp([negatives, other views])``, the positives
+        being the sample's other views; the log-sum-exp terms are divided by ``T`` only
+        when ``scale_denominator``. Raises ConfigError when no negatives are set.
+        """
         if self.negatives.numel() == 0:
             raise ConfigError("simclr has no negatives: run Featurizer.setup() or load a setup artifact")
         z = F.normalize(full_precision(self.latents(embeddings)), dim=-1)  # [B, V, L]

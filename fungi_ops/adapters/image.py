@@ -33,6 +33,11 @@ CROP_TRIES = 10
 
 
 class ImageAdapter(ModalityAdapter):
+    """Images: eval centre crop, DINO multi-crop and SimCLR patch views, cut on the model's device.
+
+    ``settings`` gives the model's input side, eval resize and normalisation mean/std.
+    """
+
     modality = "image"
     view_kinds = ("eval", "multicrop", "contrastive")
 
@@ -72,6 +77,7 @@ class ImageAdapter(ModalityAdapter):
     # -- views ----------------------------------------------------------------
     @property
     def max_long_side(self) -> int:
+        """Cap, in pixels, on a decoded image's longer side: ``MAX_ASPECT`` x the eval resize."""
         return int(self.settings.resize_size * MAX_ASPECT)
 
     def _patch_geometry(self, config: SimCLRConfig) -> tuple[int, int, int]:
@@ -88,6 +94,11 @@ class ImageAdapter(ModalityAdapter):
         return int(patch), stride, per_side
 
     def views_per_sample(self, kind: str, config: ObjectiveConfig | None) -> int:
+        """Views of ``kind`` per sample: 1 eval view, 2 + ``local_crops_number`` DINO crops, or the SimCLR patch grid.
+
+        Raises ConfigError for a kind/config pair images do not support (or a patch
+        geometry that does not fit the input size).
+        """
         if kind == "eval":
             return 1
         if kind == "multicrop" and isinstance(config, DINOConfig):
