@@ -13,7 +13,7 @@ import pytest
 from conftest import png_bytes, wav_bytes
 from fungi_ops import ConfigError, Featurizer, FeaturizerSpec
 from pipelines.cli import main as cli_main
-from pipelines.job import FeaturizeConfig, run_featurize
+from pipelines.job import FeaturizeConfig, _throughput, run_featurize
 
 TEXTS = [
     "the cat sat on the mat",
@@ -106,12 +106,25 @@ def test_text_job_writes_features_errors_manifest_and_matches_in_process(minilm_
     manifest = json.loads((output / "_fungi_manifest.json").read_text())
     assert manifest["rows"] == 9 and manifest["errors"] == 1 and manifest["spec_hash"] == spec.hash
     assert manifest["runs"][0]["rows_written"] == 9
+    assert 0 < manifest["runs"][0]["first_write_s"] == summary.first_write_s <= summary.wall_s
 
     ids = table.column("id").to_pylist()
     expected = in_process_features(output, [TEXTS[int(i)] for i in ids], ids)
     for name in ("embedding", "grad_kl", "grad_simclr"):
         got = np.asarray(table.column(name).to_pylist(), dtype=np.float32)
         np.testing.assert_allclose(got, expected[name], atol=1e-5)
+
+
+def test_throughput_tells_start_up_from_the_steady_rate():
+    """Rows of the first staged block count for start-up; the rate is over the blocks after it."""
+    blocks = [
+        {"written_at": 120.0, "rows": 18, "errors": 2},
+        {"written_at": 110.0, "rows": 10, "errors": 0},
+        {"written_at": 130.0, "rows": 20, "errors": 0},
+    ]
+    assert _throughput(blocks, started=100.0) == (10.0, 2.0)  # (20 + 20) rows / 20 s
+    assert _throughput(blocks[1:2], started=100.0) == (10.0, None)  # one block: no rate
+    assert _throughput([], started=100.0) == (None, None)
 
 
 def test_incremental_rerun_skips_known_rows_and_replaces_changed_ones(minilm_dir, text_input, tmp_path):
