@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fungi_ops import Featurizer, FeaturizerSpec, parse_objectives
-from fungi_ops.seeding import derive_seed
+from fungi_ops.seeding import setup_order
 
 
 class ActorMemory:
@@ -72,8 +72,7 @@ def in_process(spec: FeaturizerSpec, texts: list[str], ids: list[str], batch: in
     started = time.perf_counter()
     featurizer = Featurizer(spec, device="cpu")
     if featurizer.needs_setup:
-        count = max(getattr(o, "num_negatives", 0) or 0 for o in featurizer.spec.objectives)
-        chosen = sorted(range(len(ids)), key=lambda i: derive_seed(spec.seed, "negatives", ids[i]))[:count]
+        chosen = setup_order(spec.seed, ids)[: featurizer.spec.setup_rows]
         featurizer.setup([featurizer.decode(texts[i]) for i in chosen], [ids[i] for i in chosen])
     loop_started = time.perf_counter()
     for start in range(0, len(ids), batch):

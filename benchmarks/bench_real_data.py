@@ -27,15 +27,15 @@ import pyarrow.parquet as pq
 
 from fungi_ops import Featurizer, FeaturizerSpec, parse_objectives
 from fungi_ops.eval import FeatureTable, evaluate, format_markdown
-from fungi_ops.seeding import derive_seed
+from fungi_ops.seeding import setup_order
 
 
 def featurize(spec: FeaturizerSpec, payloads: Sequence, ids: Sequence[str], train_rows: Sequence[int], batch: int) -> dict[str, np.ndarray]:
     """In-process features; SimCLR negatives are train rows chosen by seeded hash of their id."""
     featurizer = Featurizer(spec, device="cpu")
     if featurizer.needs_setup:
-        count = max(getattr(o, "num_negatives", 0) or 0 for o in featurizer.spec.objectives)
-        chosen = sorted(train_rows, key=lambda i: derive_seed(spec.seed, "negatives", ids[i]))[:count]
+        train_ids = [ids[i] for i in train_rows]
+        chosen = [train_rows[i] for i in setup_order(spec.seed, train_ids)[: featurizer.spec.setup_rows]]
         featurizer.setup([featurizer.decode(payloads[i]) for i in chosen], [ids[i] for i in chosen])
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(ids), batch):

@@ -275,11 +275,10 @@ class Featurizer:
 
     def featurize_views(self, inputs: Any, batch: int) -> dict[str, np.ndarray]:
         """Features from model-ready views laid out as :attr:`groups` (group-major, sample-major)."""
-        rows = self._rows_per_forward(inputs)
         self.tap.armed = True
         try:
             with torch.enable_grad(), self._autocast():
-                embeddings = self._embed(inputs, rows)
+                embeddings = self._embed(inputs)
                 losses = self._losses(embeddings, batch)
             outputs = {"embedding": F.normalize(embeddings[:batch].float(), dim=-1)}
             outputs.update(self._gradient_features(losses, batch))
@@ -288,10 +287,9 @@ class Featurizer:
             self.tap.clear()
         return {name: outputs[name].detach().cpu().numpy() for name in self.feature_names}
 
-    def _embed(self, inputs: Any, rows: int | None = None) -> torch.Tensor:
-        """Backbone embeddings of all rows, ``rows`` (default: see ``_rows_per_forward``) at a time."""
-        rows = rows or self._rows_per_forward(inputs)
-        return torch.cat([self.backbone.embed(chunk) for chunk in _row_chunks(inputs, rows)])
+    def _embed(self, inputs: Any) -> torch.Tensor:
+        """Backbone embeddings of all rows, in chunks of ``_rows_per_forward`` rows."""
+        return torch.cat([self.backbone.embed(chunk) for chunk in _row_chunks(inputs, self._rows_per_forward(inputs))])
 
     def _rows_per_forward(self, inputs: Any) -> int:
         """All rows on accelerators; on the CPU, as many as fit ``CPU_FORWARD_ELEMENTS``."""

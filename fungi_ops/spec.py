@@ -74,6 +74,11 @@ class FeaturizerSpec:
         object.__setattr__(self, "objectives", tuple(ordered))
 
     @property
+    def setup_rows(self) -> int:
+        """Rows of setup data the objectives need (SimCLR's negatives, once resolved); 0 for none."""
+        return max((getattr(o, "num_negatives", None) or 0 for o in self.objectives), default=0)
+
+    @property
     def feature_names(self) -> list[str]:
         """Column names in their fixed order: ``embedding`` then one ``grad_<objective>`` each."""
         return ["embedding", *(feature_column(o.name) for o in self.objectives)]

@@ -192,6 +192,8 @@ class FeaturizeJob:
         required = {"id": config.id_column, "data": self.data_column}
         required.update({f"kept ({name})": name for name in config.keep_columns})
         check_columns(self.input, self.input_files, required)
+        fs = self.input.filesystem()
+        self.rows_in = sum(pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows for f in self.input_files)
         self.spec, self.input_config = resolve(config)
 
     # -- 2. output reconciliation ------------------------------------------------
@@ -238,10 +240,8 @@ class FeaturizeJob:
         start (worker processes, model loading) and the read and decode stages overlap the
         encoding of the negatives instead of waiting for it.
         """
-        from fungi_ops.objectives import OBJECTIVES
-
-        needs = [o for o in self.spec.objectives if OBJECTIVES[o.name].__name__ == "SimCLRConfig"]
-        if not needs:
+        count = self.spec.setup_rows
+        if not count:
             return None, None
         fs = self.output.filesystem()
         relative = f"{SETUP_DIR}/{self.spec.hash}.safetensors"
@@ -254,7 +254,6 @@ class FeaturizeJob:
         source = Location(self.config.setup_from, self.config.storage_options) if self.config.setup_from else self.input
         if not self.config.setup_from:
             print("fungi: simclr negatives drawn from the input (pass --setup-from to use a training split)")
-        count = max(getattr(o, "num_negatives", 0) or 0 for o in needs)
         samples, keys = self.select_setup_rows(source, count)
         return _start_setup(self.spec.to_json(), samples, keys, self.config), relative
 
@@ -275,14 +274,14 @@ class FeaturizeJob:
 
     def select_setup_rows(self, source: Location, count: int) -> tuple[list, list[str]]:
         """The ``count`` rows with the smallest seeded hash of their id: independent of file layout."""
-        from fungi_ops.seeding import derive_seed
+        from fungi_ops.seeding import setup_order
 
         files = parquet_files(source, "setup data")
         check_columns(source, files, {"id": self.config.id_column, "data": self.data_column})
         fs = source.filesystem()
         dataset = pads.dataset([f.path for f in files], filesystem=fs, format="parquet")
         ids = [str(v) for v in dataset.to_table(columns=[self.config.id_column]).column(0).to_pylist() if v is not None]
-        chosen = sorted(ids, key=lambda key: derive_seed(self.spec.seed, "negatives", key))[:count]
+        chosen = [ids[i] for i in setup_order(self.spec.seed, ids)[:count]]
         id_type = dataset.schema.field(self.config.id_column).type
         table = dataset.to_table(
             columns=[self.config.id_column, self.data_column],
@@ -298,7 +297,7 @@ class FeaturizeJob:
                 keys.append(str(row_id))
             except Exception as exc:  # noqa: BLE001 - a bad negative is skipped, not fatal
                 log.warning("setup row %s skipped: %s", row_id, exc)
-        order = sorted(range(len(keys)), key=lambda i: derive_seed(self.spec.seed, "negatives", keys[i]))
+        order = setup_order(self.spec.seed, keys)
         if not order:
             raise ConfigError(f"no decodable rows in {source.uri} to compute simclr negatives from")
         return [samples[i] for i in order], [keys[i] for i in order]
@@ -330,15 +329,13 @@ class FeaturizeJob:
         columns = list(dict.fromkeys([config.id_column, self.data_column, *config.keep_columns]))
         concurrency, gpus_per_actor, cpus_per_actor = self.actor_resources()
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        fs = self.input.filesystem()
-        rows = sum(pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows for f in self.input_files)
         # Ray Data coalesces small reads into one block (override_num_blocks does not split
         # them) and an actor task takes whole blocks: cut the stream into blocks of at least
         # a batch, several per actor (load balance; a lost node costs only its blocks in
         # flight), and at most MAX_ROWS_PER_BLOCK rows (one staged file each).
-        rows_per_block = max(config.batch_size, min(MAX_ROWS_PER_BLOCK, -(-rows // (4 * max_actors))))
+        rows_per_block = max(config.batch_size, min(MAX_ROWS_PER_BLOCK, -(-self.rows_in // (4 * max_actors))))
         dataset = (
-            ray.data.read_parquet([f.path for f in self.input_files], filesystem=fs)
+            ray.data.read_parquet([f.path for f in self.input_files], filesystem=self.input.filesystem())
             .select_columns(columns)
             .repartition(target_num_rows_per_block=rows_per_block)
         )
@@ -450,7 +447,7 @@ class FeaturizeJob:
         setup_state, setup_artifact = self.setup_state()
         stats = self.execute(known, setup_state)
         self.save_setup(setup_state, setup_artifact)
-        rows_in = sum(pq.ParquetFile(f.path, filesystem=self.input.filesystem()).metadata.num_rows for f in self.input_files)
+        rows_in = self.rows_in
         written, failed, replaced = self.commit(manifest, stats, setup_artifact)
         wall = time.time() - started
         first_write_s, steady_rows_per_s = _throughput(stats, started)

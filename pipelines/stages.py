@@ -252,7 +252,7 @@ def write_batch(
     good = table.filter(pc.invert(failed_mask)).drop_columns([ERROR_COLUMN, STAGE_COLUMN])
     bad = table.filter(failed_mask)
     metadata = {SPEC_KEY: spec_json.encode(), SPEC_HASH_KEY: spec_hash.encode()}
-    stats = {"file": [None], "rows": [good.num_rows], "error_file": [None], "errors": [bad.num_rows], "written_at": [0.0]}
+    stats = {"file": [None], "rows": [good.num_rows], "error_file": [None], "errors": [bad.num_rows]}
     if good.num_rows:
         path = staging.child_path(name)
         pq.write_table(good.replace_schema_metadata(metadata), path, filesystem=fs)
