@@ -270,12 +270,15 @@ class SimCLRConfig(ObjectiveConfig):
             raise ConfigError(f"simclr.audio_crop_scale must satisfy 0 < low <= high <= 1, got {(low, high)}")
         if min(self.text_views, self.audio_views) < 2:
             raise ConfigError("simclr needs at least 2 text and audio views per sample")
-        return dataclasses.replace(
+        resolved = dataclasses.replace(
             self,
             latent_dim=self.latent_dim or self.default_latent_dim[modality],
             num_negatives=self.num_negatives or self.default_num_negatives[modality],
             audio_crop_scale=tuple(self.audio_crop_scale),
         )
+        # 0 or unset picks the modality's default; a negative count would silently drop rows
+        _check_positive(resolved, "latent_dim", "num_negatives")
+        return resolved
 
     def build(self, embed_dim: int, modality: str, seed: int) -> Objective:
         """A :class:`SimCLRObjective` with a seeded head; its negatives come from setup."""

@@ -314,3 +314,13 @@ def test_setup_artifact_round_trip(image_engine: Featurizer, images, tmp_path) -
     assert np.array_equal(restored.featurize(samples, keys).features["grad_simclr"], expected)
     with pytest.raises(ConfigError, match="belongs to spec"):
         Featurizer(image_spec(seed=4), device="cpu").load_setup(path)
+
+
+@pytest.mark.parametrize("params", ["num_negatives=-4", "latent_dim=-8"])
+def test_negative_simclr_sizes_are_refused(params):
+    from fungi_ops.objectives import make_objective_config
+
+    name = params.split("=")[0]
+    config = make_objective_config("simclr", **{name: int(params.split("=")[1])})
+    with pytest.raises(ConfigError, match=rf"simclr\.{name} must be > 0"):
+        config.resolved("text")
