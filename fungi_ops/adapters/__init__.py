@@ -7,13 +7,40 @@ stream ``(seed, "views", kind, row key)``, so a row gets the same views in any b
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from fungi_ops.backbones import Backbone
+from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import ObjectiveConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Default cap on an image's width x height before it is decoded. Decoding 100 Mpx holds the
+# file's pixels (0.3 GB RGB, 0.4 GB RGBA) and one 8-bit RGB copy: measured peak +0.8 GB for a
+# 100 Mpx RGBA PNG, within a CPU worker's share. It admits camera photos up to the ~100 Mpx
+# sensors (bigger JPEGs are reduced while decoding) and sits between Pillow's own warning
+# (89.5 Mpx) and refusal (179 Mpx) thresholds.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+# Parquet/Arrow types whose values a modality's decode accepts (``pyarrow.types`` predicates;
+# the view types need pyarrow >= 16 and are simply absent before it); dictionaries of them too.
+_ENCODED_FILE_TYPES = ("is_binary", "is_large_binary", "is_binary_view", "is_fixed_size_binary")
+_PAYLOAD_TYPES = {
+    "text": ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view"),
+    "image": _ENCODED_FILE_TYPES,
+    "audio": _ENCODED_FILE_TYPES,
+}
+_EXPECTED_PAYLOADS = {
+    "text": "a string column, or a binary column of UTF-8 text",
+    "image": "a binary column of encoded image files (PNG, JPEG, WebP, ...)",
+    "audio": "a binary column of encoded audio files (WAV, FLAC, ...)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,16 +83,76 @@ def make_adapter(backbone: Backbone) -> ModalityAdapter:
     return make_decoder(backbone.modality, backbone.input_config, backbone.tokenizer)
 
 
-def make_decoder(modality: str, input_config: Any, tokenizer: Any = None) -> ModalityAdapter:
-    """An adapter from input settings alone: enough to decode on workers that hold no model."""
+def make_decoder(
+    modality: str, input_config: Any, tokenizer: Any = None, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> ModalityAdapter:
+    """An adapter from input settings alone: enough to decode on workers that hold no model.
+
+    ``max_image_pixels`` bounds an image's width x height before decoding (see
+    :class:`~fungi_ops.adapters.image.ImageAdapter`); other modalities ignore it.
+    """
     if modality == "image":
         from fungi_ops.adapters.image import ImageAdapter
 
-        return ImageAdapter(input_config)
+        return ImageAdapter(input_config, max_pixels=max_image_pixels)
     if modality == "text":
         from fungi_ops.adapters.text import TextAdapter
 
         return TextAdapter(tokenizer, input_config)
-    from fungi_ops.adapters.audio import AudioAdapter
+    if modality == "audio":
+        from fungi_ops.adapters.audio import AudioAdapter
 
-    return AudioAdapter(input_config)
+        return AudioAdapter(input_config)
+    raise _unknown_modality(modality)
+
+
+def payload_type_error(modality: str, arrow_type: pa.DataType, column: str) -> str | None:
+    """Why a Parquet column of ``arrow_type`` cannot hold ``modality`` payloads, or None if it can.
+
+    Text takes strings or binary (decoded as UTF-8); images and audio take binary (encoded
+    files). Dictionary-encoded columns of those types are accepted. Meant for job validation,
+    before any data is read.
+    """
+    import pyarrow as pa
+
+    if modality not in _PAYLOAD_TYPES:
+        raise _unknown_modality(modality)
+    value_type = arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+    if any(getattr(pa.types, name, lambda _: False)(value_type) for name in _PAYLOAD_TYPES[modality]):
+        return None
+    hint = ""
+    if pa.types.is_struct(value_type) and value_type.get_field_index("bytes") >= 0:
+        hint = " (a struct such as a Hugging Face Image/Audio feature: store its 'bytes' field as the column)"
+    elif modality != "text" and (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+        hint = " (file paths, URLs or base64 text are not read)"
+    return (
+        f"column '{column}' has type {arrow_type}, which cannot hold {modality} payloads; "
+        f"expected {_EXPECTED_PAYLOADS[modality]}{hint}"
+    )
+
+
+def _unknown_modality(modality: str) -> ConfigError:
+    return ConfigError(f"modality must be image, text or audio, got '{modality}'")
+
+
+def payload_bytes(payload: Any, modality: str, expected: str = "bytes") -> bytes:
+    """The bytes of an encoded payload; SampleError naming the Python type of anything else, or if empty.
+
+    Only bytes-like values are accepted: ``bytes(42)`` would allocate 42 zero bytes.
+    """
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise SampleError(f"{modality} payload must be {expected}, got {type(payload).__name__}")
+    data = bytes(payload)
+    if not data:
+        raise SampleError(f"{modality} payload is empty (0 bytes)")
+    return data
+
+
+def describe_bytes(data: bytes) -> str:
+    """How a decode error shows a payload: its size and first bytes, e.g. ``40 bytes, starting 89504e47...``."""
+    return f"{len(data)} bytes, starting {data[:8].hex()}"
+
+
+def error_text(exc: BaseException) -> str:
+    """A decoder exception's message without object reprs (no memory addresses); its class name if empty."""
+    return _OBJECT_REPR.sub("the payload", str(exc)).strip() or type(exc).__name__

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fungi_ops.adapters import ModalityAdapter, ViewGroup
+from fungi_ops.adapters import ModalityAdapter, ViewGroup, describe_bytes, error_text, payload_bytes
 from fungi_ops.backbones import AudioInput
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import ObjectiveConfig, SimCLRConfig
@@ -43,12 +43,12 @@ class AudioAdapter(ModalityAdapter):
         import soundfile
         import torchaudio
 
-        if not isinstance(payload, (bytes, bytearray, memoryview)) or len(payload) == 0:
-            raise SampleError("audio payload is empty or not bytes")
+        data = payload_bytes(payload, "audio", "bytes (an encoded audio file)")
         try:
-            waveform, rate = soundfile.read(io.BytesIO(bytes(payload)), dtype="float32", always_2d=True)
+            waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except Exception as exc:  # noqa: BLE001 - libsndfile errors vary
-            raise SampleError(f"cannot decode audio: {exc}") from exc
+            detail = exc.error_string if isinstance(exc, soundfile.LibsndfileError) else error_text(exc)
+            raise SampleError(f"cannot decode audio ({describe_bytes(data)}): {detail}") from exc
         mono = torch.from_numpy(np.ascontiguousarray(waveform.mean(axis=1)))
         if not torch.isfinite(mono).all():
             raise SampleError("audio contains NaN or infinite samples")

@@ -10,19 +10,53 @@ model's eval resize (``input_size / crop_pct``), so the eval view is a centre cr
 the other boxes are resampled by less than ~1.2x, where the lack of antialiasing in
 ``grid_sample`` is immaterial. Only the random draws of a view are made per sample;
 box geometry and the sampling grid are computed for the whole batch.
+
+Decoding gives 8-bit RGB whatever the file holds, and never clips silently
+(``convert("RGB")`` saturates 16-bit and float images):
+
+* 16-bit samples keep their high byte (``v >> 8``): grey 16-bit PNG/TIFF/PGM (Pillow modes
+  ``I;16*``, or ``I`` with values in 0..65535) here, 16-bit RGB(A) PNG/TIFF by Pillow
+  itself, which decodes them to 8 bits that way. So one rule holds for every 16-bit file:
+  within one level of ``v / 257``, exact for 8-bit data stored in 16 bits. ``I`` values
+  outside 0..65535 (signed or 32-bit data) and float images (``F``) have no defined range
+  and are refused, as is a 16-bit RGB PNG with a colour key (Pillow drops the low byte
+  before the key can be matched).
+* Transparency (alpha channel, palette or colour-key transparency) is composited on white,
+  as img2dataset (LAION, DataComp) does and as such images usually appear on a page; an
+  opaque image keeps its pixels.
+* CMYK and other modes use Pillow's conversion; embedded ICC profiles are ignored, as by
+  timm's and torchvision's loaders.
+
+A file larger than ``max_pixels`` (width x height, read from its header before any pixel
+is decoded) is refused, unless it is a JPEG that DCT scaling (1/2, 1/4, 1/8 while decoding)
+brings within the limit with its shorter side still at least the eval resize. Pillow's own
+decompression-bomb check (``PIL.Image.MAX_IMAGE_PIXELS``) would refuse a big JPEG before its
+header could be read, warn below our limit and contradict a limit above its own, so it is
+switched off while one of our decodes runs and restored as soon as none does (other code
+in the process keeps it; a concurrent ``Image.open`` in another thread during that window
+goes unchecked). Modes that need numpy are converted by strips of rows, so that decoding
+holds the file's pixels and one 8-bit RGB copy, no more.
 """
 from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from fungi_ops.adapters import ModalityAdapter, ViewGroup
+from fungi_ops.adapters import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ModalityAdapter,
+    ViewGroup,
+    describe_bytes,
+    error_text,
+    payload_bytes,
+)
 from fungi_ops.backbones import ImageInput
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import DINOConfig, ObjectiveConfig, SimCLRConfig
@@ -30,39 +64,41 @@ from fungi_ops.seeding import generator
 
 MAX_ASPECT = 4.0
 CROP_TRIES = 10
+WHITE = 255  # what transparent pixels are composited on
+HIGH_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # read as 16-bit grey
+JPEG_REDUCTIONS = (2, 4, 8)  # the DCT scalings libjpeg decodes at
+PNG_BIT_DEPTH_OFFSET = 24  # signature (8) + IHDR length, type, width, height (4 each)
+STRIP_PIXELS = 1 << 20  # pixels converted at a time when a mode needs numpy
 
 
 class ImageAdapter(ModalityAdapter):
     """Images: eval centre crop, DINO multi-crop and SimCLR patch views, cut on the model's device.
 
-    ``settings`` gives the model's input side, eval resize and normalisation mean/std.
+    ``settings`` gives the model's input side, eval resize and normalisation mean/std;
+    ``max_pixels`` bounds an encoded image's width x height (see the module docstring).
     """
 
     modality = "image"
     view_kinds = ("eval", "multicrop", "contrastive")
 
-    def __init__(self, settings: ImageInput) -> None:
+    def __init__(self, settings: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ConfigError(f"max image pixels must be a positive integer, got {max_pixels!r}")
         self.settings = settings
+        self.max_pixels = max_pixels
         mean = torch.tensor(settings.mean).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(settings.std).view(1, 3, 1, 1) * 255.0
         self._mean, self._std = mean, std
 
     # -- decode ---------------------------------------------------------------
     def decode(self, payload: Any) -> np.ndarray:
-        """Encoded image bytes (or an RGB array) -> uint8 ``[H, W, 3]`` at the eval resize."""
-        try:
+        """Encoded image bytes (or a uint8 array) -> uint8 ``[H, W, 3]`` at the eval resize."""
+        with _PILLOW_BOMB_CHECK_OFF:
             if isinstance(payload, np.ndarray):
-                image = Image.fromarray(np.asarray(payload, dtype=np.uint8))
+                image = rgb_image(array_image(payload))
             else:
-                if not isinstance(payload, (bytes, bytearray, memoryview)) or len(payload) == 0:
-                    raise SampleError("image payload is empty or not bytes")
-                image = Image.open(io.BytesIO(bytes(payload)))
-                image.load()
-            image = image.convert("RGB")
-        except SampleError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+                data = payload_bytes(payload, "image", "bytes (an encoded image) or a uint8 array")
+                image = rgb_image(self._open(data))
         width, height = image.size
         if width < 1 or height < 1:
             raise SampleError(f"image has no pixels ({width}x{height})")
@@ -73,6 +109,58 @@ class ImageAdapter(ModalityAdapter):
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
         return np.asarray(image, dtype=np.uint8)
+
+    def _open(self, data: bytes) -> Image.Image:
+        """The decoded (loaded) image in ``data``, reduced or refused first if above ``max_pixels``."""
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            reason = "not a recognised image format, or a corrupt header"
+            raise SampleError(f"cannot decode image: {reason} ({describe_bytes(data)})") from exc
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise SampleError(f"cannot decode image ({describe_bytes(data)}): {error_text(exc)}") from exc
+        self.fit_pixel_limit(image)
+        sixteen_bit_png = image.format == "PNG" and data[PNG_BIT_DEPTH_OFFSET] == 16
+        if sixteen_bit_png and image.mode == "RGB" and "transparency" in image.info:
+            raise SampleError(
+                "16-bit RGB PNG with a colour key (tRNS): Pillow decodes it to 8 bits before the key can be "
+                "matched, so its transparency cannot be applied faithfully"
+            )
+        try:
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+            detail = f"{image.format}, {describe_bytes(data)}"
+            raise SampleError(f"cannot decode image ({detail}): {error_text(exc)}") from exc
+        return image
+
+    def fit_pixel_limit(self, image: Image.Image) -> None:
+        """Before decoding: reduce a JPEG above ``max_pixels`` with DCT scaling, or raise SampleError.
+
+        The reduction is the mildest that fits the limit and keeps the shorter side at
+        least the eval resize; an image within the limit is left alone.
+        """
+        width, height = image.size
+        if width * height <= self.max_pixels:
+            return
+        short_side = self.settings.resize_size
+        if isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO (camera JPEGs) included
+            for factor in JPEG_REDUCTIONS:
+                reduced = (-(-width // factor), -(-height // factor))  # libjpeg rounds up
+                if min(reduced) < short_side:
+                    break
+                if reduced[0] * reduced[1] <= self.max_pixels:
+                    image.draft(None, (width // factor, height // factor))
+                    if image.size == reduced:
+                        return
+                    break
+            reason = (
+                f"JPEG reduction while decoding (1/2, 1/4, 1/8) cannot bring it within the limit "
+                f"with its shorter side still at least {short_side} px"
+            )
+        else:
+            reason = f"only JPEGs can be reduced while decoding; downscale this {image.format} image beforehand"
+        size = f"{width}x{height} ({width * height / 1e6:.1f} Mpx)"
+        raise SampleError(f"image is {size}, above --max-image-pixels {self.max_pixels}; {reason}")
 
     # -- views ----------------------------------------------------------------
     @property
@@ -197,6 +285,97 @@ class ImageAdapter(ModalityAdapter):
                 target.view(-1, group.count, 3, size, size).copy_(sampled.view(-1, 3, group.count, size, size).transpose(1, 2))
             start += group.count
         return views
+
+
+class _PillowBombCheckOff:
+    """Context: ``PIL.Image.MAX_IMAGE_PIXELS`` is None while any decode is inside it.
+
+    The caller's value comes back when the last one leaves; counted under a lock, so that
+    overlapping decodes in threads cannot restore None.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: int | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            self._inside += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_PILLOW_BOMB_CHECK_OFF = _PillowBombCheckOff()
+
+
+def array_image(array: np.ndarray) -> Image.Image:
+    """A uint8 ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]`` (RGBA) array as a PIL image, else SampleError."""
+    if array.dtype != np.uint8 or array.ndim < 2 or array.shape[2:] not in ((), (3,), (4,)):
+        shape = f"{array.dtype} {list(array.shape)}"
+        raise SampleError(f"image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], got {shape}")
+    return Image.fromarray(array)
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB by the rules of the module docstring; SampleError if not faithful."""
+    mode = image.mode
+    if mode == "F":
+        raise SampleError(
+            "image has floating-point samples (mode F), whose value range is not defined; "
+            "store it with 8- or 16-bit integer samples"
+        )
+    if mode in HIGH_BIT_GREY_MODES:
+        low, high = cast("tuple[int, int]", image.getextrema())  # one band
+        if low < 0 or high > 0xFFFF:  # only mode I can hold such values
+            raise SampleError(
+                f"image has 32-bit integer samples from {low} to {high}, outside the 16-bit range "
+                "0..65535, so they cannot be scaled to 8 bits faithfully"
+            )
+        return by_strips(image, high_byte_grey)
+    try:
+        if image.has_transparency_data:
+            return by_strips(image, over_white)
+        return image if mode == "RGB" else image.convert("RGB")
+    except ValueError as exc:  # a mode Pillow cannot convert
+        raise SampleError(f"cannot convert image mode {mode} to RGB: {error_text(exc)}") from exc
+
+
+def by_strips(image: Image.Image, convert: Callable[[Image.Image], np.ndarray]) -> Image.Image:
+    """The RGB image whose strips of rows are ``convert(strip)`` (uint8 ``[h, W, 3]``).
+
+    Strips of ~``STRIP_PIXELS`` pixels: besides the result, no full-size intermediate is made.
+    """
+    width, height = image.size
+    out = Image.new("RGB", image.size)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        out.paste(Image.fromarray(convert(strip)), (0, top))
+    return out
+
+
+def high_byte_grey(strip: Image.Image) -> np.ndarray:
+    """A 16-bit grey strip as RGB of its high bytes; pixels equal to a colour key become white."""
+    values = np.asarray(strip)
+    grey = (values >> 8).astype(np.uint8)
+    key = strip.info.get("transparency")
+    if isinstance(key, int):  # a colour key, in the same 16-bit units
+        grey[values == key] = WHITE
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def over_white(strip: Image.Image) -> np.ndarray:
+    """A strip with transparency composited on white: ``round((c * a + 255 * (255 - a)) / 255)`` per channel."""
+    rgba = np.asarray(strip.convert("RGBA"), dtype=np.uint16)
+    color, alpha = rgba[..., :3], rgba[..., 3:]
+    return ((color * alpha + WHITE * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def box_grid(
