@@ -159,9 +159,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"weights file {path} is not a valid .safetensors file: {exc}") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal is a config problem
@@ -305,6 +309,8 @@ def _load_hf(
     import transformers
     from transformers import AutoConfig, AutoModel
 
+    # a progress bar per load: noise in every worker's log and in the CLI's one-line errors
+    transformers.utils.logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - missing dir, hub offline, bad json

@@ -64,6 +64,8 @@ class FeaturizerSpec:
             raise ConfigError(f"projection must be '{PROJECTION_KIND}', got '{self.projection}'")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.projection_dim is not None and (isinstance(self.projection_dim, bool) or self.projection_dim < 1):
+            raise ConfigError(f"projection_dim (--projection-dim) must be >= 1, got {self.projection_dim}")
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ConfigError(f"objectives repeat: {', '.join(names)}")

@@ -1,14 +1,22 @@
 """One featurization run: Parquet in (disk or S3) -> FUNGI feature tables out.
 
-Order of work, chosen so that mistakes cost seconds, not GPU hours:
+Order of work, chosen so that mistakes cost seconds, not GPU hours, and a night costs
+what changed, not what exists:
 
-1. validate settings against the input schema and the model (no data read yet);
-2. reconcile with the output: refuse a different spec, clean up crashed runs, load
-   the rows already featurized (``--incremental``);
-3. compute or reuse the setup artifact (SimCLR negatives);
-4. stream decode (CPU tasks) -> featurize (actor pool) -> write (tasks) into a staging
-   area;
-5. commit: move files in, rewrite files whose rows changed, write the manifest last.
+1. validate the settings, list the input (one listing, no file opened) and load the
+   model to resolve the spec;
+2. take the output's lease (one writer per output), finish a dead run's commit, read the
+   committed state;
+3. plan the night file by file (:mod:`pipelines.plan`): unchanged input files are
+   skipped unopened; read the footers of the files to read and check their schemas;
+   check ids for duplicates and moves;
+4. compute or reuse the setup artifact (SimCLR negatives);
+5. stream read -> decode (CPU tasks) -> featurize (actor pool) -> stage (tasks);
+6. finalize each touched source into one new data file and error file (Ray tasks);
+7. commit (:mod:`pipelines.commit`): new sources table, header (the commit point), then
+   move in and clean up.
+
+The driver holds O(input files) state; every O(rows) step runs in Ray tasks.
 """
 from __future__ import annotations
 
@@ -24,20 +32,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from fungi_ops.spec import FeaturizerSpec, parse_objectives
 from pipelines import stages
-from pipelines.manifest import Manifest, RunRecord, fingerprint, read_manifest, write_manifest
-from pipelines.storage import Location, delete_file, exists, list_files
+from pipelines.commit import STAGING_DIR, HISTORY_DIR, Committer, recover
+from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
+from pipelines.lease import OutputLease
+from pipelines.manifest import Manifest, RunRecord, fingerprint, sources_schema, type_name
+from pipelines.plan import IdCheck, NightPlan, check_ids, plan_night
+from pipelines.storage import InputFile, Location, delete_tree, exists, list_files, list_input
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
-STAGING_DIR = "_staging"
-ERRORS_DIR = "_errors"
 SETUP_DIR = "_fungi_setup"
 MAX_ROWS_PER_BLOCK = 4096
+DEFAULT_LEASE_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -55,6 +65,7 @@ class FeaturizeConfig:
     id_column: str = "id"
     data_column: str | None = None
     keep_columns: tuple[str, ...] = ()
+    event_time_column: str | None = None
     setup_from: str | None = None
     seed: int = 0
     projection_dim: int | None = None
@@ -65,7 +76,13 @@ class FeaturizeConfig:
     cpus_per_actor: float | None = None
     incremental: bool = False
     overwrite: bool = False
+    prune: bool = False
+    retry_failed: bool = False
+    history: bool = False
     max_error_fraction: float = 0.01
+    max_image_pixels: int | None = None  # None: fungi_ops.adapters.DEFAULT_MAX_IMAGE_PIXELS
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S
+    break_lease: bool = False
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     address: str | None = None
     trust_remote_code: bool = False
@@ -73,44 +90,67 @@ class FeaturizeConfig:
 
 @dataclass
 class RunSummary:
+    """What a run did, for the summary line and the exit code.
+
+    The run fails (exit 1) when an input file could not be read, or when the rows that
+    failed for the first time exceed ``max_error_fraction`` of the rows it featurized.
+    Rows that failed before with the same content are known failures: not retried unless
+    ``--retry-failed``, and never counted against the threshold.
+    """
+
     output: str
     spec_hash: str
     rows_in: int
     rows_skipped: int
     rows_written: int
-    rows_failed: int
+    rows_failed_new: int
+    rows_failed_known: int
+    rows_deleted: int
     wall_s: float
     max_error_fraction: float
+    files_failed: list[str] = dataclasses.field(default_factory=list)
     first_write_s: float | None = None
     steady_rows_per_s: float | None = None
 
     @property
+    def rows_failed(self) -> int:
+        """Rows that failed in this run, new and known."""
+        return self.rows_failed_new + self.rows_failed_known
+
+    @property
     def rows_processed(self) -> int:
+        """Rows this run featurized or tried to."""
         return self.rows_written + self.rows_failed
 
     @property
     def failed_fraction(self) -> float:
-        return self.rows_failed / self.rows_processed if self.rows_processed else 0.0
+        """New failures over the rows processed: what the threshold is judged on."""
+        return self.rows_failed_new / self.rows_processed if self.rows_processed else 0.0
 
     @property
     def ok(self) -> bool:
-        return self.failed_fraction <= self.max_error_fraction
+        """Whether the run succeeded (see the class docstring)."""
+        return not self.files_failed and self.failed_fraction <= self.max_error_fraction
 
     def line(self) -> str:
+        """The one-line summary the CLI prints."""
         rate = self.rows_processed / self.wall_s if self.wall_s else 0.0
         steady = (
             f" ({self.steady_rows_per_s:.1f} rows/s after the first write at {self.first_write_s:.0f} s)"
             if self.steady_rows_per_s is not None and self.first_write_s is not None
             else ""
         )
+        known = f" + {self.rows_failed_known} known" if self.rows_failed_known else ""
+        deleted = f", deleted {self.rows_deleted}" if self.rows_deleted else ""
         return (
             f"fungi: rows in {self.rows_in}, skipped {self.rows_skipped}, written {self.rows_written}, "
-            f"failed {self.rows_failed} ({self.failed_fraction:.1%}), {rate:.1f} rows/s{steady}, "
+            f"failed {self.rows_failed_new}{known} ({self.failed_fraction:.1%} new){deleted}, {rate:.1f} rows/s{steady}, "
             f"wall {self.wall_s:.1f} s -> {self.output} (spec {self.spec_hash})"
         )
 
 
 def build_spec(config: FeaturizeConfig) -> FeaturizerSpec:
+    """The (unresolved) feature spec of a run's settings."""
     return FeaturizerSpec(
         model=config.model,
         modality=config.modality,
@@ -137,32 +177,15 @@ def resolve(config: FeaturizeConfig) -> tuple[FeaturizerSpec, Any]:
     return resolve_spec(spec, backbone), backbone.input_config
 
 
-def parquet_files(location: Location, what: str) -> list[Any]:
-    """Data files under a Parquet file or directory (``_``/``.``-prefixed entries are metadata)."""
+def list_parquet(location: Location, what: str) -> list[InputFile]:
+    """The Parquet data files of an input; ConfigError when there is none."""
     fs = location.filesystem()
-    info = fs.get_file_info(location.path)
-    if info.type.name == "NotFound":
+    if not exists(fs, location.path):
         raise ConfigError(f"{what} {location.uri} does not exist")
-    if info.type.name == "File":
-        return [info]
-    files = [
-        f
-        for f in list_files(fs, location.path, ".parquet", recursive=True)
-        if not any(part.startswith(("_", ".")) for part in f.path[len(location.path) :].split("/"))
-    ]
+    files = list_input(location)
     if not files:
         raise ConfigError(f"{what} {location.uri} holds no Parquet files")
     return files
-
-
-def check_columns(location: Location, files: list[Any], required: dict[str, str]) -> pa.Schema:
-    schema = pq.read_schema(files[0].path, filesystem=location.filesystem())
-    for role, name in required.items():
-        if name not in schema.names:
-            raise ConfigError(
-                f"{role} column '{name}' not found in {location.uri}; columns: {', '.join(schema.names)}"
-            )
-    return schema
 
 
 class FeaturizeJob:
@@ -171,67 +194,86 @@ class FeaturizeJob:
     def __init__(self, config: FeaturizeConfig) -> None:
         self.config = config
         self.data_column = config.data_column or DEFAULT_DATA_COLUMNS.get(config.modality, "data")
+        self.columns = InputColumns(config.id_column, self.data_column, tuple(config.keep_columns), config.event_time_column)
         self.input = Location(config.input, config.storage_options)
         self.output = Location(config.output, config.storage_options)
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = "r" + uuid.uuid4().hex[:12]
+        self.staging = self.output.join(STAGING_DIR, self.run_id)
+        self.started = time.time()
 
-    # -- 1. validation ----------------------------------------------------------
-    def validate(self) -> None:
+    # -- 1. settings ----------------------------------------------------------------------
+    def validate_settings(self) -> None:
+        """Checks that need neither data nor model; ConfigError names the flag."""
         config = self.config
         if not 0 <= config.max_error_fraction <= 1:
             raise ConfigError("--max-error-fraction must be within [0, 1]")
         if config.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
+        if config.max_image_pixels is not None and config.max_image_pixels < 1:
+            raise ConfigError("--max-image-pixels must be >= 1")
         if config.incremental and config.overwrite:
             raise ConfigError("--incremental and --overwrite contradict each other")
-        reserved = {stages.ID_COLUMN, stages.HASH_COLUMN, "embedding"} | {c for c in config.keep_columns if c.startswith("grad_")}
-        clash = sorted(set(config.keep_columns) & reserved)
+        if (config.prune or config.retry_failed) and not config.incremental:
+            raise ConfigError("--prune and --retry-failed apply to --incremental runs")
+        reserved = {stages.ID_COLUMN, stages.HASH_COLUMN, stages.TIME_COLUMN, "embedding"}
+        clash = sorted(c for c in config.keep_columns if c in reserved or c.startswith(("grad_", "__fungi")))
         if clash:
             raise ConfigError(f"--keep-columns {', '.join(clash)} would clash with output columns")
-        self.input_files = parquet_files(self.input, "input")
-        required = {"id": config.id_column, "data": self.data_column}
-        required.update({f"kept ({name})": name for name in config.keep_columns})
-        check_columns(self.input, self.input_files, required)
-        fs = self.input.filesystem()
-        self.rows_in = sum(pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows for f in self.input_files)
-        self.spec, self.input_config = resolve(config)
+        if self.input.overlaps(self.output):
+            raise ConfigError(
+                f"--output {self.output.uri} and --input {self.input.uri} overlap (one is the other or inside it): "
+                "the output would be read back as input or the input deleted; use a separate output"
+            )
+        info = self.output.filesystem().get_file_info(self.output.path)
+        if info.type.name == "File":
+            raise ConfigError(f"--output {self.output.uri} is a file; it must be a directory (existing or not)")
+        build_spec(config)  # objective parameters, projection dim, precision
 
-    # -- 2. output reconciliation ------------------------------------------------
-    def reconcile_output(self) -> Manifest | None:
-        fs = self.output.filesystem()
-        manifest = read_manifest(fs, self.output.path)
-        if manifest and manifest.spec_hash != self.spec.hash and not self.config.overwrite:
+    # -- 2. output state ------------------------------------------------------------------
+    def reconcile(self, manifest: Manifest | None) -> Manifest | None:
+        """The committed state this run builds on (None: start afresh), or refuse."""
+        if self.config.overwrite:
+            return None
+        if manifest is None:
+            if list_files(self.output.filesystem(), self.output.path, ".parquet"):
+                raise ConfigError(
+                    f"output {self.output.uri} holds Parquet files but no fungi manifest; "
+                    "refusing to mix with them (use --overwrite to replace)"
+                )
+            return None
+        if manifest.spec_hash != self.spec.hash:
             raise ConfigError(
                 f"output {self.output.uri} holds features of spec {manifest.spec_hash} "
                 f"(model {manifest.spec.get('model')}); this run is spec {self.spec.hash}. "
                 "Use another output, or --overwrite to replace it"
             )
-        if manifest is None and not self.config.overwrite:
-            stray = [f for f in list_files(fs, self.output.path, ".parquet")]
-            if stray:
-                raise ConfigError(
-                    f"output {self.output.uri} holds Parquet files but no fungi manifest; "
-                    "refusing to mix with them (use --overwrite to replace)"
-                )
-        committed = set(manifest.files) if manifest and manifest.spec_hash == self.spec.hash else set()
-        for info in list_files(fs, self.output.path, ".parquet"):
-            if info.path.rsplit("/", 1)[-1] not in committed:
-                delete_file(fs, info.path)  # leftover of a crashed commit, or replaced by --overwrite
-        for info in list_files(fs, self.output.child_path(STAGING_DIR), recursive=True):
-            delete_file(fs, info.path)
-        if manifest and manifest.spec_hash != self.spec.hash:
-            return None
+        recorded = {k: manifest.input.get(k) for k in ("id_column", "data_column", "keep_columns", "event_time_column")}
+        wanted = self.input_settings(None)
+        changed = [k for k in recorded if recorded[k] != wanted[k]]
+        if self.config.incremental and changed:
+            raise ConfigError(
+                f"output {self.output.uri} was written with "
+                + ", ".join(f"{k.replace('_', '-')} {recorded[k]!r}" for k in changed)
+                + "; this run asks for " + ", ".join(f"{wanted[k]!r}" for k in changed)
+                + ". An incremental run must keep them; use --overwrite to rebuild"
+            )
         return manifest
 
-    def known_hashes(self, manifest: Manifest | None) -> dict[str, str] | None:
-        if not self.config.incremental or manifest is None or not manifest.files:
-            return None
-        table = pq.ParquetDataset(
-            [self.output.child_path(name) for name in manifest.files], filesystem=self.output.filesystem()
-        ).read(columns=[stages.ID_COLUMN, stages.HASH_COLUMN])
-        return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
+    def input_settings(self, schema: InputSchema | None) -> dict[str, Any]:
+        """The input settings recorded in the manifest (an incremental run must keep them)."""
+        settings: dict[str, Any] = {
+            "uri": self.input.uri,
+            "id_column": self.columns.id,
+            "data_column": self.columns.data,
+            "keep_columns": list(self.columns.keep),
+            "event_time_column": self.columns.event_time,
+        }
+        if schema is not None:
+            settings["id_type"] = type_name(schema.type_of(self.columns.id))
+            settings["types"] = {name: str(schema.type_of(name)) for name in self.columns.names}
+        return settings
 
-    # -- 3. setup artifact ---------------------------------------------------------
+    # -- 4. setup artifact ----------------------------------------------------------------
     def setup_state(self) -> tuple[Any, str | None]:
         """The setup state for this spec: loaded from the output, or an encode task in flight.
 
@@ -266,30 +308,30 @@ class FeaturizeJob:
         import torch
         from safetensors.torch import save
 
+        from pipelines.storage import write_atomic
+
         blob = save({k: torch.tensor(v) for k, v in ray.get(state).items()}, metadata={"fungi.spec_hash": self.spec.hash})
         fs = self.output.filesystem()
         fs.create_dir(self.output.child_path(SETUP_DIR), recursive=True)
-        with fs.open_output_stream(self.output.child_path(relative)) as handle:
-            handle.write(blob)
+        write_atomic(fs, self.output.child_path(relative), blob)
 
     def select_setup_rows(self, source: Location, count: int) -> tuple[list, list[str]]:
         """The ``count`` rows with the smallest seeded hash of their id: independent of file layout."""
+        from fungi_ops.adapters import make_decoder
         from fungi_ops.seeding import setup_order
 
-        files = parquet_files(source, "setup data")
-        check_columns(source, files, {"id": self.config.id_column, "data": self.data_column})
-        fs = source.filesystem()
-        dataset = pads.dataset([f.path for f in files], filesystem=fs, format="parquet")
-        ids = [str(v) for v in dataset.to_table(columns=[self.config.id_column]).column(0).to_pylist() if v is not None]
+        files = list_parquet(source, "setup data")
+        setup_columns = InputColumns(self.columns.id, self.columns.data)
+        check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
+        dataset = pads.dataset([f.path for f in files], filesystem=source.filesystem(), format="parquet")
+        ids = [str(v) for v in dataset.to_table(columns=[self.columns.id]).column(0).to_pylist() if v is not None]
         chosen = [ids[i] for i in setup_order(self.spec.seed, ids)[:count]]
-        id_type = dataset.schema.field(self.config.id_column).type
+        id_type = dataset.schema.field(self.columns.id).type
         table = dataset.to_table(
-            columns=[self.config.id_column, self.data_column],
-            filter=pc.field(self.config.id_column).isin(pa.array(chosen).cast(id_type)),
+            columns=[self.columns.id, self.columns.data],
+            filter=pc.field(self.columns.id).isin(pa.array(chosen).cast(id_type)),
         )
-        from fungi_ops.adapters import make_decoder
-
-        decoder = make_decoder(self.spec.modality, self.input_config)
+        decoder = make_decoder(self.spec.modality, self.input_config, **self.decoder_options)
         samples, keys = [], []
         for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
             try:
@@ -302,8 +344,14 @@ class FeaturizeJob:
             raise ConfigError(f"no decodable rows in {source.uri} to compute simclr negatives from")
         return [samples[i] for i in order], [keys[i] for i in order]
 
-    # -- 4. the Ray Data pipeline --------------------------------------------------
+    @property
+    def decoder_options(self) -> dict[str, Any]:
+        """Decoder settings that are not part of the spec (they bound memory, not features)."""
+        return {} if self.config.max_image_pixels is None else {"max_image_pixels": self.config.max_image_pixels}
+
+    # -- 5. the Ray Data pipeline ---------------------------------------------------------
     def actor_resources(self) -> tuple[tuple[int, int] | int, float, float]:
+        """(pool size, GPUs per actor, CPUs per actor) from the settings and the cluster."""
         from pipelines.ray_runtime import cluster_resources
 
         cpus, gpus = cluster_resources()
@@ -320,38 +368,46 @@ class FeaturizeJob:
         concurrency: tuple[int, int] | int = low if low == high else (low, high)
         return concurrency, gpus_per_actor, cpus_per_actor
 
-    def execute(self, known: dict[str, str] | None, setup_state: Any) -> list[dict[str, Any]]:
+    def execute(self, plan: NightPlan, schema: InputSchema, rows_to_read: int, setup_state: Any) -> list[dict[str, Any]]:
+        """Stream the sources to read through decode, featurize and staging; one stats row per staged block."""
         import ray
 
+        reads = plan.to_read
+        if not reads:
+            return []
         config = self.config
-        staging = self.output.join(STAGING_DIR, self.run_id)
-        self.output.filesystem().create_dir(staging.path, recursive=True)
-        columns = list(dict.fromkeys([config.id_column, self.data_column, *config.keep_columns]))
         concurrency, gpus_per_actor, cpus_per_actor = self.actor_resources()
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        # Ray Data coalesces small reads into one block (override_num_blocks does not split
-        # them) and an actor task takes whole blocks: cut the stream into blocks of at least
-        # a batch, several per actor (load balance; a lost node costs only its blocks in
-        # flight), and at most MAX_ROWS_PER_BLOCK rows (one staged file each).
-        rows_per_block = max(config.batch_size, min(MAX_ROWS_PER_BLOCK, -(-self.rows_in // (4 * max_actors))))
-        dataset = (
-            ray.data.read_parquet([f.path for f in self.input_files], filesystem=self.input.filesystem())
-            .select_columns(columns)
-            .repartition(target_num_rows_per_block=rows_per_block)
-        )
+        # an actor task takes whole blocks: cut the stream into blocks of at least a batch,
+        # several per actor (load balance; a lost node costs only its blocks in flight),
+        # and at most MAX_ROWS_PER_BLOCK rows
+        rows_per_block = max(config.batch_size, min(MAX_ROWS_PER_BLOCK, -(-rows_to_read // (4 * max_actors))))
+        items = [
+            {
+                "source": work.source,
+                "path": work.input.path,
+                "old_file": work.old["file"] if work.old else None,
+                "old_error_file": work.old["error_file"] if work.old else None,
+            }
+            for work in reads
+        ]
         spec_json = self.spec.to_json()
-        decoded = dataset.map_batches(
+        read = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            stages.read_sources,
+            batch_format="pyarrow",
+            batch_size=1,
+            num_cpus=0.25,
+            fn_kwargs=dict(
+                input_location=self.input, output=self.output, columns=self.columns, schema=schema,
+                event_time=datetime.fromtimestamp(self.started, timezone.utc),
+                rows_per_block=rows_per_block, retry_failed=config.retry_failed,
+            ),
+        ).repartition(target_num_rows_per_block=rows_per_block)
+        decoded = read.map_batches(
             stages.decode_batch,
             batch_format="pyarrow",
             num_cpus=0.25,
-            fn_kwargs=dict(
-                modality=self.spec.modality,
-                input_config=self.input_config,
-                id_column=config.id_column,
-                data_column=self.data_column,
-                keep_columns=list(config.keep_columns),
-                known_hashes=ray.put(known) if known else None,
-            ),
+            fn_kwargs=dict(modality=self.spec.modality, input_config=self.input_config, decoder_options=self.decoder_options),
         )
         featurized = decoded.map_batches(
             stages.FeaturizeActor,
@@ -375,115 +431,173 @@ class FeaturizeJob:
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=0.25,
-            fn_kwargs=dict(staging=staging, spec_json=spec_json, spec_hash=self.spec.hash),
+            fn_kwargs=dict(staging=self.staging, spec_json=spec_json, spec_hash=self.spec.hash),
         )
         return written.take_all()
 
-    # -- 5. commit -------------------------------------------------------------------
-    def commit(self, manifest: Manifest | None, stats: list[dict[str, Any]], setup_artifact: str | None) -> tuple[int, int, int]:
-        fs = self.output.filesystem()
-        root = self.output.path
-        new_files = {row["file"]: row["rows"] for row in stats if row["file"]}
-        error_files = {row["error_file"]: row["errors"] for row in stats if row["error_file"]}
-        new_ids = _read_ids(fs, list(new_files))
-        duplicates = _duplicates(new_ids)
-        if duplicates:
-            raise RuntimeError(
-                f"input ids are not unique ({len(duplicates)} repeated, e.g. {', '.join(duplicates[:5])}); "
-                "nothing was committed"
-            )
-        keep_old: dict[str, int] = dict(manifest.files) if (manifest and self.config.incremental) else {}
-        replaced = 0
-        if keep_old and new_ids:
-            # rows whose content changed are featurized again: drop their old version
-            changed = pa.array(sorted(set(new_ids)), pa.string())
-            for name in list(keep_old):
-                old_path = f"{root}/{name}"
-                table = pq.read_table(old_path, filesystem=fs)
-                stale = pc.is_in(table.column(stages.ID_COLUMN), value_set=changed)
-                count = pc.sum(stale).as_py() or 0
-                if count:
-                    replaced += count
-                    rewritten = f"part-{self.run_id}-{name.removeprefix('part-')}"
-                    kept = table.filter(pc.invert(stale))
-                    del keep_old[name]
-                    if kept.num_rows:
-                        pq.write_table(kept, f"{root}/{rewritten}", filesystem=fs)
-                        keep_old[rewritten] = kept.num_rows
-                    delete_file(fs, old_path)
-        committed = dict(keep_old)
-        for path, rows in new_files.items():
-            name = path.rsplit("/", 1)[-1]
-            fs.move(path, f"{root}/{name}")
-            committed[name] = rows
-        fs.create_dir(f"{root}/{ERRORS_DIR}", recursive=True)
-        for info in list_files(fs, f"{root}/{ERRORS_DIR}"):
-            delete_file(fs, info.path)
-        committed_errors = {}
-        for path, rows in error_files.items():
-            name = f"{ERRORS_DIR}/{path.rsplit('/', 1)[-1]}"
-            fs.move(path, f"{root}/{name}")
-            committed_errors[name] = rows
-        if exists(fs, self.output.child_path(STAGING_DIR)):  # object stores drop empty prefixes
-            fs.delete_dir(self.output.child_path(STAGING_DIR))  # one run per output at a time
-        self._manifest = Manifest(
+    # -- 6. finalize ----------------------------------------------------------------------
+    def finalize(self, plan: NightPlan, stats: list[dict[str, Any]], input_rows: dict[str, int]) -> list[dict[str, Any]]:
+        """One Ray task per touched source: its new files in staging and its new sources-table row."""
+        import ray
+
+        staged: dict[str, tuple[set[str], set[str]]] = {}
+        for row in stats:
+            files, error_files = staged.setdefault(row["source"], (set(), set()))
+            if row["file"]:
+                files.add(row["file"])
+            if row["error_file"]:
+                error_files.add(row["error_file"])
+        task = ray.remote(num_cpus=0.25)(stages.finalize_source)
+        metadata = stages.spec_metadata(self.spec.to_json(), self.spec.hash)
+        refs = []
+        for work in plan.work.values():
+            files, error_files = staged.get(work.source, (set(), set()))
+            description = {
+                "source": work.source,
+                "kind": work.kind,
+                "old": work.old,
+                "input": {"size": work.input.size, "identity": work.input.identity} if work.input else None,
+                "input_path": work.input.path if work.input else None,
+                "input_rows": input_rows.get(work.source),
+                "listed": work.source in plan.listed,
+                "reads_payloads": work.reads_payloads,
+                "staged_files": sorted(files),
+                "staged_error_files": sorted(error_files),
+                "moved_ids": work.moved_ids,
+            }
+            refs.append(task.remote(
+                description, input_location=self.input, output=self.output, staging=self.staging,
+                id_column=self.columns.id, id_type=self.id_type, run_id=self.run_id, prune=self.config.prune,
+                metadata=metadata,
+            ))
+        return ray.get(refs)
+
+    # -- 7. commit ------------------------------------------------------------------------
+    def next_manifest(self, previous: Manifest | None, plan: NightPlan, results: list[dict[str, Any]],
+                      schema: InputSchema) -> Manifest:
+        """The state after this run: untouched sources as they were, touched ones as finalized."""
+        rows = {} if previous is None else {row["source"]: row for row in previous.sources.to_pylist()}
+        for row in plan.dropped:
+            rows.pop(row["source"], None)
+        for source in plan.absent:
+            rows[source] = {**rows[source], "present": False}
+        for result in results:
+            if result["row"] is not None:
+                rows[result["row"]["source"]] = result["row"]
+        table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r["source"]), schema=sources_schema(self.id_type))
+        return Manifest(
             spec=self.spec.to_dict(),
             spec_hash=self.spec.hash,
-            files=committed,
-            error_files=committed_errors,
-            setup_artifact=setup_artifact,
-            runs=list(manifest.runs) if manifest and self.config.incremental else [],
+            input=self.input_settings(schema),
+            sources=table,
+            version=previous.version if previous else 0,
+            setup_artifact=self.setup_artifact,
+            history=HISTORY_DIR if self.config.history else (previous.history if previous else None),
+            runs=list(previous.runs) if previous else [],
         )
-        return sum(new_files.values()), sum(error_files.values()), replaced
 
     def run(self) -> RunSummary:
+        """Execute the run (see the module docstring)."""
         from pipelines.ray_runtime import init_ray
 
-        started = time.time()
-        self.validate()
-        manifest = self.reconcile_output()
-        known = self.known_hashes(manifest)
-        init_ray(self.config.address)
-        setup_state, setup_artifact = self.setup_state()
-        stats = self.execute(known, setup_state)
-        self.save_setup(setup_state, setup_artifact)
-        rows_in = self.rows_in
-        written, failed, replaced = self.commit(manifest, stats, setup_artifact)
-        wall = time.time() - started
-        first_write_s, steady_rows_per_s = _throughput(stats, started)
-        self._manifest.runs.append(
-            RunRecord(
-                run_id=self.run_id,
-                mode="incremental" if self.config.incremental else "full",
-                started=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-                wall_s=round(wall, 3),
-                rows_in=rows_in,
-                rows_skipped=rows_in - written - failed,
-                rows_written=written,
-                rows_replaced=replaced,
-                rows_failed=failed,
-                input_fingerprint=fingerprint(self.input_files),
-                first_write_s=first_write_s,
-                steady_rows_per_s=steady_rows_per_s,
+        config = self.config
+        self.validate_settings()
+        listing = list_parquet(self.input, "input")
+        self.spec, self.input_config = resolve(config)
+        with OutputLease(self.output, self.run_id, timeout_s=config.lease_timeout, break_lease=config.break_lease) as lease:
+            previous = self.reconcile(recover(self.output, self.run_id, tolerate_unreadable=config.overwrite))
+            plan = plan_night(
+                listing, previous, incremental=config.incremental, prune=config.prune, retry_failed=config.retry_failed
             )
+            reads = plan.to_read
+            read_files = [work.input for work in reads]
+            footers = read_footers(self.input, read_files)
+            recorded_id_type = previous.id_type if previous else None
+            if read_files:
+                schema = check_schemas(self.input, read_files, footers, self.columns, config.modality, recorded_id_type)
+            elif previous is not None:
+                schema = InputSchema(pa.schema([(n, _type(t)) for n, t in previous.input["types"].items()]))
+            else:
+                raise ConfigError(f"input {self.input.uri} holds no Parquet files")
+            self.id_type = schema.type_of(self.columns.id)
+            input_rows = {f.relpath: footer.num_rows for f, footer in zip(read_files, footers)}
+            init_ray(config.address)
+            committer = Committer(self.output)
+            try:
+                id_check = check_ids(
+                    plan, previous, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
+                    id_column=self.columns.id, id_type=self.id_type, input_rows=input_rows,
+                )
+                reads = plan.to_read
+                setup_state, self.setup_artifact = (
+                    self.setup_state() if reads else (None, previous.setup_artifact if previous else None)
+                )
+                stats = self.execute(plan, schema, sum(input_rows[w.source] for w in reads), setup_state)
+                self.save_setup(setup_state, self.setup_artifact)
+                results = self.finalize(plan, stats, input_rows)
+                manifest = self.next_manifest(previous, plan, results, schema)
+                summary, record = self.summarize(manifest, plan, results, stats, listing, id_check)
+                manifest.runs.append(record)
+                lease.check()
+                committer.commit(manifest, previous, self.run_id, overwrite=config.overwrite)
+            except Exception:
+                if not committer.operations[1:]:  # before the commit point: nothing of this run may stay
+                    delete_tree(self.output.filesystem(), self.staging.path)
+                raise
+        return summary
+
+    def summarize(self, manifest: Manifest, plan: NightPlan, results: list[dict[str, Any]], stats: list[dict[str, Any]],
+                  listing: list[InputFile], id_check: IdCheck) -> tuple[RunSummary, RunRecord]:
+        """The run's summary line and its record in the manifest."""
+        totals: dict[str, int] = {}
+        for result in results:
+            for key, value in result["counts"].items():
+                totals[key] = totals.get(key, 0) + value
+        failed_files = [*id_check.failed.values(), *(r["failed"] for r in results if r["failed"])]
+        dropped_rows = sum(row["rows"] + row["errors"] for row in plan.dropped)
+        present = pc.filter(manifest.sources, manifest.sources.column("present"))
+        rows_in = int(pc.sum(present.column("input_rows")).as_py() or 0)
+        processed = totals.get("written", 0) + totals.get("failed_new", 0) + totals.get("failed_known", 0)
+        wall = time.time() - self.started
+        first_write_s, steady = _throughput(stats, self.started)
+        summary = RunSummary(
+            output=self.output.uri, spec_hash=self.spec.hash, rows_in=rows_in, rows_skipped=max(0, rows_in - processed),
+            rows_written=totals.get("written", 0), rows_failed_new=totals.get("failed_new", 0),
+            rows_failed_known=totals.get("failed_known", 0), rows_deleted=totals.get("deleted", 0) + dropped_rows,
+            wall_s=wall, max_error_fraction=self.config.max_error_fraction, files_failed=failed_files,
+            first_write_s=first_write_s, steady_rows_per_s=steady,
         )
-        fs = self.output.filesystem()
-        write_manifest(fs, self.output.path, self._manifest)
-        for info in list_files(fs, self.output.path, ".parquet"):
-            if info.path.rsplit("/", 1)[-1] not in self._manifest.files:
-                delete_file(fs, info.path)  # superseded by this run
-        return RunSummary(
-            output=self.output.uri,
-            spec_hash=self.spec.hash,
+        record = RunRecord(
+            run_id=self.run_id,
+            mode="incremental" if self.config.incremental else ("overwrite" if self.config.overwrite else "full"),
+            started=datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
+            wall_s=round(wall, 3),
             rows_in=rows_in,
-            rows_skipped=rows_in - written - failed,
-            rows_written=written,
-            rows_failed=failed,
-            wall_s=wall,
-            max_error_fraction=self.config.max_error_fraction,
+            rows_skipped=summary.rows_skipped,
+            rows_written=summary.rows_written,
+            rows_replaced=totals.get("replaced", 0),
+            rows_failed=summary.rows_failed,
+            rows_failed_new=summary.rows_failed_new,
+            rows_failed_known=summary.rows_failed_known,
+            rows_removed_failed=totals.get("removed_failed", 0),
+            rows_deleted=summary.rows_deleted,
+            rows_moved=totals.get("moved", 0),
+            files_read=len(plan.to_read) + len(id_check.failed),
+            files_unchanged=len(plan.unchanged),
+            files_failed=failed_files,
+            output_files_opened=len(id_check.opened.union(*(r["opened"] for r in results))),
+            output_files_written=totals.get("rewritten", 0),
+            input_fingerprint=fingerprint(listing),
             first_write_s=first_write_s,
-            steady_rows_per_s=steady_rows_per_s,
+            steady_rows_per_s=steady,
         )
+        return summary, record
+
+
+def _type(name: str) -> pa.DataType:
+    from pipelines.manifest import _parse_type
+
+    return _parse_type(name)
 
 
 def _start_setup(spec_json: str, samples: list, keys: list[str], config: FeaturizeConfig) -> Any:
@@ -525,21 +639,6 @@ def _throughput(stats: list[dict[str, Any]], started: float) -> tuple[float | No
     return first, round(sum(rows for _, rows in blocks[1:]) / (blocks[-1][0] - blocks[0][0]), 3)
 
 
-def _read_ids(fs: Any, paths: list[str]) -> list[str]:
-    if not paths:
-        return []
-    table = pq.ParquetDataset(paths, filesystem=fs).read(columns=[stages.ID_COLUMN])
-    return table.column(0).to_pylist()
-
-
-def _duplicates(ids: list[str]) -> list[str]:
-    counts = pc.value_counts(pa.array(ids, pa.string())) if ids else None
-    if counts is None:
-        return []
-    values = counts.field("values").to_pylist()
-    frequencies = counts.field("counts").to_pylist()
-    return [v for v, c in zip(values, frequencies) if c > 1]
-
-
 def run_featurize(config: FeaturizeConfig) -> RunSummary:
+    """Run one featurization job with ``config`` and return its summary."""
     return FeaturizeJob(config).run()

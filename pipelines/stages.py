@@ -1,16 +1,36 @@
-"""The Ray Data stages of a featurization job: decode (CPU tasks), featurize (actor pool), write.
+"""The stages of a featurization job: read sources, decode, featurize, stage, finalize.
 
-Rows travel between stages as Arrow tables. A row that fails anywhere keeps flowing with
-its error message in ``ERROR_COLUMN`` and the stage in ``STAGE_COLUMN``, so it is
-written to the ``_errors`` table instead of vanishing, and the rest of its batch goes on.
+A **source** is one input file. Ray Data streams the sources to read through
+
+1. :func:`read_sources` (one task per input file): streams the file's row groups, hashes
+   each payload, and for a file featurized before drops the rows whose id and content
+   hash are unchanged (and rows that failed before with the same content, unless
+   ``--retry-failed``), comparing only with that file's own previous output;
+2. :func:`decode_batch` (CPU tasks): payload -> compact canonical form;
+3. :class:`FeaturizeActor` (actor pool): canonical form -> features;
+4. :func:`write_batch` (tasks): the rows of each block, grouped by source, into the
+   run's staging area, with deterministic names (a retried task overwrites its file).
+
+Then :func:`finalize_source` (one Ray task per touched source) merges a source's staged
+rows with its previous output file, dropping replaced, failed, moved and pruned rows,
+into one new data file and one new error file in staging, and returns the source's new
+row of the sources table. Output files of sources nobody touched are never opened.
+
+Rows travel as Arrow tables. A row that fails anywhere keeps flowing with its error
+message in ``ERROR_COLUMN`` and the stage in ``STAGE_COLUMN``, so it is written to the
+``_errors`` table instead of vanishing, and the rest of its batch goes on. A source
+whose file cannot be read (a corrupt page) fails as a whole: nothing of it is committed
+and its previous output stays as it was.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
 import time
-from typing import Any, Sequence
+from datetime import datetime
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,26 +39,58 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import SampleError
 
-from pipelines.storage import Location
+from pipelines.inputs import InputColumns, InputSchema
+from pipelines.manifest import ERRORS_DIR
+from pipelines.storage import Location, fsync_file
 
 log = logging.getLogger(__name__)
 
 ID_COLUMN = "id"
 HASH_COLUMN = "content_hash"
+TIME_COLUMN = "event_time"
+TIME_TYPE = pa.timestamp("us", tz="UTC")
+SOURCE_COLUMN = "__fungi_source"
+PAYLOAD_COLUMN = "__fungi_payload"
 CANON_COLUMN = "__fungi_canon"
 SHAPE_COLUMN = "__fungi_shape"
 ERROR_COLUMN = "__fungi_error"
 STAGE_COLUMN = "__fungi_stage"
+READ_STAGE = "read"
 SPEC_KEY = b"fungi.spec"
 SPEC_HASH_KEY = b"fungi.spec_hash"
 FAULT_INJECT_ENV = "FUNGI_FAULT_INJECT_ONCE"
 CANON_DTYPES = {"image": np.uint8, "text": np.uint8, "audio": np.float32}
+ERROR_SCHEMA = pa.schema(
+    [(ID_COLUMN, pa.string()), (HASH_COLUMN, pa.string()), ("stage", pa.string()), ("error", pa.string())]
+)
+BLOCKS_DIR = "blocks"
+FINAL_DIR = "final"
 
 
 def content_hash(payload: Any) -> str:
     """Short hash of a payload's bytes: what ``--incremental`` compares across nights."""
-    data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+    if isinstance(payload, str):
+        data = payload.encode("utf-8")
+    elif isinstance(payload, (bytes, bytearray, memoryview)):
+        data = bytes(payload)
+    else:
+        raise SampleError(f"payload is a {type(payload).__name__}, not bytes or text")
     return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def source_tag(source: str) -> str:
+    """8 hex digits naming a source in file names (its path may hold any character)."""
+    return hashlib.blake2b(source.encode("utf-8"), digest_size=4).hexdigest()
+
+
+def data_file_name(source: str, run_id: str) -> str:
+    """Name of a source's data file written by ``run_id``: readable, unique, flat.
+
+    ``date=2026-12-01/part-0.parquet`` -> ``date=2026-12-01.part-0-1a2b3c4d-<run>.parquet``:
+    every data file sits at the output root, so ``OUT/*.parquet`` is the whole table.
+    """
+    stem = re.sub(r"[^A-Za-z0-9=_.-]+", "_", source.removesuffix(".parquet").replace("/", "."))[-80:].lstrip("._")
+    return f"{stem or 'part'}-{source_tag(source)}-{run_id}.parquet"
 
 
 def pack(modality: str, canonical: Any) -> tuple[bytes, list[int]]:
@@ -51,68 +103,176 @@ def pack(modality: str, canonical: Any) -> tuple[bytes, list[int]]:
 
 
 def unpack(modality: str, data: bytes, shape: Sequence[int]) -> Any:
+    """Inverse of :func:`pack`."""
     array = np.frombuffer(data, dtype=CANON_DTYPES[modality]).reshape(shape)
     if modality == "text":
         return array.tobytes().decode("utf-8")
     return array
 
 
-def decode_batch(
+# -- 1. read ---------------------------------------------------------------------------------
+
+
+def _known_rows(output: Location, data_file: str | None, error_file: str | None) -> dict[str, tuple[str, bool]]:
+    """id -> (content hash, featurized) of a source's previous output (its data and error file)."""
+    fs = output.filesystem()
+    known: dict[str, tuple[str, bool]] = {}
+    for name, ok in ((error_file, False), (data_file, True)):
+        if name:
+            table = pq.read_table(output.child_path(name), columns=[ID_COLUMN, HASH_COLUMN], filesystem=fs)
+            for row_id, digest in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+                if row_id is not None:
+                    known[row_id] = (digest, ok)
+    return known
+
+
+def _read_block(
     table: pa.Table,
     *,
-    modality: str,
-    input_config: Any,
-    id_column: str,
-    data_column: str,
-    keep_columns: Sequence[str],
-    known_hashes: "dict[str, str] | ray.ObjectRef | None" = None,
+    source: str,
+    first_row: int,
+    columns: InputColumns,
+    schema: InputSchema,
+    event_time: datetime,
+    known: dict[str, tuple[str, bool]],
+    retry_failed: bool,
 ) -> pa.Table:
-    """CPU stage: validate and decode payloads; drop rows already featurized (incremental)."""
-    import ray
+    """Rows of one record batch to featurize (or to report), with the job's internal columns."""
+    ids = table.column(columns.id).to_pylist()
+    payloads = table.column(columns.data).to_pylist()
+    times = table.column(columns.event_time).to_pylist() if columns.event_time else None
+    keep, out_ids, hashes, errors = [], [], [], []
+    for row, (row_id, payload) in enumerate(zip(ids, payloads)):
+        key = None if row_id is None else str(row_id)
+        digest, error = None, None
+        if payload is not None:
+            try:
+                digest = content_hash(payload)
+            except Exception as exc:  # noqa: BLE001 - a row, not the job
+                error = f"cannot hash the '{columns.data}' value: {exc}"
+        if key is None:
+            error = f"row {first_row + row} of {source} has a null '{columns.id}'"
+        elif payload is None:
+            error = f"'{columns.data}' is null"
+        elif times is not None and times[row] is None:
+            error = f"'{columns.event_time}' is null"
+        if error is None and key in known:
+            old_digest, featurized = known[key]
+            if old_digest == digest and (featurized or not retry_failed):
+                continue
+        keep.append(row)
+        out_ids.append(key)
+        hashes.append(digest)
+        errors.append(error)
+    kept = table.take(pa.array(keep, pa.int64()))
+    if columns.event_time:
+        stamps = kept.column(columns.event_time).cast(schema.type_of(columns.event_time))
+        if stamps.type.tz is None:
+            stamps = pc.assume_timezone(stamps, "UTC")
+        stamps = stamps.cast(TIME_TYPE)
+    else:
+        stamps = pa.array([event_time] * len(keep), TIME_TYPE)
+    return pa.table(
+        {
+            ID_COLUMN: pa.array(out_ids, pa.string()),
+            HASH_COLUMN: pa.array(hashes, pa.string()),
+            TIME_COLUMN: stamps,
+            **{name: kept.column(name).cast(schema.type_of(name)) for name in columns.keep},
+            PAYLOAD_COLUMN: kept.column(columns.data).cast(schema.type_of(columns.data)),
+            SOURCE_COLUMN: pa.array([source] * len(keep), pa.string()),
+            ERROR_COLUMN: pa.array(errors, pa.string()),
+            STAGE_COLUMN: pa.array(["decode" if e else None for e in errors], pa.string()),
+        }
+    )
 
+
+def _read_failure(source: str, message: str, columns: InputColumns, schema: InputSchema) -> pa.Table:
+    """The one row that tells the commit a source could not be read."""
+    return pa.table(
+        {
+            ID_COLUMN: pa.nulls(1, pa.string()),
+            HASH_COLUMN: pa.nulls(1, pa.string()),
+            TIME_COLUMN: pa.nulls(1, TIME_TYPE),
+            **{name: pa.nulls(1, schema.type_of(name)) for name in columns.keep},
+            PAYLOAD_COLUMN: pa.nulls(1, schema.type_of(columns.data)),
+            SOURCE_COLUMN: pa.array([source]),
+            ERROR_COLUMN: pa.array([message]),
+            STAGE_COLUMN: pa.array([READ_STAGE]),
+        }
+    )
+
+
+def read_sources(
+    items: pa.Table,
+    *,
+    input_location: Location,
+    output: Location,
+    columns: InputColumns,
+    schema: InputSchema,
+    event_time: datetime,
+    rows_per_block: int,
+    retry_failed: bool,
+) -> Iterator[pa.Table]:
+    """Ray Data generator UDF over the sources to read (``source``, ``path``, previous files).
+
+    Memory: one record batch of ``rows_per_block`` rows, plus the (id, hash) pairs of
+    the source's previous output when it had one.
+    """
+    fs = input_location.filesystem()
+    for item in items.to_pylist():
+        source = item["source"]
+        known = _known_rows(output, item["old_file"], item["old_error_file"])
+        first_row = 0
+        try:
+            with fs.open_input_file(item["path"]) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows_per_block, columns=columns.names):
+                    block = _read_block(
+                        pa.Table.from_batches([batch]), source=source, first_row=first_row, columns=columns,
+                        schema=schema, event_time=event_time, known=known, retry_failed=retry_failed,
+                    )
+                    first_row += batch.num_rows
+                    if block.num_rows:
+                        yield block
+        except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone, the job goes on
+            log.warning("cannot read input file %s: %s", item["path"], exc)
+            yield _read_failure(
+                source, f"cannot read input file {source} at row {first_row}: {type(exc).__name__}: {exc}", columns, schema
+            )
+
+
+# -- 2. decode -------------------------------------------------------------------------------
+
+
+def decode_batch(table: pa.Table, *, modality: str, input_config: Any, decoder_options: dict[str, Any]) -> pa.Table:
+    """CPU stage: decode payloads into canonical form; undecodable rows carry their error."""
     from fungi_ops.adapters import make_decoder
 
-    if isinstance(known_hashes, ray.ObjectRef):
-        known_hashes = ray.get(known_hashes)  # shared once through the object store
-    decoder = make_decoder(modality, input_config)
-    ids = table.column(id_column).to_pylist()
-    payloads = table.column(data_column).to_pylist()
-    keep_rows, out_ids, hashes, canon, shapes, errors = [], [], [], [], [], []
-    for row, (row_id, payload) in enumerate(zip(ids, payloads)):
-        key = "" if row_id is None else str(row_id)
-        digest = None if payload is None else content_hash(payload)
-        if known_hashes is not None and digest is not None and known_hashes.get(key) == digest:
-            continue
-        error = None
+    decoder = make_decoder(modality, input_config, **decoder_options)
+    payloads = table.column(PAYLOAD_COLUMN).to_pylist()
+    errors = table.column(ERROR_COLUMN).to_pylist()
+    stages = table.column(STAGE_COLUMN).to_pylist()
+    canon, shapes = [], []
+    for index, payload in enumerate(payloads):
         data, shape = None, None
-        if row_id is None:
-            error = f"row has a null '{id_column}'"
-        elif payload is None:
-            error = f"'{data_column}' is null"
-        else:
+        if errors[index] is None:
             try:
                 data, shape = pack(modality, decoder.decode(payload))
             except SampleError as exc:
-                error = str(exc)
+                errors[index], stages[index] = str(exc), "decode"
             except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the job
-                error = f"unexpected {type(exc).__name__} while decoding: {exc}"
-        keep_rows.append(row)
-        out_ids.append(key)
-        hashes.append(digest or "")
+                errors[index], stages[index] = f"unexpected {type(exc).__name__} while decoding: {exc}", "decode"
         canon.append(data)
         shapes.append(shape)
-        errors.append(error)
-    kept = table.take(pa.array(keep_rows, type=pa.int64()))
-    columns = {
-        ID_COLUMN: pa.array(out_ids, pa.string()),
-        HASH_COLUMN: pa.array(hashes, pa.string()),
-        **{name: kept.column(name) for name in keep_columns},
-        CANON_COLUMN: pa.array(canon, pa.large_binary()),
-        SHAPE_COLUMN: pa.array(shapes, pa.list_(pa.int64())),
-        ERROR_COLUMN: pa.array(errors, pa.string()),
-        STAGE_COLUMN: pa.array(["decode" if e else None for e in errors], pa.string()),
-    }
-    return pa.table(columns)
+    table = table.drop_columns([PAYLOAD_COLUMN, ERROR_COLUMN, STAGE_COLUMN])
+    return (
+        table.append_column(CANON_COLUMN, pa.array(canon, pa.large_binary()))
+        .append_column(SHAPE_COLUMN, pa.array(shapes, pa.list_(pa.int64())))
+        .append_column(ERROR_COLUMN, pa.array(errors, pa.string()))
+        .append_column(STAGE_COLUMN, pa.array(stages, pa.string()))
+    )
+
+
+# -- 3. featurize ----------------------------------------------------------------------------
 
 
 def feature_array(values: np.ndarray, ok: np.ndarray, dim: int) -> pa.FixedSizeListArray:
@@ -181,6 +341,7 @@ class FeaturizeActor:
         return stacked, errors
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        """Features of the batch's decoded rows; rows that fail get their error, the rest go on."""
         if self._first_batch:
             self._first_batch = False
             _maybe_inject_fault()
@@ -229,46 +390,228 @@ def _maybe_inject_fault() -> None:
     os._exit(1)
 
 
-def _batch_name(ids: Sequence[str]) -> str:
-    """Deterministic file name from the batch's ids: a retried task overwrites, never duplicates."""
-    digest = hashlib.blake2b(digest_size=10)
+# -- 4. stage --------------------------------------------------------------------------------
+
+
+def _block_name(source: str, ids: Sequence[str | None]) -> str:
+    """Deterministic file name from a block's source and ids: a retried task overwrites, never duplicates."""
+    digest = hashlib.blake2b(source.encode("utf-8"), digest_size=10)
     for row_id in ids:
-        digest.update(row_id.encode("utf-8"))
+        digest.update(b"\x01" if row_id is None else row_id.encode("utf-8"))
         digest.update(b"\x00")
-    return f"part-{digest.hexdigest()}.parquet"
+    return f"{source_tag(source)}-{digest.hexdigest()}.parquet"
 
 
-def write_batch(
-    table: pa.Table,
-    *,
-    staging: Location,
-    spec_json: str,
-    spec_hash: str,
-) -> pa.Table:
-    """Write a batch's good rows and its error rows to the staging area; return one stats row."""
+def spec_metadata(spec_json: str, spec_hash: str) -> dict[bytes, bytes]:
+    """The schema metadata every feature file carries."""
+    return {SPEC_KEY: spec_json.encode(), SPEC_HASH_KEY: spec_hash.encode()}
+
+
+def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash: str) -> pa.Table:
+    """Write a block's good rows and error rows, per source, to staging; one stats row per source."""
     fs = staging.filesystem()
-    name = _batch_name(table.column(ID_COLUMN).to_pylist())
-    failed_mask = pc.is_valid(table.column(ERROR_COLUMN))
-    good = table.filter(pc.invert(failed_mask)).drop_columns([ERROR_COLUMN, STAGE_COLUMN])
-    bad = table.filter(failed_mask)
-    metadata = {SPEC_KEY: spec_json.encode(), SPEC_HASH_KEY: spec_hash.encode()}
-    stats = {"file": [None], "rows": [good.num_rows], "error_file": [None], "errors": [bad.num_rows]}
-    if good.num_rows:
-        path = staging.child_path(name)
-        pq.write_table(good.replace_schema_metadata(metadata), path, filesystem=fs)
-        stats["file"] = [path]
-    if bad.num_rows:
-        errors = pa.table(
-            {
-                ID_COLUMN: bad.column(ID_COLUMN),
-                HASH_COLUMN: bad.column(HASH_COLUMN),
-                "stage": bad.column(STAGE_COLUMN),
-                "error": bad.column(ERROR_COLUMN),
-            }
-        ).replace_schema_metadata(metadata)
-        path = staging.child_path("_errors", name)
-        fs.create_dir(staging.child_path("_errors"), recursive=True)
-        pq.write_table(errors, path, filesystem=fs)
-        stats["error_file"] = [path]
-    stats["written_at"] = [time.time()]  # wall clock of the node: the job derives its steady rate from these
-    return pa.table(stats)
+    metadata = spec_metadata(spec_json, spec_hash)
+    stats: dict[str, list] = {"source": [], "file": [], "rows": [], "error_file": [], "errors": [], "written_at": []}
+    for source in pc.unique(table.column(SOURCE_COLUMN)).to_pylist():
+        part = table.filter(pc.equal(table.column(SOURCE_COLUMN), source)).drop_columns([SOURCE_COLUMN])
+        name = _block_name(source, part.column(ID_COLUMN).to_pylist())
+        failed = pc.is_valid(part.column(ERROR_COLUMN))
+        good = part.filter(pc.invert(failed)).drop_columns([ERROR_COLUMN, STAGE_COLUMN])
+        bad = part.filter(failed)
+        row = {"source": source, "file": None, "rows": good.num_rows, "error_file": None, "errors": bad.num_rows}
+        if good.num_rows:
+            fs.create_dir(staging.child_path(BLOCKS_DIR), recursive=True)
+            row["file"] = staging.child_path(BLOCKS_DIR, name)
+            pq.write_table(good.replace_schema_metadata(metadata), row["file"], filesystem=fs)
+        if bad.num_rows:
+            row["error_file"] = staging.child_path(BLOCKS_DIR, ERRORS_DIR, name)
+            errors = pa.table(
+                [bad.column(ID_COLUMN), bad.column(HASH_COLUMN), bad.column(STAGE_COLUMN), bad.column(ERROR_COLUMN)],
+                schema=ERROR_SCHEMA,
+            )
+            fs.create_dir(staging.child_path(BLOCKS_DIR, ERRORS_DIR), recursive=True)
+            pq.write_table(errors.replace_schema_metadata(metadata), row["error_file"], filesystem=fs)
+        row["written_at"] = time.time()  # wall clock of the node: the job derives its steady rate from these
+        for key, value in row.items():
+            stats[key].append(value)
+    return pa.table(stats, schema=pa.schema([
+        ("source", pa.string()), ("file", pa.string()), ("rows", pa.int64()),
+        ("error_file", pa.string()), ("errors", pa.int64()), ("written_at", pa.float64()),
+    ]))
+
+
+# -- 5. finalize -----------------------------------------------------------------------------
+
+
+def _read_many(fs: Any, paths: Sequence[str], schema: pa.Schema | None = None) -> pa.Table | None:
+    tables = [pq.read_table(path, filesystem=fs) for path in paths]
+    if not tables:
+        return None
+    return pa.concat_tables(tables) if schema is None else pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def _first_per_id(table: pa.Table) -> pa.Table:
+    """One row per id (the first): a block written twice by a retried task counts once."""
+    if table.num_rows < 2 or pc.count_distinct(table.column(ID_COLUMN)).as_py() == table.num_rows:
+        return table
+    indexed = table.append_column("__row", pa.array(np.arange(table.num_rows)))
+    first = indexed.group_by(ID_COLUMN).aggregate([("__row", "min")]).column("__row_min")
+    return table.take(pa.array(np.sort(first.to_numpy())))
+
+
+def _ids_in(table: pa.Table | None, values: pa.Array) -> pa.Array:
+    return pc.is_in(table.column(ID_COLUMN), value_set=values) if table is not None else pa.array([], pa.bool_())
+
+
+def _count(mask: pa.Array) -> int:
+    return int(pc.sum(mask).as_py() or 0) if len(mask) else 0
+
+
+def finalize_source(
+    work: dict[str, Any],
+    *,
+    input_location: Location,
+    output: Location,
+    staging: Location,
+    id_column: str,
+    id_type: pa.DataType,
+    run_id: str,
+    prune: bool,
+    metadata: dict[bytes, bytes],
+) -> dict[str, Any]:
+    """Ray task: a source's new data and error file (in staging) and its new sources-table row.
+
+    ``work`` holds the source, its kind, its previous row (``old``), its input file if
+    listed, its staged block files and the ids that moved to other files. Returns
+    ``{"row": ..., "counts": {...}, "failed": message or None, "opened": names}``; a source
+    that could not be read keeps its previous row.
+    """
+    fs = output.filesystem()
+    source, old = work["source"], work["old"]
+    staged_ok = _read_many(fs, work["staged_files"])
+    staged_err = _read_many(fs, work["staged_error_files"], ERROR_SCHEMA)
+    counts = dict.fromkeys(
+        ["written", "replaced", "failed_new", "failed_known", "removed_failed", "deleted", "moved", "rewritten"], 0
+    )
+    opened: set[str] = set()
+    if staged_err is not None and _count(pc.equal(staged_err.column("stage"), READ_STAGE)):
+        message = pc.filter(staged_err.column("error"), pc.equal(staged_err.column("stage"), READ_STAGE))[0].as_py()
+        return {"row": old, "counts": counts, "failed": message, "opened": opened}
+    if staged_ok is not None:
+        staged_ok = _first_per_id(staged_ok)
+    if staged_err is not None:
+        valid = staged_err.filter(pc.is_valid(staged_err.column(ID_COLUMN)))
+        staged_err = pa.concat_tables([_first_per_id(valid), staged_err.filter(pc.is_null(staged_err.column(ID_COLUMN)))])
+    touched = pa.concat_arrays(
+        [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err) if t is not None] or [pa.array([], pa.string())]
+    ).drop_null()
+    moved = work["moved_ids"].cast(pa.string()) if work["moved_ids"] is not None else pa.array([], pa.string())
+    current = None
+    if work["input_path"] and (prune or work["kind"] != "new"):
+        ids = pq.read_table(work["input_path"], columns=[id_column], filesystem=input_location.filesystem()).column(0)
+        current = ids.cast(pa.string()).combine_chunks().drop_null()
+
+    def previous(name: str | None, columns: list[str] | None = None) -> pa.Table | None:
+        if not name:
+            return None
+        opened.add(name)
+        return pq.read_table(output.child_path(name), columns=columns, filesystem=fs)
+
+    def drop_mask(table: pa.Table) -> pa.Array:
+        mask = pc.or_(_ids_in(table, touched), _ids_in(table, moved))
+        if prune and current is not None:
+            mask = pc.or_(mask, pc.invert(_ids_in(table, current)))
+        elif prune and not work["listed"]:
+            mask = pa.array(np.ones(table.num_rows, dtype=bool))
+        if work["reads_payloads"]:  # the source was re-read: its null-id rows were reported again
+            mask = pc.or_(mask, pc.is_null(table.column(ID_COLUMN)))
+        return pc.fill_null(mask, True)
+
+    old_ids = previous(old and old["file"], [ID_COLUMN])
+    old_err = previous(old and old["error_file"])
+    if old_err is not None:
+        old_err = old_err.cast(ERROR_SCHEMA)
+    keep_ok_mask = pc.invert(drop_mask(old_ids)) if old_ids is not None else None
+    keep_err_mask = pc.invert(drop_mask(old_err)) if old_err is not None else None
+    if old_ids is not None:
+        known_ok = old_ids.column(ID_COLUMN)
+        counts["replaced"] = _count(_ids_in(staged_ok, known_ok)) if staged_ok is not None else 0
+        counts["removed_failed"] = _count(pc.is_in(staged_err.column(ID_COLUMN), value_set=known_ok)) if staged_err is not None else 0
+        counts["replaced"] += counts["removed_failed"]
+    if staged_err is not None:
+        before = old_err if old_err is not None else pa.table({n: pa.array([], t) for n, t in zip(ERROR_SCHEMA.names, ERROR_SCHEMA.types)})
+        keys_now = pc.binary_join_element_wise(pc.fill_null(staged_err.column(ID_COLUMN), ""), pc.fill_null(staged_err.column(HASH_COLUMN), ""), "\x00")
+        keys_before = pc.binary_join_element_wise(pc.fill_null(before.column(ID_COLUMN), ""), pc.fill_null(before.column(HASH_COLUMN), ""), "\x00")
+        known = _count(pc.is_in(keys_now, value_set=keys_before.combine_chunks()))
+        counts["failed_known"], counts["failed_new"] = known, staged_err.num_rows - known
+    for table, mask in ((old_ids, keep_ok_mask), (old_err, keep_err_mask)):
+        if table is not None:
+            dropped = pc.invert(mask)
+            counts["moved"] += _count(pc.and_(dropped, _ids_in(table, moved)))
+            if prune and (current is not None or not work["listed"]):
+                gone = pc.invert(_ids_in(table, current)) if current is not None else dropped
+                counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(_ids_in(table, touched))))
+    counts["written"] = staged_ok.num_rows if staged_ok is not None else 0
+
+    new_name = data_file_name(source, run_id)
+    data_name, data_ids = old and old["file"], None
+    if old_ids is not None and _count(pc.invert(keep_ok_mask)) == 0 and staged_ok is None:
+        data_ids = old_ids.column(ID_COLUMN)  # untouched: the old file stays
+    else:
+        parts = []
+        if old_ids is not None and _count(keep_ok_mask):
+            parts.append(previous(old["file"]).filter(keep_ok_mask))
+        if staged_ok is not None and staged_ok.num_rows:
+            parts.append(staged_ok)
+        data_name = None
+        if parts:
+            table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts]).replace_schema_metadata(metadata)
+            data_name, data_ids = new_name, table.column(ID_COLUMN)
+            _write_final(fs, staging, data_name, table)
+            counts["rewritten"] += 1
+    error_name, error_ids = old and old["error_file"], None
+    if old_err is not None and _count(pc.invert(keep_err_mask)) == 0 and staged_err is None:
+        error_ids = old_err.column(ID_COLUMN)
+    else:
+        parts = [t for t in (old_err.filter(keep_err_mask) if old_err is not None else None, staged_err) if t is not None and t.num_rows]
+        error_name = None
+        if parts:
+            table = pa.concat_tables([p.cast(ERROR_SCHEMA) for p in parts]).replace_schema_metadata(metadata)
+            error_name, error_ids = f"{ERRORS_DIR}/{new_name}", table.column(ID_COLUMN)
+            _write_final(fs, staging, error_name, table)
+            counts["rewritten"] += 1
+    all_ids = pa.chunked_array(
+        [c for ids in (data_ids, error_ids) if ids is not None for c in ids.chunks], pa.string()
+    ).combine_chunks().drop_null()
+    typed = all_ids.cast(id_type)
+    bounds = pc.min_max(typed) if len(typed) else None
+    if current is not None:
+        orphans = _count(pc.invert(pc.is_in(all_ids, value_set=current)))
+    elif not work["listed"]:
+        orphans = len(all_ids)
+    else:
+        orphans = (old or {}).get("orphans") or 0
+    info = work["input"] or {}
+    row = {
+        "source": source,
+        "size": info.get("size", (old or {}).get("size")),
+        "identity": info.get("identity", (old or {}).get("identity")),
+        "input_rows": work["input_rows"] if work["input_rows"] is not None else (old or {}).get("input_rows", 0),
+        "file": data_name,
+        "rows": len(data_ids) if data_ids is not None else 0,
+        "error_file": error_name,
+        "errors": len(error_ids) if error_ids is not None else 0,
+        "id_min": bounds["min"].as_py() if bounds else None,
+        "id_max": bounds["max"].as_py() if bounds else None,
+        "orphans": orphans,
+        "present": work["listed"],
+        "run_id": run_id if counts["rewritten"] else (old or {}).get("run_id", run_id),
+    }
+    return {"row": row, "counts": counts, "failed": None, "opened": opened}
+
+
+def _write_final(fs: Any, staging: Location, name: str, table: pa.Table) -> None:
+    path = staging.child_path(FINAL_DIR, name)
+    fs.create_dir(staging.child_path(FINAL_DIR, ERRORS_DIR), recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    fsync_file(fs, path)

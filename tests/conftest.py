@@ -70,3 +70,42 @@ def tiny_vit_dir(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("tiny_hf_vit")
     ViTModel(config, add_pooling_layer=False).save_pretrained(str(directory))
     return str(directory)
+
+
+def save_tiny_text_model(directory: str, tokenizer_dir: str) -> str:
+    """A 1-layer random-init BERT (hidden size 32) with a real WordPiece tokenizer, saved as
+    a local Hugging Face directory: featurizing with it costs next to nothing."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory, minilm_dir) -> str:
+    """:func:`save_tiny_text_model` in a session-wide temporary directory."""
+    return save_tiny_text_model(str(tmp_path_factory.mktemp("tiny_bert")), minilm_dir)
+
+
+@pytest.fixture()
+def s3_endpoint(monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (moto's server), with the AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield endpoint
+    server.stop()

@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="payload column: encoded image bytes, UTF-8 text, or wav/flac bytes (default: the modality name)",
     )
     io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output (e.g. label)")
+    io.add_argument(
+        "--event-time-column",
+        help="input timestamp column to use as each row's event_time (default: the time of the run that featurized it)",
+    )
     io.add_argument("--storage-options", help='JSON for s3fs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     model = parser.add_argument_group("model and features")
     model.add_argument("--model", required=True, help="timm:<name> or hf:<hub id or local directory>")
@@ -65,12 +69,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--actors", type=_actors, help="actor pool size: N or MIN,MAX (default: one per GPU, else per CPU)")
     run.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     run.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: sized to the machine)")
-    run.add_argument("--incremental", action="store_true", help="featurize only rows whose id or content is new")
-    run.add_argument("--overwrite", action="store_true", help="replace an output written with a different spec")
+    run.add_argument(
+        "--incremental", action="store_true",
+        help="featurize only new and changed input files, and in them only rows whose id or content is new",
+    )
+    run.add_argument(
+        "--prune", action="store_true",
+        help="with --incremental: remove the features of rows gone from the input (default: keep them)",
+    )
+    run.add_argument(
+        "--retry-failed", action="store_true",
+        help="with --incremental: retry rows that failed before with the same content (default: keep their error)",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace the output, whatever it holds (another spec too)")
+    run.add_argument(
+        "--history", action="store_true",
+        help="also keep every row version written under OUTPUT/_fungi_history/ (point-in-time joins, e.g. Feast)",
+    )
     run.add_argument(
         "--max-error-fraction", type=float, default=0.01,
-        help="exit non-zero if more than this fraction of rows fail (default: 0.01)",
+        help="exit 1 if rows failing for the first time exceed this fraction of the rows featurized (default: 0.01)",
     )
+    run.add_argument(
+        "--max-image-pixels", type=int,
+        help="larger images are reduced while decoding (JPEG) or sent to _errors/ (default: 100000000)",
+    )
+    run.add_argument(
+        "--lease-timeout", type=float,
+        help="seconds after which the lease of a run that stopped renewing it is taken over (default: 600)",
+    )
+    run.add_argument("--break-lease", action="store_true", help="take over the output's lease now (its run must be dead)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
@@ -90,6 +118,7 @@ def config_from_args(args: argparse.Namespace):
         id_column=args.id_column,
         data_column=args.data_column,
         keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
+        event_time_column=args.event_time_column,
         setup_from=args.setup_from,
         seed=args.seed,
         projection_dim=args.projection_dim,
@@ -100,7 +129,13 @@ def config_from_args(args: argparse.Namespace):
         cpus_per_actor=args.cpus_per_actor,
         incremental=args.incremental,
         overwrite=args.overwrite,
+        prune=args.prune,
+        retry_failed=args.retry_failed,
+        history=args.history,
         max_error_fraction=args.max_error_fraction,
+        max_image_pixels=args.max_image_pixels,
+        lease_timeout=FeaturizeConfig.lease_timeout if args.lease_timeout is None else args.lease_timeout,
+        break_lease=args.break_lease,
         storage_options=parse_storage_options(args.storage_options),
         address=args.address,
         trust_remote_code=args.trust_remote_code,
@@ -110,18 +145,23 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from fungi_ops.errors import FungiError
     from pipelines.job import run_featurize
+    from pipelines.lease import LeaseLost
 
     try:
         summary = run_featurize(config_from_args(args))
     except (FungiError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LeaseLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(summary.line())
-    if not summary.ok:
+    for message in summary.files_failed:
+        print(f"error: {message}; this file was not committed (its previous features are kept)", file=sys.stderr)
+    if summary.failed_fraction > summary.max_error_fraction:
         print(
-            f"error: {summary.failed_fraction:.1%} of rows failed (> --max-error-fraction "
+            f"error: {summary.failed_fraction:.1%} of the rows featurized failed for the first time (> --max-error-fraction "
             f"{summary.max_error_fraction}); see {summary.output}/_errors/",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return 0 if summary.ok else 1

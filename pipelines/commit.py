@@ -1,0 +1,161 @@
+"""Crash-safe commit of a run, and recovery of a run that died while committing.
+
+The run has written everything it commits into ``_staging/<run_id>/final/`` (one new
+data file and error file per touched source) before the commit starts. Then:
+
+1. the new sources table is written under a new version name (nothing refers to it yet);
+2. **the header is replaced** (one atomic, durable write): the commit point. It names the
+   new sources table and carries ``pending``: this run's id and the previous sources
+   table;
+3. ``apply``: this run's files move from staging to the output root, superseded files
+   are deleted (files of the previous version that the new one does not name), the
+   staging area and old table versions are deleted, and the header is written again
+   without ``pending``.
+
+Nothing committed is deleted before the header naming its replacement is durable. A
+crash before step 2 leaves the previous state: the staging area of the dead run is
+deleted by the next run, which holds the lease. A crash after it leaves the new state,
+with ``pending`` telling the next run what to finish: every step of ``apply`` is
+idempotent (a file already moved is not moved again, a file already deleted is not
+missed). Readers that go through the manifest see the old or the new state at every
+instant; readers of the bare directory (``pyarrow.parquet.read_table(OUT)``, DuckDB,
+Spark) see the new state once the commit returns, and during the seconds of step 3 may
+see both versions of a replaced row.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from typing import Callable
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.manifest import ERRORS_DIR, LOG_DIR, Manifest, read_manifest, write_header, write_sources_table
+from pipelines.stages import BLOCKS_DIR, FINAL_DIR
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
+
+log = logging.getLogger(__name__)
+STAGING_DIR = "_staging"
+HISTORY_DIR = "_fungi_history"
+CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
+
+
+def _crash_from_env() -> Callable[[int, str], None] | None:
+    """Testing hook: ``FUNGI_COMMIT_CRASH_AFTER=N`` kills the process after the N-th file operation."""
+    after = os.environ.get(CRASH_ENV)
+    if not after:
+        return None
+
+    def crash(count: int, what: str) -> None:
+        if count == int(after):
+            log.warning("%s: killing the driver after %s", CRASH_ENV, what)
+            os._exit(137)
+
+    return crash
+
+
+class Committer:
+    """Applies a run's commit to an output, one counted file operation at a time.
+
+    ``fault(count, what)`` is called after every file operation (tests raise or exit
+    there to crash at each step); by default it comes from ``FUNGI_COMMIT_CRASH_AFTER``.
+    """
+
+    def __init__(self, output: Location, fault: Callable[[int, str], None] | None = None) -> None:
+        self.output = output
+        self.fs = output.filesystem()
+        self.fault = fault or _crash_from_env()
+        self.operations: list[str] = []
+
+    def _done(self, what: str) -> None:
+        self.operations.append(what)
+        if self.fault:
+            self.fault(len(self.operations), what)
+
+    def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
+        """Make ``new`` the output's state (see the module docstring)."""
+        new.version = (previous.version if previous else 0) + 1
+        new.pending = {
+            "run_id": run_id,
+            "previous_sources": previous.sources_table_name if previous else None,
+            "overwrite": overwrite,
+        }
+        write_sources_table(self.output, new)
+        self._done(f"write {new.sources_table_name}")
+        write_header(self.output, new)
+        self._done("write the header (commit point)")
+        self.apply(new)
+
+    def apply(self, manifest: Manifest) -> None:
+        """Finish a committed run: move its files in, delete what it superseded (idempotent)."""
+        pending = manifest.pending
+        if not pending:
+            return
+        root, run_id = self.output.path, pending["run_id"]
+        staging = self.output.join(STAGING_DIR, run_id)
+        rows = manifest.sources.to_pylist()
+        current = {name for row in rows for name in (row["file"], row["error_file"]) if name}
+        for name in sorted(n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
+            target = f"{root}/{name}"
+            if exists(self.fs, target):
+                continue
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            self.fs.move(staging.child_path(FINAL_DIR, name), target)
+            self._done(f"move {name}")
+        if manifest.history:
+            self.fs.create_dir(f"{root}/{manifest.history}", recursive=True)
+            for info in list_files(self.fs, staging.child_path(BLOCKS_DIR), ".parquet"):
+                self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-{posixpath.basename(info.path)}")
+                self._done(f"keep {posixpath.basename(info.path)} in {manifest.history}")
+        for name in sorted(self._superseded(pending, current)):
+            delete_file(self.fs, f"{root}/{name}")
+            self._done(f"delete {name}")
+        delete_tree(self.fs, staging.path)
+        self._done("delete the staging area")
+        for info in list_files(self.fs, f"{root}/{LOG_DIR}"):
+            if not info.path.endswith(manifest.sources_table_name):
+                delete_file(self.fs, info.path)
+                self._done(f"delete {posixpath.basename(info.path)}")
+        manifest.pending = None
+        write_header(self.output, manifest)
+        self._done("write the header (done)")
+
+    def _superseded(self, pending: dict, current: set[str]) -> set[str]:
+        """Files of the previous state that the new one does not name."""
+        root = self.output.path
+        if pending.get("overwrite"):
+            stale = {info.path[len(root) + 1 :] for info in list_files(self.fs, root, ".parquet")}
+            stale |= {info.path[len(root) + 1 :] for info in list_files(self.fs, f"{root}/{ERRORS_DIR}", ".parquet")}
+            return stale - current
+        previous = pending.get("previous_sources")
+        if not previous or not exists(self.fs, f"{root}/{previous}"):
+            return set()  # already cleaned up by an earlier pass of apply
+        table = pq.read_table(f"{root}/{previous}", columns=["file", "error_file"], filesystem=self.fs)
+        names = {n for column in table.columns for n in column.to_pylist() if n}
+        return names - current
+
+
+def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False) -> Manifest | None:
+    """Called by a run holding the lease: finish a dead run's commit, delete dead runs' staging.
+
+    Returns the output's (recovered) manifest. ``tolerate_unreadable`` (``--overwrite``)
+    returns None for a manifest of another format instead of raising.
+    """
+    try:
+        manifest = read_manifest(output)
+    except Exception:
+        if not tolerate_unreadable:
+            raise
+        manifest = None
+    if manifest is not None and manifest.pending:
+        log.warning("finishing the commit of run %s, which died while committing", manifest.pending["run_id"])
+        Committer(output).apply(manifest)
+    fs = output.filesystem()
+    staging_root = output.child_path(STAGING_DIR)
+    if exists(fs, staging_root):
+        for info in fs.get_file_info(pafs.FileSelector(staging_root)):
+            if posixpath.basename(info.path) != run_id:
+                delete_tree(fs, info.path)  # a run that died before its commit point
+    return manifest

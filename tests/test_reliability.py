@@ -1,0 +1,173 @@
+"""Bad settings and bad input, tried as a careless or hostile user would.
+
+A bad setting exits 2 with one ``error:`` line before any data is read, writes nothing
+and leaves the input untouched; a bad row or file is reported and loses nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main as cli_main
+from pipelines.job import FeaturizeConfig, run_featurize
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write(path: Path, **columns) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def good_input(root: Path) -> Path:
+    write(root / "part-0.parquet", id=["a", "b", "c"], text=["one", "two", "three"], label=[0, 1, 0])
+    write(root / "part-1.parquet", id=["d", "e"], text=["four", "five"], label=[1, 0])
+    return root
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def payloads(root: Path, values: list) -> list[str]:
+    """Rewrite the input with these (wrongly typed) payloads."""
+    write(root / "part-0.parquet", id=["a", "b", "c"], text=values[:3], label=[0, 1, 0])
+    write(root / "part-1.parquet", id=["d", "e"], text=values[3:], label=[1, 0])
+    return []
+
+
+def weights_file(tmp: Path) -> Path:
+    path = tmp / "model.safetensors"
+    path.write_bytes(b"this is not a safetensors file")
+    return path
+
+
+# (name, how to break the input (tmp, input) -> extra CLI args, expected message)
+CASES = {
+    "output is the input (with --overwrite)": (
+        lambda tmp, source: ["--output", str(source), "--overwrite"], "overlap"),
+    "output inside the input": (lambda tmp, source: ["--output", str(source / "features")], "overlap"),
+    "input inside the output": (lambda tmp, source: ["--output", str(tmp)], "overlap"),
+    "output is a file": (
+        lambda tmp, source: ["--output", str(write(tmp / "o.parquet", x=[1]))], "is a file"),
+    "text column is int64": (lambda tmp, source: payloads(source, [12, 1, 2, 3, 4]), "column 'text' has type int64"),
+    "text column is float": (lambda tmp, source: payloads(source, [1.5, 2, 3, 4, 5.0]), "column 'text' has type double"),
+    "text column is int64 in one file only": (
+        lambda tmp, source: write(source / "part-2.parquet", id=["x"], text=[12], label=[0]) and [],
+        "column 'text' is string in"),
+    "ids string here, int there": (
+        lambda tmp, source: write(source / "part-2.parquet", id=[7], text=["x"], label=[0]) and [],
+        "column 'id' is string in"),
+    "data column missing from the second file": (
+        lambda tmp, source: write(source / "part-2.parquet", id=["x"], body=["x"], label=[0]) and [],
+        "data column 'text' not found in"),
+    "truncated Parquet file": (
+        lambda tmp, source: truncate(source / "part-1.parquet") or [], "part-1.parquet is not a readable Parquet file"),
+    "duplicate ids in one file": (
+        lambda tmp, source: write(source / "part-2.parquet", id=["x", "x"], text=["p", "q"], label=[0, 0]) and [],
+        "input ids are not unique (1 repeated, e.g. x)"),
+    "duplicate ids across files": (
+        lambda tmp, source: write(source / "part-2.parquet", id=["a"], text=["again"], label=[0]) and [],
+        "input ids are not unique (1 repeated, e.g. a)"),
+    "projection dim negative": (lambda tmp, source: ["--projection-dim", "-3"], "must be >= 1, got -3"),
+    "projection dim zero": (lambda tmp, source: ["--projection-dim", "0"], "must be >= 1, got 0"),
+    "weights file that is not safetensors": (
+        lambda tmp, source: ["--weights", str(weights_file(tmp))], "is not a valid .safetensors file"),
+    "kept column clashes with an output column": (
+        lambda tmp, source: ["--keep-columns", "event_time"], "would clash with output columns"),
+    "prune without incremental": (lambda tmp, source: ["--prune"], "apply to --incremental runs"),
+    "event time column is not a timestamp": (
+        lambda tmp, source: ["--event-time-column", "label"], "'label' is int64"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_settings_exit_2_with_one_line_write_nothing_and_keep_the_input(case, tiny_text_dir, tmp_path, capsys):
+    breaker, message = CASES[case]
+    source = good_input(tmp_path / "in")
+    output = tmp_path / "out"
+    extra = breaker(tmp_path, source) or []
+    before = digest(source)  # after the breaker: the input as the user has it
+    args = ["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}", "--actors", "1"]
+    if "--output" in extra:
+        args[4] = extra[extra.index("--output") + 1]
+        extra = [a for i, a in enumerate(extra) if a != "--output" and (i == 0 or extra[i - 1] != "--output")]
+    code = cli_main([*args, *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert digest(source) == before  # the input is untouched
+    target = Path(args[4])
+    if target.is_dir() and target != source and target != tmp_path:
+        assert not list(target.rglob("*.parquet")) and not (target / "_fungi_manifest.json").exists()
+    assert not (source / "_fungi_manifest.json").exists() and not (tmp_path / "_fungi_manifest.json").exists()
+
+
+def corrupt_a_page(path: Path) -> None:
+    """Overwrite the first data page header: the footer still reads, the rows do not."""
+    data = bytearray(path.read_bytes())
+    data[4:40] = b"\xff" * 36
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_file_fails_alone_and_the_rest_is_committed(tiny_text_dir, tmp_path, capsys):
+    source, output = good_input(tmp_path / "in"), tmp_path / "out"
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["six", "seven"], "label": [0, 1]}), source / "part-2.parquet",
+                   compression="none")
+    corrupt_a_page(source / "part-2.parquet")
+    code = cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+                     "--model", f"hf:{tiny_text_dir}", "--actors", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "cannot read input file part-2.parquet" in captured.err and "not committed" in captured.err
+    assert "Traceback" not in captured.err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e"]
+    manifest = json.loads((output / "_fungi_manifest.json").read_text())
+    assert manifest["runs"][-1]["files_failed"][0].startswith("cannot read input file part-2.parquet")
+    # fixed overnight: the next incremental run picks the file up
+    write(source / "part-2.parquet", id=["x", "y"], text=["six", "seven"], label=[0, 1])
+    assert cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+                     "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental"]) == 0
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y"]
+
+
+def test_a_null_id_is_reported_as_null_with_its_row(tiny_text_dir, tmp_path):
+    source, output = tmp_path / "in", tmp_path / "out"
+    write(source / "part-0.parquet", id=["a", None, "c"], text=["one", "two", "three"])
+    summary = run_featurize(FeaturizeConfig(input=str(source), output=str(output), modality="text",
+                                            model=f"hf:{tiny_text_dir}", actors=(1, 1), max_error_fraction=0.5))
+    assert summary.rows_written == 2 and summary.rows_failed == 1
+    errors = pq.read_table(output / "_errors").to_pylist()
+    assert errors[0]["id"] is None and errors[0]["error"] == "row 1 of part-0.parquet has a null 'id'"
+
+
+def test_decode_errors_name_no_python_objects(tmp_path):
+    from conftest import png_bytes
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    write(source / "part-0.parquet", id=["ok", "bad"], image=[png_bytes(40, 40), b"definitely not an image"])
+    summary = run_featurize(FeaturizeConfig(input=str(source), output=str(output), modality="image",
+                                            model="timm:test_vit", weights="random", actors=(1, 1),
+                                            max_error_fraction=0.5))
+    assert summary.rows_written == 1
+    message = pq.read_table(output / "_errors").column("error")[0].as_py()
+    assert message.startswith("cannot decode image") and " at 0x" not in message
