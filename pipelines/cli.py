@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "featurize": "pipelines.commands.featurize",
     "eval": "pipelines.commands.evaluate",
     "submit": "pipelines.commands.submit",
+    "feast": "pipelines.commands.feast",
 }
 
 

@@ -1,0 +1,76 @@
+"""Write a ready Feast repository for a FUNGI feature output, or update it in place.
+
+From OUTPUT's manifest and fungi.spec, writes into --repo (created if needed):
+  fungi_<name>.py      entity <name> on `id`; feature view <name>_<spec hash[:8]> over the
+                       output's Parquet files (timestamp `event_time`) with `embedding`
+                       (Array(Float32), vector-indexed, cosine), each `grad_<objective>`,
+                       `content_hash` and the kept columns, tagged with the spec hash, model
+                       and objectives; feature view <name>_<spec hash[:8]>_fungi with the
+                       vector-indexed FUNGI concatenation `fungi` (vectors written under
+                       data/fungi/ of the repository); feature service <name> with both.
+                       Rewritten on every run: keep your own definitions in other files.
+  feature_store.yaml   only when missing: local provider, file offline store, SQLite online
+                       store with sqlite-vec vector search (never rewritten).
+
+Feast reads OUTPUT/_fungi_history/ (every row version) when the job ran with --history, else
+the current files (then point-in-time joins are correct only for rows never changed). Run it
+again after each `fungi featurize` night, then `feast materialize-incremental`. Another spec
+(model, seed, ...) lives in another output: run it for that output too (another --name if the
+folder names are equal). Exit status 2 with one `error:` line for bad input.
+
+Examples:
+  fungi feast my_features --repo my_repo
+  feast -c my_repo apply && feast -c my_repo materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)
+  fungi feast s3://lake/fungi/texts --repo repo --name texts \\
+      --storage-options '{"endpoint_url": "http://minio:9000"}'
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "write or update a Feast repository (entity, sources, feature views, vector search) for a feature output"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``fungi feast`` options."""
+    parser.add_argument(
+        "output", metavar="OUTPUT", help="feature output of `fungi featurize` (directory or s3://bucket/prefix)"
+    )
+    parser.add_argument("--repo", required=True, metavar="DIR", help="Feast repository directory to write or update")
+    parser.add_argument(
+        "--name", metavar="NAME",
+        help="entity and feature view prefix, lower-case letters, digits and '_' (default: OUTPUT's folder name)",
+    )
+    parser.add_argument(
+        "--project", default="fungi", metavar="NAME",
+        help="Feast project of a new feature_store.yaml (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-fungi-view", action="store_true",
+        help="leave out the <view>_fungi feature view (and its copy of the concatenated vectors)",
+    )
+    parser.add_argument(
+        "--storage-options", metavar="JSON",
+        help='JSON for s3fs to read OUTPUT, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; only the endpoint '
+        "goes into the repository (Feast takes credentials from the AWS environment)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the repository; 0 on success, 2 on bad input."""
+    from fungi_ops.errors import FungiError
+    from pipelines.feast_repo import describe, write_feast_repo
+    from pipelines.storage import parse_storage_options
+
+    try:
+        update = write_feast_repo(
+            args.output, args.repo, name=args.name, project=args.project,
+            storage_options=parse_storage_options(args.storage_options), fungi_view=not args.no_fungi_view,
+        )
+    except (FungiError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in describe(update):
+        print(line)
+    return 0

@@ -1,0 +1,696 @@
+"""A ready Feast repository for a FUNGI feature output (``fungi feast``).
+
+From an output's ``_fungi_manifest.json`` and its ``fungi.spec``, :func:`write_feast_repo`
+writes into a Feast repository directory:
+
+* ``fungi_<name>.py``, the definitions of one output, rewritten on every run (keep your
+  own definitions in other files of the repository: they are never touched):
+
+  - an entity ``<name>`` on the ``id`` column;
+  - a ``FileSource`` on the output's Parquet files, ``timestamp_field="event_time"``:
+    the folder ``OUT/_fungi_history`` (every row version, append-only) when the job ran
+    with ``--history``, else the glob ``OUT/*.parquet`` of the current files (then
+    point-in-time joins are correct only for rows never changed; a glob because Feast's
+    file offline store reads a folder recursively, ``_errors/`` included). Local paths are
+    absolute; ``s3://`` keeps the endpoint (``--storage-options`` ``endpoint_url``, else
+    ``AWS_ENDPOINT_URL``) as ``s3_endpoint_override``; credentials stay in the environment;
+  - a feature view ``<name>_<spec hash[:8]>``: ``embedding`` (``Array(Float32)``,
+    vector-indexed, ``COSINE``), each ``grad_<objective>`` (``Array(Float32)``),
+    ``content_hash`` and the kept columns; tags ``fungi.spec_hash``, ``fungi.model``,
+    ``fungi.objectives``, ``fungi.spec`` (the whole spec), ...;
+  - a feature view ``<name>_<spec hash[:8]>_fungi`` with one vector-indexed feature
+    ``fungi``: the FUNGI concatenation (each block L2-normalised, concatenated,
+    L2-normalised again: cosine on it is the paper's comparison). Feast's SQLite store
+    indexes one field per view and searches stored columns only, so these vectors are
+    written by ``fungi feast`` as Parquet under ``data/fungi/<name>/<spec hash>/`` of the
+    repository (one file per source file, refreshed when a source file is new or
+    changed; ``--no-fungi-view`` leaves it out);
+  - a feature service ``<name>``: both views of the output's current spec, a name that
+    stays when the spec changes.
+
+* ``feature_store.yaml`` when the repository has none: the local provider, the file
+  offline store, and Feast's SQLite online store with vector search
+  (:mod:`pipelines.feast_online`); an existing one is never rewritten.
+
+A second spec (another model or seed, featurized into another output) becomes another
+definitions file and feature views; re-running for the same output updates its file in
+place (a new spec there replaces the views of the old one).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import posixpath
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fungi_ops.errors import ConfigError
+from pipelines.storage import Location, exists, read_text
+
+MANIFEST_NAME = "_fungi_manifest.json"
+ID_COLUMN = "id"
+EVENT_TIME_COLUMN = "event_time"
+CONTENT_HASH_COLUMN = "content_hash"
+FUNGI_FEATURE = "fungi"
+DEFINITIONS_PREFIX = "fungi_"
+HEADER_MARK = "# fungi-feast: "
+STORE_TYPE = "pipelines.feast_online.FungiSqliteOnlineStore"
+
+# Column names a FUNGI feature view cannot carry: what each collides with in Feast.
+RESERVED_NAMES = {
+    "event_timestamp": "the timestamp column of get_historical_features' entity dataframe",
+    "distance": "the distance that vector search (retrieve_online_documents_v2) returns",
+    "text_rank": "the rank that text search returns",
+    "created": "the created-timestamp column of Feast's point-in-time joins",
+}
+
+
+@dataclass(frozen=True)
+class FeatureOutput:
+    """A FUNGI feature output as read from its manifest and data files (nothing loaded)."""
+
+    uri: str
+    storage_options: dict[str, Any]
+    manifest: dict[str, Any]
+    spec: dict[str, Any]
+    spec_hash: str
+    schema: pa.Schema
+    data_files: tuple[pafs.FileInfo, ...]
+    history_files: tuple[pafs.FileInfo, ...]
+    history: str | None
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether the output is on S3 (``s3://`` or ``s3a://``)."""
+        return self.uri.startswith(("s3://", "s3a://"))
+
+    @property
+    def root(self) -> str:
+        """The output root as a FileSource wants it: absolute local path or ``s3://bucket/prefix``."""
+        if self.is_s3:
+            return "s3://" + self.uri.split("://", 1)[1].rstrip("/")
+        return os.path.abspath(self.uri)
+
+    @property
+    def vector_columns(self) -> list[str]:
+        """``embedding`` then one ``grad_<objective>`` per objective, in the spec's order."""
+        return ["embedding", *(f"grad_{o['name']}" for o in self.spec.get("objectives", []))]
+
+    def dim(self, column: str) -> int:
+        """Width of a vector column."""
+        return self.schema.field(column).type.list_size
+
+    @property
+    def kept_columns(self) -> list[pa.Field]:
+        """The input columns the job kept (``--keep-columns``): every column but the fixed ones."""
+        fixed = {ID_COLUMN, EVENT_TIME_COLUMN, CONTENT_HASH_COLUMN, *self.vector_columns}
+        return [f for f in self.schema if f.name not in fixed]
+
+    @property
+    def source_files(self) -> tuple[pafs.FileInfo, ...]:
+        """The files Feast reads: every row version with history, else the current rows."""
+        return self.history_files if self.history else self.data_files
+
+    @property
+    def source_path(self) -> str:
+        """The FileSource path: the history folder, else a glob of the top-level files.
+
+        The folder itself would not do without history: Feast's file offline store reads a
+        folder recursively, ``_errors/`` and ``_fungi_history/`` included.
+        """
+        if self.history:
+            return posixpath.join(self.root, self.history)
+        return posixpath.join(self.root, "*.parquet")
+
+    def filesystem(self) -> pafs.FileSystem:
+        """The pyarrow filesystem the output is read through."""
+        return Location(self.uri, self.storage_options).filesystem()
+
+    def endpoint(self) -> str | None:
+        """The S3 endpoint a FileSource needs: ``endpoint_url`` of the storage options, else ``AWS_ENDPOINT_URL``."""
+        if not self.is_s3:
+            return None
+        return self.storage_options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> FeatureOutput:
+    """Read an output's manifest, spec and schema; :class:`ConfigError` if it cannot feed Feast."""
+    options = dict(storage_options or {})
+    location = Location(uri, options)
+    fs = location.filesystem()
+    root = location.path
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"output {uri} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError(f"output {uri} is not a directory: pass the folder that `fungi featurize --output` wrote")
+    manifest_path = posixpath.join(root, MANIFEST_NAME)
+    if not exists(fs, manifest_path):
+        raise ConfigError(
+            f"{uri} has no {MANIFEST_NAME}: not a fungi feature output, or its first `fungi featurize` run "
+            "has not committed yet"
+        )
+    try:
+        manifest = json.loads(read_text(fs, manifest_path))
+        spec, spec_hash = manifest["spec"], manifest["spec_hash"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{uri}/{MANIFEST_NAME} is not a fungi manifest: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("objectives"), list):
+        raise ConfigError(f"{uri}/{MANIFEST_NAME} holds no featurizer spec with objectives")
+    data_files = tuple(_parquet_files(fs, root))
+    if not data_files:
+        raise ConfigError(f"{uri} holds no feature files yet (no *.parquet at its top level)")
+    history = manifest.get("history") or None
+    history_files: tuple[pafs.FileInfo, ...] = ()
+    if history:
+        history_files = tuple(_parquet_files(fs, posixpath.join(root, history)))
+        if not history_files:
+            raise ConfigError(f"{uri}: the manifest names the history folder {history!r}, which holds no Parquet files")
+    schema = _read_schema(fs, data_files[0].path)
+    output = FeatureOutput(
+        uri=uri, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash), schema=schema,
+        data_files=data_files, history_files=history_files, history=history,
+    )
+    check_output_schema(output)
+    return output
+
+
+def check_output_schema(output: FeatureOutput) -> None:
+    """The columns Feast needs, with the types it maps, and no name Feast reserves."""
+    schema, uri = output.schema, output.uri
+    found = (schema.metadata or {}).get(b"fungi.spec_hash", b"").decode()
+    if found and found != output.spec_hash:
+        raise ConfigError(
+            f"{uri}: its data files are of spec {found} but the manifest says {output.spec_hash} "
+            "(a run is committing? try again when it has finished)"
+        )
+    if ID_COLUMN not in schema.names:
+        raise ConfigError(f"{uri} has no '{ID_COLUMN}' column; columns: {', '.join(schema.names)}")
+    if EVENT_TIME_COLUMN not in schema.names:
+        raise ConfigError(
+            f"{uri} has no '{EVENT_TIME_COLUMN}' column (written by an older `fungi featurize`); Feast needs an "
+            "event timestamp: featurize it again with this version"
+        )
+    if not pa.types.is_timestamp(schema.field(EVENT_TIME_COLUMN).type):
+        raise ConfigError(f"{uri}: '{EVENT_TIME_COLUMN}' is {schema.field(EVENT_TIME_COLUMN).type}, not a timestamp")
+    for column in output.vector_columns:
+        if column not in schema.names:
+            raise ConfigError(f"{uri}: the spec's feature column '{column}' is missing; columns: {', '.join(schema.names)}")
+        kind = schema.field(column).type
+        if not (pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)):
+            raise ConfigError(f"{uri}: '{column}' is {kind}, expected fixed_size_list<float32>")
+    for name in [*output.vector_columns, CONTENT_HASH_COLUMN, *(f.name for f in output.kept_columns)]:
+        check_feature_name(name, uri)
+
+
+def check_feature_name(name: str, where: str = "the output") -> None:
+    """:class:`ConfigError` when a column cannot be a Feast feature of that name."""
+    if name in RESERVED_NAMES:
+        raise ConfigError(
+            f"column '{name}' of {where} collides with a name Feast reserves ({RESERVED_NAMES[name]}): "
+            "rename it in the input, or leave it out of --keep-columns"
+        )
+    if name.startswith("__") or ":" in name or "@" in name:
+        raise ConfigError(
+            f"column '{name}' of {where} cannot be a Feast feature name (Feast reserves a leading '__', ':' and '@'): "
+            "rename it in the input, or leave it out of --keep-columns"
+        )
+
+
+def check_event_time_column(schema: pa.Schema, name: str) -> None:
+    """Validate ``--event-time-column`` against the input schema; :class:`ConfigError` with the fix.
+
+    The column must exist and be a Parquet timestamp (any unit; without a time zone it is
+    read as UTC). Dates and strings are refused rather than guessed.
+    """
+    if not name:
+        raise ConfigError("--event-time-column is empty: name an input timestamp column, e.g. updated_at")
+    if name not in schema.names:
+        raise ConfigError(
+            f"--event-time-column '{name}' not found in the input; columns: {', '.join(schema.names)}"
+        )
+    if schema.get_field_index(name) < 0:
+        raise ConfigError(f"--event-time-column '{name}' names several input columns")
+    kind = schema.field(name).type
+    if pa.types.is_timestamp(kind):
+        return
+    if pa.types.is_date(kind):
+        hint = "a date: store it as a timestamp (e.g. pyarrow.compute.cast(column, pa.timestamp('us', tz='UTC')))"
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        hint = "text, which is not parsed: store it as a Parquet timestamp column"
+    elif pa.types.is_integer(kind):
+        hint = "an integer (epoch?): store it as a Parquet timestamp column with its unit"
+    else:
+        hint = "not a timestamp"
+    raise ConfigError(f"--event-time-column '{name}' is {kind}, {hint}")
+
+
+def fungi_vectors(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> np.ndarray:
+    """The FUNGI concatenation, float32 ``(rows, sum of dims)``, unit norm.
+
+    Each block is L2-normalised, the blocks are concatenated in ``columns`` order and the
+    result is divided by sqrt(number of blocks): cosine on it is the mean of the blocks'
+    cosines, the comparison ``fungi eval`` and the paper make.
+    """
+    blocks = []
+    for name in columns:
+        block = _matrix(table.column(name))
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        blocks.append(block / np.maximum(norms, 1e-12))
+    if not blocks:
+        raise ValueError("no feature column to concatenate")
+    return (np.concatenate(blocks, axis=1) / np.sqrt(len(blocks))).astype(np.float32)
+
+
+def vector_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A ``fixed_size_list<float32>`` column as a float32 ``(rows, dim)`` array."""
+    return _matrix(column)
+
+
+@dataclass
+class RepoUpdate:
+    """What :func:`write_feast_repo` wrote."""
+
+    repo: Path
+    definitions: Path
+    name: str
+    entity: str
+    feature_view: str
+    fungi_view: str | None
+    source: str
+    source_kind: str  # "history" or "current"
+    features: list[str]
+    skipped_columns: list[str]
+    config_written: bool
+    fungi_files_written: int = 0
+    fungi_files_kept: int = 0
+    removed_views: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def views(self) -> list[str]:
+        """The feature views written for the output, in order."""
+        return [v for v in (self.feature_view, self.fungi_view) if v]
+
+
+def write_feast_repo(
+    output: str,
+    repo: str | os.PathLike,
+    *,
+    name: str | None = None,
+    project: str = "fungi",
+    storage_options: dict[str, Any] | None = None,
+    fungi_view: bool = True,
+) -> RepoUpdate:
+    """Write or update the Feast repository ``repo`` for the feature output ``output``."""
+    source = open_output(output, storage_options)
+    repo_path = Path(repo).resolve()
+    if repo_path.exists() and not repo_path.is_dir():
+        raise ConfigError(f"--repo {repo} is a file, not a directory")
+    default = posixpath.basename(output.rstrip("/")) or "features"
+    name = _name(name if name is not None else default, explicit=name is not None)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", project):
+        raise ConfigError(f"--project '{project}' must be letters, digits, '_' and '-', not starting with '_' or '-'")
+    definitions = repo_path / f"{DEFINITIONS_PREFIX}{name}.py"
+    previous = _read_header(definitions)
+    if previous is not None and previous.get("output") != source.root:
+        raise ConfigError(
+            f"{definitions} serves another output ({previous.get('output')}); pass --name to add {source.root} "
+            "beside it, or delete that file to replace it"
+        )
+    view = f"{name}_{source.spec_hash[:8]}"
+    concat_view = f"{view}_fungi" if fungi_view else None
+    kept, skipped = [], []
+    for column in source.kept_columns:
+        feast_type = _feast_type(column.type)
+        if feast_type:
+            kept.append((column.name, feast_type))
+        else:
+            skipped.append(f"{column.name} ({column.type})")
+    update = RepoUpdate(
+        repo=repo_path, definitions=definitions, name=name, entity=name, feature_view=view, fungi_view=concat_view,
+        source=source.source_path, source_kind="history" if source.history else "current",
+        features=[*source.vector_columns, CONTENT_HASH_COLUMN, *(n for n, _ in kept)], skipped_columns=skipped,
+        config_written=False,
+    )
+    if not source.history:
+        update.notes.append(
+            f"{source.uri} was featurized without --history: Feast reads its current files, so point-in-time joins "
+            "are correct only for rows that never changed (featurize with --history to keep every row version)"
+        )
+    if skipped:
+        update.notes.append(f"left out (no Feast type): {', '.join(skipped)}")
+    repo_path.mkdir(parents=True, exist_ok=True)
+    update.config_written = _write_config(repo_path, project, update.notes)
+
+    vectors_root = repo_path / "data" / "fungi" / name
+    mirror = vectors_root / source.spec_hash
+    if concat_view:
+        update.fungi_files_written, update.fungi_files_kept = _sync_fungi_vectors(source, mirror)
+    for stale in sorted(vectors_root.glob("*")) if vectors_root.exists() else []:
+        if stale.is_dir() and (stale != mirror or not concat_view):
+            shutil.rmtree(stale)
+    if previous:
+        update.removed_views = [v for v in previous.get("views", []) if v not in update.views]
+
+    text = _definitions_source(source, update, kept, mirror)
+    if not definitions.exists() or definitions.read_text() != text:
+        temporary = definitions.with_suffix(".py.tmp")
+        temporary.write_text(text)
+        temporary.replace(definitions)
+    return update
+
+
+def load_definitions(repo: str | os.PathLike) -> list[Any]:
+    """The Feast objects of the repository's ``fungi_*.py`` files, for ``FeatureStore.apply``.
+
+    ``feast apply`` does the same from the command line (and also applies your own files);
+    this is for notebooks and tests that stay in one process, where importing the files
+    through Feast would reuse stale modules.
+    """
+    from feast import Entity, FeatureService, FeatureView, FileSource
+
+    objects: list[Any] = []
+    for path in sorted(Path(repo).glob(f"{DEFINITIONS_PREFIX}*.py")):
+        try:
+            ours = _read_header(path) is not None
+        except ConfigError:  # a file of the user's that happens to start with fungi_
+            ours = False
+        if not ours:
+            continue
+        spec = importlib.util.spec_from_file_location(f"_fungi_feast_definitions_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        objects.extend(v for v in vars(module).values() if isinstance(v, (Entity, FeatureService, FeatureView, FileSource)))
+    return objects
+
+
+# --- internals ---------------------------------------------------------------------------
+
+
+def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    if not exists(fs, folder):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+    return sorted(
+        (
+            i for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))
+        ),
+        key=lambda i: i.path,
+    )
+
+
+def _read_schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
+    with fs.open_input_file(path) as handle:
+        return pq.read_schema(handle)
+
+
+def _name(text: str, explicit: bool) -> str:
+    name = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")
+    if explicit and name != text:
+        raise ConfigError(f"--name '{text}' must be lower-case letters, digits and '_' (e.g. '{name or 'texts'}')")
+    if not name:
+        name = "features"
+    if name[0].isdigit():
+        name = f"f_{name}"
+    return name
+
+
+_PRIMITIVES = [
+    (pa.types.is_string, "String"), (pa.types.is_large_string, "String"),
+    (pa.types.is_boolean, "Bool"), (pa.types.is_float32, "Float32"), (pa.types.is_float64, "Float64"),
+    (pa.types.is_int8, "Int32"), (pa.types.is_int16, "Int32"), (pa.types.is_int32, "Int32"),
+    (pa.types.is_uint8, "Int32"), (pa.types.is_uint16, "Int32"), (pa.types.is_int64, "Int64"),
+    (pa.types.is_uint32, "Int64"), (pa.types.is_binary, "Bytes"), (pa.types.is_large_binary, "Bytes"),
+    (pa.types.is_timestamp, "UnixTimestamp"),
+]
+
+
+def _feast_type(kind: pa.DataType) -> str | None:
+    """The Feast type (as source code) of a kept column, None when Feast has none for it."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        inner = _feast_type(kind.value_type)
+        return f"Array({inner})" if inner and not inner.startswith("Array") else None
+    return next((feast for test, feast in _PRIMITIVES if test(kind)), None)
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise ValueError(f"{column.null_count} null vector(s)")
+    size = column.type.list_size
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(column), size)
+
+
+def _sync_fungi_vectors(source: FeatureOutput, mirror: Path) -> tuple[int, int]:
+    """Write the FUNGI concatenation of each source file that is new or changed; drop the rest."""
+    index_path = mirror / "_sources.json"
+    key = {"columns": source.vector_columns, "source": source.source_path}
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    if {k: index.get(k) for k in key} != key:
+        shutil.rmtree(mirror, ignore_errors=True)
+        index = {}
+    mirror.mkdir(parents=True, exist_ok=True)
+    known: dict[str, list] = dict(index.get("files", {}))
+    files: dict[str, list] = {}
+    fs = source.filesystem()
+    written = 0
+    for info in source.source_files:
+        stamp = [info.size, info.mtime_ns]
+        files[info.base_name] = stamp
+        if known.get(info.base_name) == stamp and (mirror / info.base_name).exists():
+            continue
+        _write_fungi_file(fs, info.path, mirror / info.base_name, source.vector_columns)
+        written += 1
+    for path in mirror.glob("*.parquet"):
+        if path.name not in files:
+            path.unlink()
+    temporary = index_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({**key, "files": files}, indent=1, sort_keys=True))
+    temporary.replace(index_path)
+    return written, len(files) - written
+
+
+def _write_fungi_file(fs: pafs.FileSystem, path: str, target: Path, columns: list[str]) -> None:
+    """``id``, ``event_time`` and the FUNGI concatenation of one source file, written atomically.
+
+    The temporary name starts with '.', which Feast's file offline store skips.
+    """
+    temporary = target.with_name(f".{target.name}.tmp")
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        source = parquet.schema_arrow
+        dim = sum(source.field(c).type.list_size for c in columns)
+        schema = pa.schema([source.field(ID_COLUMN), source.field(EVENT_TIME_COLUMN),
+                            pa.field(FUNGI_FEATURE, pa.list_(pa.float32(), dim))])
+        with pq.ParquetWriter(temporary, schema) as writer:
+            for batch in parquet.iter_batches(batch_size=8192, columns=[ID_COLUMN, EVENT_TIME_COLUMN, *columns]):
+                vectors = pa.FixedSizeListArray.from_arrays(pa.array(fungi_vectors(batch, columns).reshape(-1)), dim)
+                writer.write_batch(pa.RecordBatch.from_arrays(
+                    [batch.column(ID_COLUMN), batch.column(EVENT_TIME_COLUMN), vectors], schema=schema
+                ))
+    temporary.replace(target)
+
+
+def _read_header(definitions: Path) -> dict[str, Any] | None:
+    if not definitions.exists():
+        return None
+    for line in definitions.read_text().splitlines()[:5]:
+        if line.startswith(HEADER_MARK):
+            try:
+                return json.loads(line[len(HEADER_MARK):])
+            except ValueError:
+                break
+    raise ConfigError(f"{definitions} exists and was not written by `fungi feast`: pass --name to choose another name")
+
+
+def _write_config(repo: Path, project: str, notes: list[str]) -> bool:
+    path = repo / "feature_store.yaml"
+    if path.exists():
+        import yaml
+
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+            store = (config.get("online_store") or {}) if isinstance(config, dict) else {}
+        except yaml.YAMLError:
+            store = {}
+        if not isinstance(store, dict) or store.get("type") != STORE_TYPE or not store.get("vector_enabled"):
+            notes.append(
+                f"{path} is kept as it is; vector search with sqlite-vec needs its online_store to be "
+                f"type: {STORE_TYPE} with vector_enabled: true"
+            )
+        return False
+    path.write_text(
+        "# Written by `fungi feast` (never rewritten: edit freely). The local provider: Parquet files read by\n"
+        "# the file offline store, SQLite online store with sqlite-vec vector search (pipelines/feast_online.py).\n"
+        f"project: {project}\n"
+        "provider: local\n"
+        "registry: data/registry.db\n"
+        "offline_store:\n"
+        "  type: file\n"
+        "online_store:\n"
+        f"  type: {STORE_TYPE}\n"
+        "  path: data/online.db\n"
+        "  vector_enabled: true\n"
+        "entity_key_serialization_version: 3\n"
+    )
+    return True
+
+
+def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tuple[str, str]], mirror: Path) -> str:
+    spec = source.spec
+    objectives = [o["name"] for o in spec.get("objectives", [])]
+    header = {"output": source.root, "spec_hash": source.spec_hash, "views": update.views}
+    tags = {
+        "fungi.output": source.root,
+        "fungi.source": update.source_kind,
+        "fungi.spec_hash": source.spec_hash,
+        "fungi.model": str(spec.get("model")),
+        "fungi.modality": str(spec.get("modality")),
+        "fungi.objectives": ",".join(objectives),
+        "fungi.seed": str(spec.get("seed")),
+        "fungi.embed_dim": str(source.dim("embedding")),
+        "fungi.projection_dim": str(source.dim(source.vector_columns[1])) if len(source.vector_columns) > 1 else "",
+        "fungi.spec": json.dumps(spec, sort_keys=True, separators=(",", ":")),
+    }
+    endpoint = source.endpoint()
+    types = sorted({"Array", "Float32", "String", *(t.replace("Array(", "").rstrip(")") for _, t in kept)})
+    name, view = update.name, update.feature_view
+    lines = [
+        f"# Generated by `fungi feast` from {source.root} (spec {source.spec_hash}).",
+        "# Re-running `fungi feast` rewrites this file: keep your own definitions in other files.",
+        HEADER_MARK + json.dumps(header, sort_keys=True),
+        "from datetime import timedelta",
+        "",
+        "from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType",
+        f"from feast.types import {', '.join(types)}",
+        "",
+        f"{name}_entity = Entity(",
+        f"    name={name!r},",
+        f"    join_keys=[{ID_COLUMN!r}],",
+        "    value_type=ValueType.STRING,",
+        f"    description={'rows of ' + source.root!r},",
+        ")",
+        "",
+        f"{view}_source = FileSource(",
+        f"    name={view + '_source'!r},",
+        f"    path={source.source_path!r},",
+        f"    timestamp_field={EVENT_TIME_COLUMN!r},",
+    ]
+    if endpoint:
+        lines.append(f"    s3_endpoint_override={endpoint!r},")
+    lines += [
+        f"    description={_source_description(update.source_kind)!r},",
+        ")",
+        "",
+        f"{view} = FeatureView(",
+        f"    name={view!r},",
+        f"    entities=[{name}_entity],",
+        "    ttl=timedelta(0),",
+        f"    source={view}_source,",
+        "    online=True,",
+        "    schema=[",
+        f"        Field(name={ID_COLUMN!r}, dtype=String),",
+        _vector_field("embedding", source.dim("embedding"), True, "the model's embedding, L2-normalised"),
+    ]
+    for column, objective in zip(source.vector_columns[1:], objectives):
+        description = f"FUNGI gradient of the {objective} objective, projected, L2-normalised"
+        lines.append(_vector_field(column, source.dim(column), False, description))
+    lines.append(f"        Field(name={CONTENT_HASH_COLUMN!r}, dtype=String, description='hash of the input payload'),")
+    lines += [f"        Field(name={column!r}, dtype={feast_type})," for column, feast_type in kept]
+    lines += [
+        "    ],",
+        f"    tags={_dict_source(tags)},",
+        f"    description={'FUNGI features of ' + str(spec.get('model')) + ' (' + ', '.join(objectives) + ')'!r},",
+        ")",
+    ]
+    if update.fungi_view:
+        concat = update.fungi_view
+        dim = sum(source.dim(c) for c in source.vector_columns)
+        blocks = ",".join(source.vector_columns)
+        lines += [
+            "",
+            f"{concat}_source = FileSource(",
+            f"    name={concat + '_source'!r},",
+            f"    path={str(mirror)!r},",
+            f"    timestamp_field={EVENT_TIME_COLUMN!r},",
+            f"    description={f'the FUNGI concatenation of {blocks}, written by fungi feast from {source.source_path}'!r},",
+            ")",
+            "",
+            f"{concat} = FeatureView(",
+            f"    name={concat!r},",
+            f"    entities=[{name}_entity],",
+            "    ttl=timedelta(0),",
+            f"    source={concat}_source,",
+            "    online=True,",
+            "    schema=[",
+            f"        Field(name={ID_COLUMN!r}, dtype=String),",
+            _vector_field(FUNGI_FEATURE, dim, True, f"{blocks}: each block L2-normalised, concatenated, L2-normalised"),
+            "    ],",
+            f"    tags={_dict_source({**tags, 'fungi.blocks': blocks})},",
+            f"    description={'FUNGI concatenation (' + blocks + ') for vector search'!r},",
+            ")",
+        ]
+    views = ", ".join(update.views)
+    lines += [
+        "",
+        f"{name}_service = FeatureService(",
+        f"    name={name!r},",
+        f"    features=[{views}],",
+        f"    description={'the features of ' + source.root + ' (its current spec: ' + ', '.join(update.views) + ')'!r},",
+        f"    tags={{'fungi.spec_hash': {source.spec_hash!r}}},",
+        ")",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _dict_source(values: dict[str, str]) -> str:
+    items = "".join(f"        {key!r}: {value!r},\n" for key, value in values.items())
+    return "{\n" + items + "    }"
+
+
+def _vector_field(name: str, dim: int, indexed: bool, description: str) -> str:
+    index = f", vector_index=True, vector_length={dim}, vector_search_metric='COSINE'" if indexed else ""
+    return f"        Field(name={name!r}, dtype=Array(Float32){index}, description={description + f' ({dim})'!r}),"
+
+
+def _source_description(kind: str) -> str:
+    if kind == "history":
+        return "every row version fungi featurize wrote (_fungi_history): point-in-time correct"
+    return "the current rows (no --history): point-in-time correct only for rows never changed"
+
+
+def describe(update: RepoUpdate) -> Iterable[str]:
+    """The lines ``fungi feast`` prints."""
+    verb = "wrote" if update.config_written else "kept"
+    yield f"{verb} {update.repo / 'feature_store.yaml'}"
+    yield (
+        f"wrote {update.definitions}: entity {update.entity} (id), feature view {update.feature_view} "
+        f"({', '.join(update.features)})" + (f", feature view {update.fungi_view} (fungi)" if update.fungi_view else "")
+        + f", feature service {update.name}"
+    )
+    yield f"source: {update.source} ({'every row version' if update.source_kind == 'history' else 'current rows'})"
+    if update.fungi_view:
+        yield f"FUNGI vectors: {update.fungi_files_written} file(s) written, {update.fungi_files_kept} up to date"
+    if update.removed_views:
+        yield f"removed views: {', '.join(update.removed_views)} (`feast apply` deletes them)"
+    for note in update.notes:
+        yield f"note: {note}"
+    yield (
+        f"next: feast -c {update.repo} apply && "
+        f"feast -c {update.repo} materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)"
+    )
+

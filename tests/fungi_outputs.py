@@ -1,0 +1,135 @@
+"""Synthetic FUNGI feature outputs, written directly with pyarrow, as `fungi featurize` lays them out.
+
+The layout is the job's output contract: current rows as ``OUT/*.parquet`` (one row per
+id), every row version ever written in ``OUT/_fungi_history/*.parquet`` (append-only, with
+``--history``), ``OUT/_fungi_manifest.json``, ``fungi.spec`` / ``fungi.spec_hash`` in every
+file's metadata, and bookkeeping folders (``_errors/``) that readers must skip. Vectors are
+clustered like real features (a label per row, a centroid per label and block, noise),
+L2-normalised, so nearest-neighbour results are meaningful.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+def make_spec(model: str = "hf:test/minilm", objectives=("kl", "simclr"), seed: int = 0,
+              embed_dim: int = 32, projection_dim: int = 24) -> dict:
+    return {
+        "format": 1, "model": model, "modality": "text", "weights": None, "weights_sha256": None,
+        "target_layer": "encoder.layer.5.attention.output.dense", "pooling": "mean",
+        "objectives": [{"name": name, "params": {}} for name in objectives], "seed": seed,
+        "projection": "gaussian", "projection_dim": projection_dim, "embed_dim": embed_dim,
+        "precision": "fp32", "version": "0.1.0",
+    }
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SyntheticOutput:
+    """An output folder and the truth it holds; ``night`` appends one incremental run."""
+
+    root: Path
+    spec: dict
+    history: bool = True
+    labels: int = 8
+    seed: int = 0
+    keep: dict = field(default_factory=lambda: {"label": pa.string(), "split": pa.string()})
+    extra_columns: dict = field(default_factory=dict)  # name -> pa.Array factory (n -> array), e.g. reserved names
+    current: pa.Table | None = None
+    versions: list[pa.Table] = field(default_factory=list)  # each night's new and changed rows
+    runs: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        dims = {"embedding": self.spec["embed_dim"]}
+        dims.update({f"grad_{o['name']}": self.spec["projection_dim"] for o in self.spec["objectives"]})
+        self.dims = dims
+        self.centroids = {name: self.rng.normal(size=(self.labels, d)) for name, d in dims.items()}
+
+    @property
+    def hash(self) -> str:
+        return spec_hash(self.spec)
+
+    def rows(self, ids: list[str], when: datetime) -> pa.Table:
+        n = len(ids)
+        label = self.rng.integers(0, self.labels, n)
+        columns = {
+            "id": pa.array(ids, pa.string()),
+            "content_hash": pa.array([f"{i}-{when.timestamp():.0f}" for i in ids], pa.string()),
+            "event_time": pa.array([when] * n, TIMESTAMP),
+        }
+        if "label" in self.keep:
+            columns["label"] = pa.array([f"topic{k}" for k in label], pa.string())
+        if "split" in self.keep:
+            columns["split"] = pa.array(["train" if k % 3 else "test" for k in range(n)], pa.string())
+        for name, make in self.extra_columns.items():
+            columns[name] = make(n)
+        for name, dim in self.dims.items():
+            vectors = self.centroids[name][label] + 0.8 * self.rng.normal(size=(n, dim))
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim)
+        return pa.table(columns)
+
+    def night(self, when: datetime, new: list[str], changed: list[str] = ()) -> pa.Table:
+        """One run: featurize ``new`` ids and new versions of ``changed`` ids at ``when``."""
+        fresh = self.rows([*changed, *new], when)
+        index = len(self.runs)
+        metadata = {b"fungi.spec": json.dumps(self.spec, sort_keys=True).encode(), b"fungi.spec_hash": self.hash.encode()}
+        fresh = fresh.replace_schema_metadata(metadata)
+        if self.history:
+            (self.root / "_fungi_history").mkdir(parents=True, exist_ok=True)
+            pq.write_table(fresh, self.root / "_fungi_history" / f"run-{index:05d}.parquet")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.current is None:
+            self.current = fresh
+            pq.write_table(fresh, self.root / f"part-{index:05d}-0.parquet")
+        else:
+            # the job replaces the files that held changed rows, and adds a file for the rest
+            gone = pa.compute.is_in(self.current.column("id"), pa.array(list(changed), pa.string()))
+            kept = self.current.filter(pa.compute.invert(gone))
+            for old in self.root.glob("part-*.parquet"):
+                old.unlink()
+            pq.write_table(kept.replace_schema_metadata(metadata), self.root / f"part-{index:05d}-0.parquet")
+            pq.write_table(fresh, self.root / f"part-{index:05d}-1.parquet")
+            self.current = pa.concat_tables([kept, fresh]).replace_schema_metadata(metadata)
+        self.versions.append(fresh)
+        (self.root / "_errors").mkdir(exist_ok=True)
+        pq.write_table(
+            pa.table({"id": ["broken"], "content_hash": ["x"], "stage": ["decode"], "error": ["text is empty"]}),
+            self.root / "_errors" / f"errors-{index:05d}.parquet",
+        )
+        self.runs.append({
+            "run_id": f"run-{index:05d}", "started": when.isoformat(), "mode": "incremental" if index else "full",
+            "rows_written": fresh.num_rows, "rows_replaced": len(changed),
+        })
+        manifest = {
+            "format": 2, "spec": self.spec, "spec_hash": self.hash, "rows": self.current.num_rows, "errors": 1,
+            "runs": self.runs, "history": "_fungi_history" if self.history else None,
+        }
+        (self.root / "_fungi_manifest.json").write_text(json.dumps(manifest, indent=2))
+        return fresh
+
+    def matrix(self, column: str, ids: list[str] | None = None, table: pa.Table | None = None) -> np.ndarray:
+        table = self.current if table is None else table
+        if ids is not None:
+            position = {v: i for i, v in enumerate(table.column("id").to_pylist())}
+            table = table.take([position[i] for i in ids])
+        values = table.column(column).combine_chunks()
+        return values.flatten().to_numpy().reshape(len(values), -1)
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
