@@ -54,9 +54,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
-from pipelines.storage import Location, exists, read_text
+from pipelines.manifest import MANIFEST_NAME, read_manifest
+from pipelines.storage import Location, exists
 
-MANIFEST_NAME = "_fungi_manifest.json"
 ID_COLUMN = "id"
 EVENT_TIME_COLUMN = "event_time"
 CONTENT_HASH_COLUMN = "content_hash"
@@ -153,19 +153,13 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
         raise ConfigError(f"output {uri} does not exist")
     if info.type != pafs.FileType.Directory:
         raise ConfigError(f"output {uri} is not a directory: pass the folder that `fungi featurize --output` wrote")
-    manifest_path = posixpath.join(root, MANIFEST_NAME)
-    if not exists(fs, manifest_path):
+    committed = read_manifest(location)
+    if committed is None:
         raise ConfigError(
             f"{uri} has no {MANIFEST_NAME}: not a fungi feature output, or its first `fungi featurize` run "
             "has not committed yet"
         )
-    try:
-        manifest = json.loads(read_text(fs, manifest_path))
-        spec, spec_hash = manifest["spec"], manifest["spec_hash"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{uri}/{MANIFEST_NAME} is not a fungi manifest: {exc}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("objectives"), list):
-        raise ConfigError(f"{uri}/{MANIFEST_NAME} holds no featurizer spec with objectives")
+    manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
     data_files = tuple(_parquet_files(fs, root))
     if not data_files:
         raise ConfigError(f"{uri} holds no feature files yet (no *.parquet at its top level)")

@@ -19,6 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.manifest import Manifest, RunRecord, sources_schema, write_header, write_sources_table
+from pipelines.storage import Location
+
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
@@ -107,19 +110,34 @@ class SyntheticOutput:
             self.current = pa.concat_tables([kept, fresh]).replace_schema_metadata(metadata)
         self.versions.append(fresh)
         (self.root / "_errors").mkdir(exist_ok=True)
+        for stale in (self.root / "_errors").glob("*.parquet"):
+            stale.unlink()
+        error_file = f"_errors/errors-{index:05d}.parquet"
         pq.write_table(
             pa.table({"id": ["broken"], "content_hash": ["x"], "stage": ["decode"], "error": ["text is empty"]}),
-            self.root / "_errors" / f"errors-{index:05d}.parquet",
+            self.root / error_file,
         )
-        self.runs.append({
-            "run_id": f"run-{index:05d}", "started": when.isoformat(), "mode": "incremental" if index else "full",
-            "rows_written": fresh.num_rows, "rows_replaced": len(changed),
-        })
-        manifest = {
-            "format": 2, "spec": self.spec, "spec_hash": self.hash, "rows": self.current.num_rows, "errors": 1,
-            "runs": self.runs, "history": "_fungi_history" if self.history else None,
-        }
-        (self.root / "_fungi_manifest.json").write_text(json.dumps(manifest, indent=2))
+        run_id = f"run-{index:05d}"
+        self.runs.append(RunRecord(
+            run_id=run_id, started=when.isoformat(), mode="incremental" if index else "full", wall_s=1.0,
+            rows_in=self.current.num_rows, rows_skipped=self.current.num_rows - fresh.num_rows,
+            rows_written=fresh.num_rows, rows_replaced=len(changed),
+        ))
+        files = sorted(self.root.glob("part-*.parquet"))
+        sources = [
+            {"source": f.name, "size": f.stat().st_size, "identity": "synthetic", "input_rows": pq.read_metadata(f).num_rows,
+             "file": f.name, "rows": pq.read_metadata(f).num_rows, "error_file": error_file if i == 0 else None,
+             "errors": 1 if i == 0 else 0, "id_min": None, "id_max": None, "orphans": 0, "present": True, "run_id": run_id}
+            for i, f in enumerate(files)
+        ]
+        manifest = Manifest(
+            spec=self.spec, spec_hash=self.hash, input={"id_column": "id", "id_type": "string"},
+            sources=pa.Table.from_pylist(sources, schema=sources_schema(pa.string())), version=index + 1,
+            history="_fungi_history" if self.history else None, runs=list(self.runs),
+        )
+        location = Location(str(self.root))
+        write_sources_table(location, manifest)
+        write_header(location, manifest)
         return fresh
 
     def matrix(self, column: str, ids: list[str] | None = None, table: pa.Table | None = None) -> np.ndarray:

@@ -412,8 +412,7 @@ def test_check_event_time_column_names_the_fix():
             check_event_time_column(schema, name)
 
 
-@pytest.mark.xfail(reason="needs the event_time column of the job rewrite", strict=True)
-def test_real_featurize_to_online_lookup_and_vector_search(minilm_dir, tmp_path):
+def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_path):
     """`fungi featurize --history` (the real job, in its own process), then the whole hand-off."""
     from feast import FeatureStore
 
@@ -425,7 +424,7 @@ def test_real_featurize_to_online_lookup_and_vector_search(minilm_dir, tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(tmp_path / "in"), "--output", str(out),
-         "--modality", "text", "--model", f"hf:{minilm_dir}", "--objectives", "kl", "--keep-columns", "label",
+         "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--objectives", "kl", "--keep-columns", "label",
          "--actors", "1", "--batch-size", "4", "--history"],
         env=env, capture_output=True, text=True, timeout=600,
     )

@@ -16,8 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 KERNEL = "fungi-tests"
-# notebooks that need what the job does not write yet (remove the entry when it does)
-NOT_YET = {"feature_store": "needs `fungi featurize --history` and the event_time column of the job rewrite"}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +60,7 @@ def test_notebook_is_committed_without_outputs(path: Path):
             )
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.xfail(reason=NOT_YET[p.stem], strict=True)) if p.stem in NOT_YET else p
-     for p in NOTEBOOKS],
-    ids=lambda p: p.stem,
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path: Path, kernel_manager_factory):
     import nbformat
     from nbclient import NotebookClient
