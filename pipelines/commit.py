@@ -81,6 +81,8 @@ class Committer:
             "run_id": run_id,
             "previous_sources": previous.sources_table_name if previous else None,
             "overwrite": overwrite,
+            # history switched on for an output that has rows: its versions so far start it
+            "seed_history": bool(new.history and previous is not None and not previous.history and not overwrite),
         }
         write_sources_table(self.output, new)
         self._done(f"write {new.sources_table_name}")
@@ -95,6 +97,7 @@ class Committer:
             return
         root, run_id = self.output.path, pending["run_id"]
         staging = self.output.join(STAGING_DIR, run_id)
+        self.fs.create_dir(f"{root}/{ERRORS_DIR}", recursive=True)  # readers of _errors/ find it, empty or not
         rows = manifest.sources.to_pylist()
         current = {name for row in rows for name in (row["file"], row["error_file"]) if name}
         for name in sorted(n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
@@ -109,6 +112,12 @@ class Committer:
             for info in list_files(self.fs, staging.child_path(BLOCKS_DIR), ".parquet"):
                 self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-{posixpath.basename(info.path)}")
                 self._done(f"keep {posixpath.basename(info.path)} in {manifest.history}")
+        if pending.get("seed_history"):
+            for name in sorted(self._previous_files(pending, data_only=True)):
+                target = f"{root}/{manifest.history}/{run_id}-seed-{name}"
+                if not exists(self.fs, target):
+                    self.fs.copy_file(f"{root}/{name}", target)
+                    self._done(f"copy {name} to {manifest.history}")
         for name in sorted(self._superseded(pending, current)):
             delete_file(self.fs, f"{root}/{name}")
             self._done(f"delete {name}")
@@ -129,12 +138,17 @@ class Committer:
             stale = {info.path[len(root) + 1 :] for info in list_files(self.fs, root, ".parquet")}
             stale |= {info.path[len(root) + 1 :] for info in list_files(self.fs, f"{root}/{ERRORS_DIR}", ".parquet")}
             return stale - current
+        return self._previous_files(pending) - current
+
+    def _previous_files(self, pending: dict, data_only: bool = False) -> set[str]:
+        """Data (and error) files the previous sources table names."""
+        root = self.output.path
         previous = pending.get("previous_sources")
         if not previous or not exists(self.fs, f"{root}/{previous}"):
             return set()  # already cleaned up by an earlier pass of apply
-        table = pq.read_table(f"{root}/{previous}", columns=["file", "error_file"], filesystem=self.fs)
-        names = {n for column in table.columns for n in column.to_pylist() if n}
-        return names - current
+        columns = ["file"] if data_only else ["file", "error_file"]
+        table = pq.read_table(f"{root}/{previous}", columns=columns, filesystem=self.fs)
+        return {n for column in table.columns for n in column.to_pylist() if n}
 
 
 def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False) -> Manifest | None:

@@ -476,7 +476,7 @@ class FeaturizeJob:
     def next_manifest(self, previous: Manifest | None, plan: NightPlan, results: list[dict[str, Any]],
                       schema: InputSchema) -> Manifest:
         """The state after this run: untouched sources as they were, touched ones as finalized."""
-        rows = {} if previous is None else {row["source"]: row for row in previous.sources.to_pylist()}
+        rows = dict(plan.committed)
         for row in plan.dropped:
             rows.pop(row["source"], None)
         for source in plan.absent:
@@ -525,7 +525,7 @@ class FeaturizeJob:
             committer = Committer(self.output)
             try:
                 id_check = check_ids(
-                    plan, previous, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
+                    plan, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
                     id_column=self.columns.id, id_type=self.id_type, input_rows=input_rows,
                 )
                 reads = plan.to_read

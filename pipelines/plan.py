@@ -74,6 +74,7 @@ class NightPlan:
     work: dict[str, SourceWork]
     unchanged: list[InputFile]
     listed: set[str] = field(default_factory=set)
+    committed: dict[str, dict[str, Any]] = field(default_factory=dict)  # the sources table, by source
     dropped: list[dict[str, Any]] = field(default_factory=list)  # gone from the input, removed by --prune
     absent: list[str] = field(default_factory=list)  # gone from the input, kept
 
@@ -114,7 +115,7 @@ def plan_night(
                 work[info.relpath] = SourceWork(info.relpath, MOVED, info, old)  # back: mark present
     listed = {info.relpath for info in listing}
     gone = [row for source, row in old_rows.items() if source not in listed]
-    plan = NightPlan(work, unchanged, listed)
+    plan = NightPlan(work, unchanged, listed, old_rows)
     for row in gone:
         if prune:
             plan.dropped.append(row)
@@ -210,7 +211,6 @@ class IdCheck:
 
 def check_ids(
     plan: NightPlan,
-    manifest: Manifest | None,
     *,
     input_location: Location,
     output: Location,
@@ -230,7 +230,7 @@ def check_ids(
     if not reads:
         return IdCheck({}, 0, set())
     total = sum(input_rows[w.source] for w in reads)
-    old_sources = manifest.sources.to_pylist() if manifest is not None else []
+    old_sources = list(plan.committed.values())
     total += sum(row["rows"] + row["errors"] for row in old_sources)
     buckets = max(1, math.ceil(total / ID_BUCKET_ROWS))
     scan_new = ray.remote(num_cpus=0.25)(_scan_new)

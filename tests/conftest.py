@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 
+from fungi_outputs import save_tiny_text_model
+
 
 def png_bytes(height: int, width: int, seed: int = 0) -> bytes:
     """A random RGB image encoded as PNG."""
@@ -70,21 +72,6 @@ def tiny_vit_dir(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("tiny_hf_vit")
     ViTModel(config, add_pooling_layer=False).save_pretrained(str(directory))
     return str(directory)
-
-
-def save_tiny_text_model(directory: str, tokenizer_dir: str) -> str:
-    """A 1-layer random-init BERT (hidden size 32) with a real WordPiece tokenizer, saved as
-    a local Hugging Face directory: featurizing with it costs next to nothing."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(directory)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )
-    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,18 @@ class SyntheticOutput:
 
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=timezone.utc)
+
+
+def save_tiny_text_model(directory: str, tokenizer_dir: str) -> str:
+    """A 1-layer random-init BERT (hidden size 32) with a real WordPiece tokenizer, saved as
+    a local Hugging Face directory: featurizing with it costs next to nothing."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    return directory

