@@ -50,22 +50,8 @@ class ImageAdapter(ModalityAdapter):
     # -- decode ---------------------------------------------------------------
     def decode(self, payload: Any) -> np.ndarray:
         """Encoded image bytes (or an RGB array) -> uint8 ``[H, W, 3]`` at the eval resize."""
-        try:
-            if isinstance(payload, np.ndarray):
-                image = Image.fromarray(np.asarray(payload, dtype=np.uint8))
-            else:
-                if not isinstance(payload, (bytes, bytearray, memoryview)) or len(payload) == 0:
-                    raise SampleError("image payload is empty or not bytes")
-                image = Image.open(io.BytesIO(bytes(payload)))
-                image.load()
-            image = image.convert("RGB")
-        except SampleError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        image = open_rgb(payload)
         width, height = image.size
-        if width < 1 or height < 1:
-            raise SampleError(f"image has no pixels ({width}x{height})")
         short = self.settings.resize_size
         scale = short / min(width, height)
         new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
@@ -197,6 +183,27 @@ class ImageAdapter(ModalityAdapter):
                 target.view(-1, group.count, 3, size, size).copy_(sampled.view(-1, 3, group.count, size, size).transpose(1, 2))
             start += group.count
         return views
+
+
+def open_rgb(payload: Any) -> Image.Image:
+    """Encoded image bytes (or an RGB array) -> a loaded RGB PIL image; SampleError for a bad row."""
+    try:
+        if isinstance(payload, np.ndarray):
+            image = Image.fromarray(np.asarray(payload, dtype=np.uint8))
+        else:
+            if not isinstance(payload, (bytes, bytearray, memoryview)) or len(payload) == 0:
+                raise SampleError("image payload is empty or not bytes")
+            image = Image.open(io.BytesIO(bytes(payload)))
+            image.load()
+        image = image.convert("RGB")
+    except SampleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise SampleError(f"image has no pixels ({width}x{height})")
+    return image
 
 
 def box_grid(
