@@ -72,11 +72,14 @@ from fungi_ops.spec import FeaturizerSpec
 
 log = logging.getLogger(__name__)
 
-PROJECTION_ELEMENTS = {"cpu": 1 << 23, "accelerator": 1 << 28}
+PROJECTION_ELEMENTS = {"cpu": 1 << 25, "accelerator": 1 << 28}
 """Values of rank-one gradients formed at once before projection (``rows x gradient_dim``).
 
-CPU: 8 Mi float32 values (32 MiB), e.g. 226 patches of ViT-Tiny, 56 of ViT-S, 14 of ViT-B;
-accelerators: 256 Mi (a whole batch of ViT-Tiny/S patches). See ``benchmarks/bench_dense.py``.
+Every chunk streams the whole projection matrix through the cache, so bigger chunks are
+faster: on this project's 2-core CPU, 784 ViT-Tiny patches projected in chunks of 56, 226
+and 784 rows took 132, 79 and 41 ms per 196 patches; 392 ViT-S patches in chunks of 56,
+226 and 392 rows 470, 320 and 300 ms. CPU: 32 Mi float32 values (128 MiB), i.e. 905
+patches of ViT-Tiny, 226 of ViT-S, 56 of ViT-B; accelerators: 256 Mi values (512 MiB in bf16).
 """
 LATENT_CHUNK = 65536  # support rows per head matmul when the support is installed
 

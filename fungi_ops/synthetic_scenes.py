@@ -5,8 +5,8 @@ download. A scene is a Voronoi partition of the image into ``regions`` cells aro
 random sites; each cell gets a class and is filled with that class' texture: oriented
 sine stripes of a class-specific angle, frequency and pair of colours, with a random
 phase per cell and a little pixel noise. The mask holds the class id of every pixel, so
-it is exact; ``ignore_border`` marks pixels within that many pixels of a cell boundary
-with 255, the ignore index (as VOC's object boundaries).
+it is exact; ``ignore_border`` marks pixels within that many pixels of a boundary between
+two classes with 255, the ignore index (as VOC's object boundaries).
 
 Everything is drawn from ``(seed, "scene", index)``: the same arguments give the same
 scenes on any machine.
@@ -54,8 +54,8 @@ def make_scene(
     noise = draw(size, size, 3) - 0.5
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     distances = np.stack([np.hypot(ys - y, xs - x) for y, x in sites])  # [regions, H, W]
-    order = np.sort(distances, axis=0)
-    cell = np.argmin(distances, axis=0)
+    nearest = np.argsort(distances, axis=0)[:2]  # the two nearest sites of every pixel
+    cell = nearest[0]
     image = np.zeros((size, size, 3), dtype=np.float64)
     textures = class_textures(classes)
     for region in range(regions):
@@ -67,8 +67,12 @@ def make_scene(
         image[cell == region] = fill[cell == region]
     image = np.clip(image + 24.0 * noise, 0, 255).astype(np.uint8)
     mask = labels[cell].astype(np.uint8)
-    if ignore_border:
-        mask[(order[1] - order[0]) < 2 * ignore_border] = IGNORE_INDEX
+    if ignore_border and regions > 1:
+        # distance to the bisector of the two nearest sites: (d2^2 - d1^2) / (2 |s1 - s2|)
+        first, second = np.take_along_axis(distances, nearest, axis=0)
+        spacing = np.linalg.norm(sites[nearest[0]] - sites[nearest[1]], axis=-1)
+        to_boundary = (second**2 - first**2) / np.maximum(2 * spacing, 1e-9)
+        mask[(to_boundary < ignore_border) & (labels[nearest[0]] != labels[nearest[1]])] = IGNORE_INDEX
     return image, mask
 
 

@@ -178,7 +178,7 @@ def _protocol_line(report: EvalReport) -> str:
     s = report.settings
     if report.task == "segmentation":
         return (
-            f"memory bank of {s['memory_patches']} train patches ({s['patches_per_train_image']} per image), "
+            f"memory bank of {s['memory_patches']} train patches (at most {s['patches_per_train_image']} per image), "
             f"k={s['k']}, cross-attention T={s['temperature']}, {s['index']} search; "
             f"mIoU over {len(s['class_ids'])} classes, ignore index {s['ignore_index']}"
         )
