@@ -9,12 +9,14 @@ Vectors are L2-normalised, so the inner product is the cosine similarity. Index 
 * ``ivf-sq8``: the same with 8-bit scalar-quantised vectors, a quarter of the memory
   (10^7 patches of 384 dims: 3.8 GB instead of 15 GB).
 
-Exact search pays ``n_vectors x dim`` per query. Measured on this project's 2-core CPU for
-the 197 queries of one 224-px ViT image (flat / ``ivf`` with 32 lists probed, recall of
-the 2 nearest): dim 192, 4,096 vectors 5.4 ms / 2.1 ms (0.98); 16,384: 16 ms / 3.7 ms
-(0.98); 65,536: 204 ms / 14 ms (0.95); 262,144: 1021 ms / 40 ms (0.91); dim 384 costs
-about twice as much. A ViT-Tiny forward of that image takes about 20 ms, so exact search
-stops being cheap beyond :data:`FLAT_LIMIT` vectors, which is where ``auto`` switches.
+Exact search pays ``n_vectors x dim`` per query. Measured on this project's 2-core CPU, one
+thread, for the 197 queries of one 224-px ViT image (recall: of the 2 nearest, against
+exact search), 192 dims: flat 5 ms at 4,096 vectors, 17 ms at 8,192, 1,100 ms at 102,400;
+at 102,400 vectors (1,024 lists, 32 probed) ``ivf`` 29 ms (recall 0.98), ``ivf-sq8`` 18 ms
+(0.97); 384 dims: ``ivf`` 62 ms, ``ivf-sq8`` 36 ms (0.97). Scanning the probed lists reads
+their vectors from memory for every query, so the 8-bit codes are faster as well as 4 times
+smaller. ``auto`` (in :class:`~fungi_ops.objectives.DenseConfig` and the segmentation
+memory bank) is therefore ``flat`` up to :data:`FLAT_LIMIT` vectors, ``ivf-sq8`` above.
 
 Building is deterministic: the k-means training sample is a seeded draw of rows
 (``seed``), k-means is seeded from it too, so the same vectors in the same order give the
@@ -31,8 +33,15 @@ import torch
 from fungi_ops.seeding import derive_seed, generator
 
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "ivf-sq8")
-FLAT_LIMIT = 8192
+FLAT_LIMIT = 4096
 """Largest number of vectors searched exactly by ``auto`` (see the module docstring for the measurements)."""
+AUTO_APPROXIMATE = "ivf-sq8"
+"""The kind ``auto`` picks above :data:`FLAT_LIMIT` vectors."""
+
+
+def auto_kind(size: int) -> str:
+    """``flat`` up to :data:`FLAT_LIMIT` vectors, else :data:`AUTO_APPROXIMATE`."""
+    return "flat" if size <= FLAT_LIMIT else AUTO_APPROXIMATE
 TRAIN_POINTS_PER_LIST = 64
 """k-means training rows per inverted list (faiss warns below 39)."""
 

@@ -269,7 +269,8 @@ def test_dense_settings_are_part_of_the_spec(engine: DenseFeaturizer) -> None:
     config = spec.objectives[0]
     assert isinstance(config, DenseConfig) and (config.image_size, config.index) == (64, "flat")
     assert FeaturizerSpec.from_json(spec.to_json()).hash == spec.hash
-    assert DenseConfig(support_size=FLAT_LIMIT + 1).resolved("image").index == "ivf"
+    assert DenseConfig(support_size=FLAT_LIMIT).resolved("image").index == "flat"
+    assert DenseConfig(support_size=FLAT_LIMIT + 1).resolved("image").index == "ivf-sq8"
     other = DenseFeaturizer(dense_spec("support_size=256;support_patches_per_image=16;num_neighbors=3"), device="cpu")
     assert other.spec.hash != spec.hash
 

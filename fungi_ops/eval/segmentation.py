@@ -10,8 +10,8 @@ al. that the FUNGI reference (``fungi-hummingbird``) builds on:
    (stream ``(seed, "memory", id)``); the lowest scores are kept, favouring rare classes;
 2. each test patch takes its ``k`` (30) nearest memory patches by cosine similarity
    (:class:`~fungi_ops.neighbours.NeighbourIndex`, ``auto``: exact up to
-   :data:`~fungi_ops.neighbours.FLAT_LIMIT` memory patches, else IVF, where the reference
-   uses ScaNN) and their label distributions, weighted by
+   :data:`~fungi_ops.neighbours.FLAT_LIMIT` memory patches, else 8-bit IVF, where the
+   reference uses ScaNN) and their label distributions, weighted by
    ``softmax(cos / temperature)`` (0.02): cross-attention label transfer;
 3. the patch grid of label scores is upsampled bilinearly to the mask's own size, the
    argmax is the prediction;
@@ -57,7 +57,7 @@ from fungi_ops.eval.combinations import combination_name, feature_combinations
 from fungi_ops.eval.errors import EvalInputError, EvalWarning
 from fungi_ops.eval.knn import clamp_k
 from fungi_ops.eval.report import CombinationResult, EvalReport, MetricSummary
-from fungi_ops.neighbours import FLAT_LIMIT, INDEX_KINDS, NeighbourIndex
+from fungi_ops.neighbours import INDEX_KINDS, NeighbourIndex, auto_kind
 from fungi_ops.seeding import generator
 
 DEFAULT_MEMORY_SIZE = 102400
@@ -224,7 +224,7 @@ def evaluate_segmentation(
     classes = bank["labels"].shape[1]
     effective_k = clamp_k(k, bank["labels"].shape[0])
     combos = feature_combinations(columns)
-    kind = index if index != "auto" else ("flat" if bank["labels"].shape[0] <= FLAT_LIMIT else "ivf")
+    kind = index if index != "auto" else auto_kind(bank["labels"].shape[0])
     indexes = {combination_name(c): NeighbourIndex.build(_combine(bank, c), kind, seed=seed) for c in combos}
     memory_seconds = time.perf_counter() - started
 

@@ -131,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     segmentation.add_argument(
         "--knn-index", choices=_INDEXES, default="auto",
-        help="neighbour search over the memory bank: auto (exact up to 8192 patches, else ivf), flat (exact), "
-        "ivf, ivf-sq8 (approximate, faiss) (default: %(default)s)",
+        help="neighbour search over the memory bank: auto (exact up to 4096 patches, else ivf-sq8), flat (exact), "
+        "ivf, ivf-sq8 (approximate, faiss; 32 lists probed) (default: %(default)s)",
     )
     segmentation.add_argument(
         "--seed", type=int, default=0, help="seed of the memory bank's patch sampling (default: %(default)s)"
