@@ -35,6 +35,16 @@ training split in :func:`~fungi_ops.seeding.setup_order`, up to ``support_size``
 their unit-norm tokens go into a :class:`~fungi_ops.neighbours.NeighbourIndex`, their head
 latents beside it. :meth:`DenseFeaturizer.setup_state` holds both for a setup artifact.
 
+For a featurize job (``pipelines``): resolve the spec on the driver
+(:func:`~fungi_ops.featurizer.resolve_spec` fills ``image_size``; ``spec.is_dense`` picks
+this path), decode on workers with :func:`make_dense_decoder`, build the support from the
+first ``spec.setup_rows`` rows of the support split in ``setup_order`` and ship
+:meth:`DenseFeaturizer.setup_state` (two arrays: the serialised index and the latents) as the
+setup artifact; each actor then calls :meth:`DenseFeaturizer.load_setup_state` once and
+:meth:`DenseFeaturizer.featurize` per batch, and hands the :class:`DenseBatch` to
+:func:`fungi_ops.dense_table.dense_batch_columns` and
+:func:`fungi_ops.dense_table.write_dense_parquet`.
+
 Deliberate differences from the reference:
 
 * the reference gathers the neighbours with ``memory[idx].reshape(B, T, E, -1)`` on an

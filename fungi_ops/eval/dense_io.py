@@ -88,9 +88,9 @@ class DenseReader:
     def batches(
         self, features: Sequence[str] | None = None, columns: Sequence[str] = (), batch_rows: int = 16
     ) -> Iterator[DenseRows]:
-        """Yield :class:`DenseRows` of up to ``batch_rows`` images, files in sorted order, rows in file order.
+        """Yield :class:`DenseRows` of up to ``batch_rows`` images (a batch never spans two row groups).
 
-        Memory: one batch's columns (``batch_rows`` images) at a time.
+        Files in the dataset's order, rows in file order. Memory: one batch's columns at a time.
         """
         features = list(self.features if features is None else features)
         for name in [*features, *columns]:
