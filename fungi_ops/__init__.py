@@ -13,11 +13,16 @@ Typical use::
     featurizer = Featurizer(spec)
     featurizer.setup(negative_texts, negative_ids)     # SimCLR negatives
     batch = featurizer.featurize_payloads(texts, ids)  # batch.features["grad_kl"] ...
+
+Per-patch (dense) features of ViTs: :class:`DenseFeaturizer` with the ``dense`` objective
+(:class:`DenseConfig`); see :mod:`fungi_ops.dense`.
 """
+from fungi_ops.dense import DenseBatch, DenseFeaturizer
 from fungi_ops.errors import ConfigError, FungiError, SampleError
 from fungi_ops.featurizer import FeatureBatch, Featurizer
 from fungi_ops.objectives import (
     OBJECTIVES,
+    DenseConfig,
     DINOConfig,
     KLConfig,
     Objective,
@@ -31,6 +36,9 @@ __all__ = [
     "OBJECTIVES",
     "ConfigError",
     "DINOConfig",
+    "DenseBatch",
+    "DenseConfig",
+    "DenseFeaturizer",
     "FeatureBatch",
     "Featurizer",
     "FeaturizerSpec",

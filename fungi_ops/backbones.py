@@ -74,9 +74,28 @@ class AudioInput:
     patch_frames: int = 16
 
 
+@dataclass(frozen=True)
+class PatchTokens:
+    """How to read a ViT's last-layer tokens (for dense features), at any square input side.
+
+    ``forward``: ``(model, pixels [B, 3, S, S]) -> [B, prefix + (S / patch_size)^2, D]``, the
+    tokens after the final norm, class and register tokens (``prefix`` of them) first, then
+    the patches row by row. ``resize``: ``(model, S)`` prepares the model for inputs of side
+    ``S`` (resamples a fixed position embedding; a no-op for models that interpolate it).
+    """
+
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    prefix: int
+    patch_size: int
+    resize: Callable[[nn.Module, int], None]
+
+
 @dataclass
 class Backbone:
-    """A frozen encoder plus everything needed to feed it and to find its target layer."""
+    """A frozen encoder plus everything needed to feed it and to find its target layer.
+
+    ``patch_tokens`` is set for ViTs (timm and Hugging Face ViT / DINOv2 / CLIP vision).
+    """
 
     model: nn.Module
     modality: str
@@ -89,6 +108,7 @@ class Backbone:
     weights_sha256: str | None
     pooling: str | None = None
     tokenizer: Any = None
+    patch_tokens: PatchTokens | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def embed(self, inputs: Any) -> torch.Tensor:
@@ -283,7 +303,27 @@ def _load_timm(name: str, weights: str | None, seed: int) -> Backbone:
         model_id=f"timm:{name}",
         weights=weights,
         weights_sha256=_weights_hash(weights),
+        patch_tokens=_timm_patch_tokens(model),
     )
+
+
+def _timm_patch_tokens(model: nn.Module) -> PatchTokens | None:
+    """Token access for timm ViTs (``forward_features`` keeps every token); None for other models."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch_size = getattr(patch_embed, "patch_size", None)
+    if not (hasattr(model, "num_prefix_tokens") and hasattr(model, "set_input_size") and patch_size):
+        return None
+    if patch_size[0] != patch_size[1]:
+        return None
+
+    def forward(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(pixels)
+
+    def resize(model: nn.Module, side: int) -> None:
+        if tuple(model.patch_embed.img_size) != (side, side):
+            model.set_input_size(img_size=(side, side))
+
+    return PatchTokens(forward=forward, prefix=int(model.num_prefix_tokens), patch_size=int(patch_size[0]), resize=resize)
 
 
 def _sentence_transformers_pooling(directory: Path) -> str | None:
@@ -432,6 +472,30 @@ def _hf_image(name, config, model_type, common) -> Backbone:
         input_config=input_config,
         embed_fn=embed,
         pooling="pooler" if use_pooler else "cls",
+        patch_tokens=_hf_patch_tokens(config, model_type),
+    )
+
+
+def _hf_patch_tokens(config: Any, model_type: str) -> PatchTokens | None:
+    """Token access for Hugging Face ViT, DINOv2 (with registers) and CLIP vision; None for others.
+
+    ``last_hidden_state`` is the final-norm output for ViT and DINOv2; CLIP's is the last
+    block's output (its post-layernorm applies to the pooled token only).
+    """
+    if model_type not in ("vit", "dinov2", "dinov2_with_registers", "clip_vision_model"):
+        return None
+    patch = config.patch_size if isinstance(config.patch_size, int) else int(config.patch_size[0])
+    # ViT and CLIP keep a fixed position embedding unless asked; DINOv2 always interpolates
+    kwargs = {} if model_type.startswith("dinov2") else {"interpolate_pos_encoding": True}
+
+    def forward(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixels, **kwargs).last_hidden_state
+
+    return PatchTokens(
+        forward=forward,
+        prefix=1 + int(getattr(config, "num_register_tokens", 0) or 0),
+        patch_size=patch,
+        resize=lambda model, side: None,
     )
 
 

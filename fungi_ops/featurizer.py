@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def resolve_spec(spec: FeaturizerSpec, backbone: Backbone) -> FeaturizerSpec:
         target_layer=target,
         weights_sha256=backbone.weights_sha256,
         pooling=backbone.pooling,
-        objectives=tuple(config.resolved(spec.modality) for config in spec.objectives),
+        objectives=tuple(config.resolved(spec.modality).for_backbone(backbone) for config in spec.objectives),
         embed_dim=backbone.embed_dim,
         projection_dim=spec.projection_dim or backbone.embed_dim,
     )
@@ -99,6 +99,8 @@ class Featurizer:
         projection: torch.Tensor | None = None,
         trust_remote_code: bool = False,
     ) -> None:
+        if spec.is_dense:
+            raise ConfigError("the 'dense' objective makes per-patch features: use fungi_ops.dense.DenseFeaturizer")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backbone: Backbone = load_backbone(
             spec.model,
@@ -228,19 +230,11 @@ class Featurizer:
 
     def save_setup(self, path: str | Path) -> None:
         """Write :meth:`setup_state` to a safetensors file tagged with the spec hash."""
-        from safetensors.torch import save_file
-
-        save_file(self.setup_state(), str(path), metadata={"fungi.spec_hash": self.spec.hash})
+        write_setup_file(self.setup_state(), path, self.spec.hash)
 
     def load_setup(self, path: str | Path) -> None:
         """Install a file written by :meth:`save_setup`; raises ConfigError if it belongs to another spec."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            stored = (handle.metadata() or {}).get("fungi.spec_hash")
-            if stored != self.spec.hash:
-                raise ConfigError(f"setup artifact {path} belongs to spec {stored}, not {self.spec.hash}")
-            self.load_setup_state({key: handle.get_tensor(key) for key in handle.keys()})
+        self.load_setup_state(read_setup_file(path, self.spec.hash))
 
     def featurize(self, samples: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
         """Features of decoded samples. A row whose features are not finite is reported, not returned."""
@@ -262,13 +256,7 @@ class Featurizer:
 
     def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
         """Decode then featurize; rows that fail to decode are reported, the rest go on."""
-        decoded, decoded_rows, errors = [], [], {}
-        for row, payload in enumerate(payloads):
-            try:
-                decoded.append(self.decode(payload))
-                decoded_rows.append(row)
-            except SampleError as exc:
-                errors[row] = exc
+        decoded, decoded_rows, errors = decode_payloads(self.decode, payloads)
         result = self.featurize(decoded, [str(keys[row]) for row in decoded_rows])
         errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
         return FeatureBatch([str(k) for k in keys], result.features, errors)
@@ -360,6 +348,38 @@ class Featurizer:
                     chunk_start += inputs.shape[0]
                 features[feature_column(name)] = F.normalize(self.projection(total), dim=-1)
         return features
+
+
+def decode_payloads(
+    decode: Callable[[Any], Any], payloads: Sequence[Any]
+) -> tuple[list[Any], list[int], dict[int, SampleError]]:
+    """``(decoded samples, their row indices, {row: error})``: a row that fails to decode is reported, not raised."""
+    decoded, decoded_rows, errors = [], [], {}
+    for row, payload in enumerate(payloads):
+        try:
+            decoded.append(decode(payload))
+            decoded_rows.append(row)
+        except SampleError as exc:
+            errors[row] = exc
+    return decoded, decoded_rows, errors
+
+
+def write_setup_file(state: dict[str, torch.Tensor], path: str | Path, spec_hash: str) -> None:
+    """Save a setup state (tensors by name) as safetensors tagged ``fungi.spec_hash``."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"fungi.spec_hash": spec_hash})
+
+
+def read_setup_file(path: str | Path, spec_hash: str) -> dict[str, torch.Tensor]:
+    """Tensors of a file written by :func:`write_setup_file`; ConfigError if it belongs to another spec."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("fungi.spec_hash")
+        if stored != spec_hash:
+            raise ConfigError(f"setup artifact {path} belongs to spec {stored}, not {spec_hash}")
+        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def _row_count(inputs: Any) -> int:

@@ -7,6 +7,8 @@ detached leaf, so autograd starts at the target layer: nothing before it builds 
 Summing ``dy_t^T x_t`` over the tokens of all views of a sample gives that sample's
 gradient with one batched matmul. The model may run in several forward chunks (one hook
 call each); a sample whose views straddle two chunks gets its gradient in two parts.
+Dense features keep the terms apart: token ``t``'s own gradient is the rank-one
+``dy_t^T [x_t | 1]`` (:func:`token_linear_gradients`).
 """
 from __future__ import annotations
 
@@ -107,3 +109,26 @@ def accumulate_linear_gradients(
             inputs[start:stop], output_grads[start:stop], count, with_bias
         )
         start = stop
+
+
+def token_linear_gradients(
+    inputs: torch.Tensor, output_grads: torch.Tensor, with_bias: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flattened ``[n, out * (in + bias)]`` rank-one gradients ``dy_t^T [x_t | 1]``, one per token row.
+
+    ``inputs``: ``[n, in]``, ``output_grads``: ``[n, out]``. Same layout as
+    :func:`grouped_linear_gradients` (row ``o`` of ``W`` followed by ``b_o``). ``out``: an
+    ``[>= n, out, in + bias]`` buffer to write into (its dtype is used), so that a caller
+    projecting many chunks reuses one allocation.
+    """
+    rows, in_features = inputs.shape
+    out_features = output_grads.shape[1]
+    width = in_features + int(with_bias)
+    if out is None:
+        out = torch.empty((rows, out_features, width), dtype=inputs.dtype, device=inputs.device)
+    target = out[:rows]
+    grads = output_grads.to(target.dtype)
+    torch.mul(grads[:, :, None], inputs.to(target.dtype)[:, None, :], out=target[:, :, :in_features])
+    if with_bias:
+        target[:, :, in_features] = grads
+    return target.reshape(rows, out_features * width)

@@ -17,7 +17,7 @@ from fungi_ops.objectives import OBJECTIVES, KLConfig, ObjectiveConfig, make_obj
 from fungi_ops.projection import PROJECTION_KIND
 
 SPEC_FORMAT = 1
-FEATURE_ORDER = ("kl", "dino", "simclr")
+FEATURE_ORDER = ("kl", "dino", "simclr", "dense")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -69,6 +69,8 @@ class FeaturizerSpec:
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ConfigError(f"objectives repeat: {', '.join(names)}")
+        if any(o.view_kind == "dense" for o in self.objectives) and len(names) > 1:
+            raise ConfigError(f"the dense objective is computed alone (per patch); got {', '.join(names)}")
         ordered = sorted(
             self.objectives,
             key=lambda o: (FEATURE_ORDER.index(o.name) if o.name in FEATURE_ORDER else len(FEATURE_ORDER), names.index(o.name)),
@@ -76,9 +78,18 @@ class FeaturizerSpec:
         object.__setattr__(self, "objectives", tuple(ordered))
 
     @property
+    def is_dense(self) -> bool:
+        """True for per-patch features (the ``dense`` objective, see :class:`~fungi_ops.objectives.DenseConfig`)."""
+        return any(o.view_kind == "dense" for o in self.objectives)
+
+    @property
     def setup_rows(self) -> int:
-        """Rows of setup data the objectives need (SimCLR's negatives, once resolved); 0 for none."""
-        return max((getattr(o, "num_negatives", None) or 0 for o in self.objectives), default=0)
+        """Rows of setup data the objectives need (SimCLR's negatives once resolved, the dense
+        support's images); 0 for none."""
+        return max(
+            (getattr(o, "num_negatives", None) or getattr(o, "support_rows", None) or 0 for o in self.objectives),
+            default=0,
+        )
 
     @property
     def feature_names(self) -> list[str]:

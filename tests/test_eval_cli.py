@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fungi_ops.eval import FEATURE_COLUMNS, TASKS
+from fungi_ops.eval import FEATURE_COLUMNS, TASKS, knn, segmentation
 from fungi_ops.eval.linear import DEFAULT_C_GRID
+from fungi_ops.neighbours import INDEX_KINDS
 from pipelines import cli
 from pipelines.commands import evaluate as eval_command
 
@@ -99,4 +100,8 @@ def test_cli_constants_match_the_library():
     parser = cli.build_parser()
     args = parser.parse_args(["eval", "--train", "a", "--test", "b"])
     assert tuple(args.c_grid) == DEFAULT_C_GRID
-    assert (args.k, args.vote, args.temperature, args.task) == (20, "weighted", 0.07, "knn")
+    assert (args.k, args.vote, args.temperature, args.task) == (None, "weighted", None, "knn")
+    assert eval_command.task_defaults("knn") == (knn.DEFAULT_K, knn.DEFAULT_TEMPERATURE) == (20, 0.07)
+    assert eval_command.task_defaults("segmentation") == (segmentation.DEFAULT_K, segmentation.DEFAULT_TEMPERATURE)
+    assert args.memory_size == segmentation.DEFAULT_MEMORY_SIZE
+    assert eval_command._INDEXES == ("auto", *INDEX_KINDS)

@@ -93,15 +93,8 @@ class ImageAdapter(ModalityAdapter):
     # -- decode ---------------------------------------------------------------
     def decode(self, payload: Any) -> np.ndarray:
         """Encoded image bytes (or a uint8 array) -> uint8 ``[H, W, 3]`` at the eval resize."""
-        with _PILLOW_BOMB_CHECK_OFF:
-            if isinstance(payload, np.ndarray):
-                image = rgb_image(array_image(payload))
-            else:
-                data = payload_bytes(payload, "image", "bytes (an encoded image) or a uint8 array")
-                image = rgb_image(self._open(data))
+        image = self.open_rgb(payload)
         width, height = image.size
-        if width < 1 or height < 1:
-            raise SampleError(f"image has no pixels ({width}x{height})")
         short = self.settings.resize_size
         scale = short / min(width, height)
         new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
@@ -109,6 +102,14 @@ class ImageAdapter(ModalityAdapter):
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
         return np.asarray(image, dtype=np.uint8)
+
+    def open_rgb(self, payload: Any) -> Image.Image:
+        """Encoded image bytes (or a uint8 array) -> a loaded 8-bit RGB PIL image; SampleError for a bad row."""
+        with _PILLOW_BOMB_CHECK_OFF:
+            if isinstance(payload, np.ndarray):
+                return rgb_image(array_image(payload))
+            data = payload_bytes(payload, "image", "bytes (an encoded image) or a uint8 array")
+            return rgb_image(self._open(data))
 
     def _open(self, data: bytes) -> Image.Image:
         """The decoded (loaded) image in ``data``, reduced or refused first if above ``max_pixels``."""

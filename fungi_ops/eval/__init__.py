@@ -21,7 +21,9 @@ Protocol summary (details in each module):
 * linear probe: standardised features, logistic regression, C chosen on held-out train rows;
 * few-shot: ``shots`` rows per class, seeds ``0..seeds-1``, mean and population std;
 * retrieval: test queries against the train gallery, mAP and mAP@R;
-* combinations: each column alone, then embedding + gradients added one at a time.
+* combinations: each column alone, then embedding + gradients added one at a time;
+* segmentation (dense tables, :func:`evaluate_segmentation`): HummingBird's memory bank
+  of train patches and cross-attention label transfer, mIoU.
 """
 from fungi_ops.eval.combinations import PreparedFeatures, feature_combinations, prepare_features
 from fungi_ops.eval.errors import EvalInputError, EvalWarning
@@ -33,6 +35,7 @@ from fungi_ops.eval.pca import PCAProjection, fit_pca
 from fungi_ops.eval.protocol import TASKS, evaluate
 from fungi_ops.eval.report import CombinationResult, EvalReport, MetricSummary, format_markdown, write_report
 from fungi_ops.eval.retrieval import RetrievalResult, retrieval_metrics
+from fungi_ops.eval.segmentation import SegmentationReport, evaluate_segmentation
 
 __all__ = [
     "FEATURE_COLUMNS",
@@ -47,8 +50,10 @@ __all__ = [
     "PCAProjection",
     "PreparedFeatures",
     "RetrievalResult",
+    "SegmentationReport",
     "check_compatible",
     "evaluate",
+    "evaluate_segmentation",
     "feature_combinations",
     "few_shot_indices",
     "fit_pca",

@@ -26,8 +26,9 @@ import pyarrow.fs as pafs
 
 from fungi_ops.eval.errors import EvalInputError, quote
 
-FEATURE_COLUMNS: tuple[str, ...] = ("embedding", "grad_kl", "grad_dino", "grad_simclr")
-"""Feature columns the pipeline writes, in the paper's incremental-combination order."""
+FEATURE_COLUMNS: tuple[str, ...] = ("embedding", "grad_kl", "grad_dino", "grad_simclr", "grad_dense")
+"""Feature columns the pipeline writes, in the paper's incremental-combination order (``grad_dense``:
+per-patch tables, see :mod:`fungi_ops.dense_table`)."""
 
 SPEC_KEY = b"fungi.spec"
 SPEC_HASH_KEY = b"fungi.spec_hash"
@@ -133,21 +134,13 @@ def load_feature_table(
             table written by different specs, null/NaN values, or ragged feature lists.
     """
     source = os.fspath(path)
-    fs, root = _resolve_filesystem(source, filesystem)
-    try:
-        dataset = ds.dataset(root, format="parquet", filesystem=fs)
-    except (OSError, pa.ArrowException) as exc:
-        raise EvalInputError(f"cannot open feature table {source}: {exc}") from exc
-    if not dataset.files:
-        raise EvalInputError(f"no Parquet files found in {source}")
-
+    dataset, spec, spec_hash = open_feature_dataset(source, filesystem)
     names = dataset.schema.names
     if label_column is not None and label_column not in names:
         raise EvalInputError(
             f"label column {label_column!r} not found in {source}; columns: {', '.join(names)}"
         )
     columns = _select_feature_columns(names, features, source)
-    spec, spec_hash = _read_spec(dataset, source)
 
     wanted = [c for c in (ID_COLUMN, label_column) if c is not None and c in names] + columns
     try:
@@ -177,6 +170,26 @@ def load_feature_table(
         source=source,
         label_column=label_column,
     )
+
+
+def open_feature_dataset(
+    source: str, filesystem: pafs.FileSystem | None = None
+) -> tuple[ds.FileSystemDataset, dict[str, Any] | None, str | None]:
+    """``(dataset, spec, spec_hash)`` of a feature table's Parquet files (see :func:`load_feature_table`).
+
+    Raises:
+        EvalInputError: the path cannot be opened, holds no Parquet file, or its files come
+            from different specs.
+    """
+    fs, root = _resolve_filesystem(source, filesystem)
+    try:
+        dataset = ds.dataset(root, format="parquet", filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise EvalInputError(f"cannot open feature table {source}: {exc}") from exc
+    if not dataset.files:
+        raise EvalInputError(f"no Parquet files found in {source}")
+    spec, spec_hash = _read_spec(dataset, source)
+    return dataset, spec, spec_hash
 
 
 def check_compatible(train: FeatureTable, test: FeatureTable, columns: Sequence[str]) -> None:
@@ -283,6 +296,10 @@ def _features_to_numpy(column: pa.ChunkedArray, name: str, ids: np.ndarray, sour
     """``FixedSizeList<float>`` (or uniform ``List<float>``) column -> ``(rows, dim)`` float32."""
     kind = column.type
     is_list = pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if is_list and pa.types.is_fixed_size_list(kind.value_type):
+        raise EvalInputError(
+            f"feature column {name!r} in {source} holds per-patch features (a dense table): use --task segmentation"
+        )
     if not is_list or not pa.types.is_floating(kind.value_type):
         raise EvalInputError(
             f"feature column {name!r} in {source} must be FixedSizeList<float32>, got {kind}"

@@ -48,6 +48,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "knn": ("accuracy",),
     "linear": ("accuracy",),
     "retrieval": ("mAP", "mAP@R"),
+    "segmentation": ("mIoU",),
 }
 TASKS: tuple[str, ...] = tuple(TASK_METRICS)
 
@@ -75,7 +76,8 @@ def evaluate(
     Args:
         train, test: labelled splits (see :func:`~fungi_ops.eval.io.load_feature_table`).
         task: ``"knn"`` (accuracy), ``"linear"`` (accuracy) or ``"retrieval"``
-            (mAP and mAP@R, test rows query the train rows).
+            (mAP and mAP@R, test rows query the train rows); ``"segmentation"`` is
+            :func:`~fungi_ops.eval.segmentation.evaluate_segmentation`, on dense tables.
         features: restrict to these feature columns; ``None`` uses all common ones.
         pca: reduce every combination to this dimension with a PCA fitted on the train
             split (clamped, with a warning, to what the data allows); ``None`` keeps all.
@@ -91,6 +93,8 @@ def evaluate(
         EvalInputError: unusable input or options; the message says what and where.
     """
     check_options(task=task, pca=pca, shots=shots, seeds=seeds, k=k, vote=vote, temperature=temperature)
+    if task == "segmentation":
+        raise EvalInputError("segmentation reads dense tables: use fungi_ops.eval.evaluate_segmentation")
     dev = resolve_device(device)
     for table in (train, test):
         if table.labels is None:
@@ -169,6 +173,8 @@ def check_options(
     """Reject bad :func:`evaluate` options before any expensive work (also used by the CLI before loading)."""
     if task not in TASKS:
         raise EvalInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "segmentation" and (pca is not None or shots is not None):
+        raise EvalInputError("segmentation takes no --pca or --shots (the HummingBird protocol uses every train image)")
     if pca is not None and pca < 1:
         raise EvalInputError(f"PCA dimension must be positive, got {pca}")
     if shots is not None and shots < 1:

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 REPORT_FILES: dict[str, str] = {"markdown": "report.md", "json": "report.json", "png": "report.png"}
-_TASK_TITLES = {"knn": "k-NN", "linear": "linear probe", "retrieval": "retrieval"}
+_TASK_TITLES = {"knn": "k-NN", "linear": "linear probe", "retrieval": "retrieval", "segmentation": "segmentation (HummingBird)"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ class EvalReport:
         """The settings summary and the results table as markdown."""
         return format_markdown(self)
 
+    def figures(self) -> dict[str, Figure]:
+        """Pictures written next to the chart as ``<name>.png`` (none here; segmentation draws an example)."""
+        return {}
+
 
 def format_markdown(report: EvalReport) -> str:
     """Markdown with a settings summary and a ``features | dim | metric (%)...`` table."""
@@ -108,7 +112,23 @@ def format_markdown(report: EvalReport) -> str:
     for result in report.results:
         cells = [_percent(result.metrics[m]) for m in report.metric_names]
         lines.append(f"| {result.name} | {result.dim} | " + " | ".join(cells) + " |")
+    if report.task == "segmentation":
+        lines += ["", *_class_iou_table(report)]
     return "\n".join(lines) + "\n"
+
+
+def _class_iou_table(report: EvalReport) -> list[str]:
+    """Per-class IoU (%), one column per combination."""
+    per_combo = [result.details["class_iou"][0] for result in report.results]
+    classes = sorted({int(c) for ious in per_combo for c in ious})
+    lines = [
+        "| class | " + " | ".join(f"{r.name} IoU (%)" for r in report.results) + " |",
+        "|--:|" + "--:|" * len(report.results),
+    ]
+    for c in classes:
+        cells = [f"{100 * ious[str(c)]:.2f}" if str(c) in ious else "-" for ious in per_combo]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_report(report: EvalReport) -> Figure:
@@ -134,10 +154,13 @@ def plot_report(report: EvalReport) -> Figure:
 
 
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json`` and ``report.png`` into ``out_dir`` (created if needed).
+    """Write ``report.md``, ``report.json``, ``report.png`` and the report's :meth:`~EvalReport.figures` into ``out_dir``.
+
+    ``out_dir`` is created if needed.
 
     Returns:
-        ``{"markdown": path, "json": path, "png": path}``.
+        ``{"markdown": path, "json": path, "png": path}`` plus one entry per figure
+        (segmentation: ``"example"``, ``example.png``).
     """
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,11 +168,20 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     paths["markdown"].write_text(format_markdown(report))
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n")
     plot_report(report).savefig(paths["png"], dpi=120)
+    for name, figure in report.figures().items():
+        paths[name] = directory / f"{name}.png"
+        figure.savefig(paths[name], dpi=120)
     return paths
 
 
 def _protocol_line(report: EvalReport) -> str:
     s = report.settings
+    if report.task == "segmentation":
+        return (
+            f"memory bank of {s['memory_patches']} train patches (at most {s['patches_per_train_image']} per image), "
+            f"k={s['k']}, cross-attention T={s['temperature']}, {s['index']} search; "
+            f"mIoU over {len(s['class_ids'])} classes, ignore index {s['ignore_index']}"
+        )
     parts = []
     if report.task == "knn":
         parts.append(f"k={s['k']} ({s['vote']} vote" + (f", T={s['temperature']})" if s["vote"] == "weighted" else ")"))

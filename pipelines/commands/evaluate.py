@@ -21,6 +21,16 @@ Tasks:
   retrieval  test rows query the train rows; a train row is relevant when its label is
              equal; reports mAP and mAP@R.
 
+  segmentation
+             in-context segmentation of dense (per-patch) tables, the HummingBird
+             protocol: a memory bank of --memory-size train patches (102400; a
+             seeded, rare-class-first share of every train image) with the class
+             histogram of their pixels (--mask-column: PNG bytes, one class id per
+             pixel, 255 ignored), the k=30 nearest memory patches of each test patch,
+             their labels weighted by softmax(cos/0.02), upsampled to the mask; mIoU
+             over the classes, per class too. Also writes example.png (a test image,
+             its truth and each prediction; the image from --image-column if kept).
+
 Few-shot: --shots N draws N train rows per class (stratified) for each of --seeds S
 draws (seeds 0..S-1) and reports mean ± std over the draws.
 
@@ -34,6 +44,7 @@ Examples:
   fungi eval --train out/train --test out/test --label-column label --out eval_report
   fungi eval --train s3://bucket/feats/train --test s3://bucket/feats/test \\
       --features embedding,grad_kl --pca 768 --shots 5 --seeds 3 --task knn
+  fungi eval --task segmentation --train dense/train --test dense/test --mask-column mask --out seg_report
 """
 from __future__ import annotations
 
@@ -42,14 +53,18 @@ import sys
 import warnings
 from typing import Any, Callable
 
-HELP = "evaluate feature tables (k-NN, linear probe, retrieval; few-shot, PCA) and write a report"
+HELP = "evaluate feature tables (k-NN, linear probe, retrieval, segmentation; few-shot, PCA) and write a report"
 
 # Copies of fungi_ops.eval constants, so that `fungi --help` does not import torch
 # (tests/test_eval_cli.py checks that they agree).
-_TASKS = ("knn", "linear", "retrieval")
+_TASKS = ("knn", "linear", "retrieval", "segmentation")
 _VOTES = ("weighted", "majority")
-_FEATURES = ("embedding", "grad_kl", "grad_dino", "grad_simclr")
+_FEATURES = ("embedding", "grad_kl", "grad_dino", "grad_simclr", "grad_dense")
 _C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+_TASK_DEFAULTS = {"segmentation": (30, 0.02)}  # (k, temperature); every other task: _KNN_DEFAULTS
+_KNN_DEFAULTS = (20, 0.07)
+_MEMORY_SIZE = 102400
+_INDEXES = ("auto", "flat", "ivf", "ivf-sq8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,19 +98,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds", type=_positive_int, default=1, metavar="S",
         help="few-shot: number of random draws (seeds 0..S-1) averaged, with their std (default: %(default)s)",
     )
-    protocol.add_argument("--k", type=_positive_int, default=20, help="k-NN neighbours (default: %(default)s)")
+    protocol.add_argument(
+        "--k", type=_positive_int, help="neighbours per query (default: 20; 30 for segmentation)"
+    )
     protocol.add_argument(
         "--vote", choices=_VOTES, default="weighted",
         help="k-NN vote: 'weighted' sums exp(cosine/temperature) per class, 'majority' counts neighbours "
         "(default: %(default)s)",
     )
     protocol.add_argument(
-        "--temperature", type=_positive_float, default=0.07, help="temperature of the weighted vote (default: %(default)s)"
+        "--temperature", type=_positive_float,
+        help="temperature of the weighted vote (default: 0.07), or of segmentation's cross-attention (default: 0.02)",
     )
     protocol.add_argument(
         "--c-grid", type=_float_list, default=_C_GRID, metavar="C,C,...",
         help="linear probe: inverse regularisation strengths tried on held-out train rows "
         "(default: 0.001,0.01,0.1,1,10,100)",
+    )
+
+    segmentation = parser.add_argument_group("segmentation (dense tables)")
+    segmentation.add_argument(
+        "--mask-column", default="mask", metavar="NAME",
+        help="column of label masks: PNG bytes, one class id per pixel, 255 ignored (default: %(default)s)",
+    )
+    segmentation.add_argument(
+        "--image-column", default="image", metavar="NAME",
+        help="column of the encoded images, drawn in example.png when the table kept it (default: %(default)s)",
+    )
+    segmentation.add_argument(
+        "--memory-size", type=_positive_int, default=_MEMORY_SIZE, metavar="N",
+        help="train patches in the memory bank, memory-size // train images from each (default: %(default)s)",
+    )
+    segmentation.add_argument(
+        "--knn-index", choices=_INDEXES, default="auto",
+        help="neighbour search over the memory bank: auto (exact up to 4096 patches, else ivf-sq8), flat (exact), "
+        "ivf, ivf-sq8 (approximate, faiss; 32 lists probed) (default: %(default)s)",
+    )
+    segmentation.add_argument(
+        "--seed", type=int, default=0, help="seed of the memory bank's patch sampling (default: %(default)s)"
     )
 
     output = parser.add_argument_group("output")
@@ -110,27 +150,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load both tables, evaluate, print the table and write the report; 0 on success, 2 on bad input."""
-    from fungi_ops.eval import EvalInputError, evaluate, load_feature_table, write_report
+    from fungi_ops.eval import EvalInputError, evaluate, evaluate_segmentation, load_feature_table, write_report
     from fungi_ops.eval.device import resolve_device
     from fungi_ops.eval.protocol import check_options
 
+    k, temperature = task_defaults(args.task)
+    k = args.k if args.k is not None else k
+    temperature = args.temperature if args.temperature is not None else temperature
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             check_options(
-                task=args.task, pca=args.pca, shots=args.shots, seeds=args.seeds, k=args.k,
-                vote=args.vote, temperature=args.temperature,
+                task=args.task, pca=args.pca, shots=args.shots, seeds=args.seeds, k=k,
+                vote=args.vote, temperature=temperature,
             )
             resolve_device(args.device)
-            tables = [
-                load_feature_table(path, label_column=args.label_column, features=args.features)
-                for path in (args.train, args.test)
-            ]
-            report = evaluate(
-                *tables, task=args.task, features=args.features, pca=args.pca, shots=args.shots,
-                seeds=args.seeds, k=args.k, vote=args.vote, temperature=args.temperature,
-                c_grid=args.c_grid, device=args.device,
-            )
+            if args.task == "segmentation":
+                report = evaluate_segmentation(
+                    args.train, args.test, mask_column=args.mask_column, image_column=args.image_column,
+                    features=args.features, memory_size=args.memory_size, k=k, temperature=temperature,
+                    index=args.knn_index, seed=args.seed,
+                )
+            else:
+                tables = [
+                    load_feature_table(path, label_column=args.label_column, features=args.features)
+                    for path in (args.train, args.test)
+                ]
+                report = evaluate(
+                    *tables, task=args.task, features=args.features, pca=args.pca, shots=args.shots,
+                    seeds=args.seeds, k=k, vote=args.vote, temperature=temperature,
+                    c_grid=args.c_grid, device=args.device,
+                )
         except EvalInputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -143,6 +193,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+def task_defaults(task: str) -> tuple[int, float]:
+    """``(k, temperature)`` used when ``--k`` / ``--temperature`` are not given."""
+    return _TASK_DEFAULTS.get(task, _KNN_DEFAULTS)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
