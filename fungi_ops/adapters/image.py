@@ -107,9 +107,14 @@ class ImageAdapter(ModalityAdapter):
         """Encoded image bytes (or a uint8 array) -> a loaded 8-bit RGB PIL image; SampleError for a bad row."""
         with _PILLOW_BOMB_CHECK_OFF:
             if isinstance(payload, np.ndarray):
-                return rgb_image(array_image(payload))
-            data = payload_bytes(payload, "image", "bytes (an encoded image) or a uint8 array")
-            return rgb_image(self._open(data))
+                image = rgb_image(array_image(payload))
+            else:
+                data = payload_bytes(payload, "image", "bytes (an encoded image) or a uint8 array")
+                image = rgb_image(self._open(data))
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise SampleError(f"image has no pixels ({width}x{height})")
+        return image
 
     def _open(self, data: bytes) -> Image.Image:
         """The decoded (loaded) image in ``data``, reduced or refused first if above ``max_pixels``."""
