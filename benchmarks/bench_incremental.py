@@ -52,7 +52,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fungi_outputs import save_tiny_text_model  # noqa: E402
 
-from pipelines.job import FeaturizeConfig, resolve  # noqa: E402
+from fungi_ops import FeaturizerSpec  # noqa: E402
+from pipelines.job import FeaturizeConfig, resolve_spec_here  # noqa: E402
 from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
 from pipelines.stages import content_hash, data_file_name, spec_metadata  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
@@ -82,7 +83,7 @@ def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: 
     source.mkdir(parents=True)
     output.mkdir(parents=True)
     config = FeaturizeConfig(input=str(source), output=str(output), modality="text", model=f"hf:{model}", objectives="kl")
-    spec, _ = resolve(config)
+    spec = FeaturizerSpec.from_json(resolve_spec_here(config).json)
     metadata = spec_metadata(spec.to_json(), spec.hash)
     rng = np.random.default_rng(0)
     run_id = "rsynthetic000"

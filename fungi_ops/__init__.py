@@ -17,37 +17,43 @@ Typical use::
 Per-patch (dense) features of ViTs: :class:`DenseFeaturizer` with the ``dense`` objective
 (:class:`DenseConfig`); see :mod:`fungi_ops.dense`.
 """
-from fungi_ops.dense import DenseBatch, DenseFeaturizer
-from fungi_ops.errors import ConfigError, FungiError, SampleError
-from fungi_ops.featurizer import FeatureBatch, Featurizer
-from fungi_ops.objectives import (
-    OBJECTIVES,
-    DenseConfig,
-    DINOConfig,
-    KLConfig,
-    Objective,
-    ObjectiveConfig,
-    SimCLRConfig,
-    register_objective,
-)
-from fungi_ops.spec import FeaturizerSpec, parse_objectives
+from __future__ import annotations
 
-__all__ = [
-    "OBJECTIVES",
-    "ConfigError",
-    "DINOConfig",
-    "DenseBatch",
-    "DenseConfig",
-    "DenseFeaturizer",
-    "FeatureBatch",
-    "Featurizer",
-    "FeaturizerSpec",
-    "FungiError",
-    "KLConfig",
-    "Objective",
-    "ObjectiveConfig",
-    "SampleError",
-    "SimCLRConfig",
-    "parse_objectives",
-    "register_objective",
-]
+import importlib
+from typing import Any
+
+# Public names and the modules that define them. Imported on first use (PEP 562), so that
+# ``fungi_ops.errors`` and the like load without torch: the pipeline's driver imports them
+# and stays a few hundred MB lighter.
+_EXPORTS = {
+    "ConfigError": "fungi_ops.errors",
+    "FungiError": "fungi_ops.errors",
+    "SampleError": "fungi_ops.errors",
+    "DenseBatch": "fungi_ops.dense",
+    "DenseFeaturizer": "fungi_ops.dense",
+    "FeatureBatch": "fungi_ops.featurizer",
+    "Featurizer": "fungi_ops.featurizer",
+    "OBJECTIVES": "fungi_ops.objectives",
+    "DenseConfig": "fungi_ops.objectives",
+    "DINOConfig": "fungi_ops.objectives",
+    "KLConfig": "fungi_ops.objectives",
+    "Objective": "fungi_ops.objectives",
+    "ObjectiveConfig": "fungi_ops.objectives",
+    "SimCLRConfig": "fungi_ops.objectives",
+    "register_objective": "fungi_ops.objectives",
+    "FeaturizerSpec": "fungi_ops.spec",
+    "parse_objectives": "fungi_ops.spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fungi_ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -15,12 +15,47 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fungi_ops.adapters import payload_type_error
 from fungi_ops.errors import ConfigError
 
 from pipelines.storage import InputFile, Location
 
 FOOTER_THREADS = 16
+# Parquet/Arrow types whose values a modality's decode accepts (``pyarrow.types`` predicates;
+# the view types need pyarrow >= 16 and are simply absent before it); dictionaries of them too.
+_ENCODED_FILE_TYPES = ("is_binary", "is_large_binary", "is_binary_view", "is_fixed_size_binary")
+_PAYLOAD_TYPES = {
+    "text": ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view"),
+    "image": _ENCODED_FILE_TYPES,
+    "audio": _ENCODED_FILE_TYPES,
+}
+_EXPECTED_PAYLOADS = {
+    "text": "a string column, or a binary column of UTF-8 text",
+    "image": "a binary column of encoded image files (PNG, JPEG, WebP, ...)",
+    "audio": "a binary column of encoded audio files (WAV, FLAC, ...)",
+}
+
+
+def payload_type_error(modality: str, arrow_type: pa.DataType, column: str) -> str | None:
+    """Why a Parquet column of ``arrow_type`` cannot hold ``modality`` payloads, or None if it can.
+
+    Text takes strings or binary (decoded as UTF-8); images and audio take binary (encoded
+    files). Dictionary-encoded columns of those types are accepted. Meant for job validation,
+    before any data is read.
+    """
+    if modality not in _PAYLOAD_TYPES:
+        raise ConfigError(f"modality must be image, text or audio, got '{modality}'")
+    value_type = arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+    if any(getattr(pa.types, name, lambda _: False)(value_type) for name in _PAYLOAD_TYPES[modality]):
+        return None
+    hint = ""
+    if pa.types.is_struct(value_type) and value_type.get_field_index("bytes") >= 0:
+        hint = " (a struct such as a Hugging Face Image/Audio feature: store its 'bytes' field as the column)"
+    elif modality != "text" and (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+        hint = " (file paths, URLs or base64 text are not read)"
+    return (
+        f"column '{column}' has type {arrow_type}, which cannot hold {modality} payloads; "
+        f"expected {_EXPECTED_PAYLOADS[modality]}{hint}"
+    )
 
 
 @dataclass(frozen=True)

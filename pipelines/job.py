@@ -21,8 +21,11 @@ The driver holds O(input files) state; every O(rows) step runs in Ray tasks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import pickle
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,14 +37,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from fungi_ops.errors import ConfigError
-from fungi_ops.spec import FeaturizerSpec, parse_objectives
 from pipelines import stages
 from pipelines.commit import STAGING_DIR, HISTORY_DIR, Committer, recover
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
 from pipelines.lease import OutputLease
 from pipelines.manifest import Manifest, RunRecord, fingerprint, sources_schema, type_name
 from pipelines.plan import IdCheck, NightPlan, check_ids, plan_night
-from pipelines.storage import InputFile, Location, delete_tree, exists, list_files, list_input
+from pipelines.storage import InputFile, Location, delete_tree, exists, list_files, list_input, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
@@ -149,9 +151,34 @@ class RunSummary:
         )
 
 
-def build_spec(config: FeaturizeConfig) -> FeaturizerSpec:
-    """The (unresolved) feature spec of a run's settings."""
-    return FeaturizerSpec(
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """What the driver needs of the resolved feature spec, as plain data.
+
+    The driver never imports torch (about 0.5 GB of resident memory for a CUDA build, plus
+    transformers): the model is loaded to resolve the spec in a short-lived child process
+    (:func:`resolve_isolated`), and the input settings travel to the workers pickled, so
+    that only processes that already hold torch unpickle them.
+    """
+
+    json: str
+    hash: str
+    modality: str
+    setup_rows: int
+    input_config: bytes  # the backbone's ImageInput / TextInput / AudioInput, pickled
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a dictionary (what the manifest records)."""
+        return json.loads(self.json)
+
+
+def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
+    """Load the model and resolve the run's spec, in this process (imports torch)."""
+    from fungi_ops.backbones import load_backbone
+    from fungi_ops.featurizer import resolve_spec
+    from fungi_ops.spec import FeaturizerSpec, parse_objectives
+
+    spec = FeaturizerSpec(
         model=config.model,
         modality=config.modality,
         weights=config.weights,
@@ -162,19 +189,28 @@ def build_spec(config: FeaturizeConfig) -> FeaturizerSpec:
         projection_dim=config.projection_dim,
         precision=config.precision,
     )
-
-
-def resolve(config: FeaturizeConfig) -> tuple[FeaturizerSpec, Any]:
-    """Resolved spec and input settings, from the model alone (fails fast on bad settings)."""
-    from fungi_ops.backbones import load_backbone
-    from fungi_ops.featurizer import resolve_spec
-
-    spec = build_spec(config)
     backbone = load_backbone(
         spec.model, spec.modality, weights=spec.weights, seed=spec.seed, pooling=spec.pooling,
         trust_remote_code=config.trust_remote_code,
     )
-    return resolve_spec(spec, backbone), backbone.input_config
+    resolved = resolve_spec(spec, backbone)
+    return ResolvedSpec(resolved.to_json(), resolved.hash, resolved.modality, resolved.setup_rows,
+                        pickle.dumps(backbone.input_config))
+
+
+def resolve_isolated(config: FeaturizeConfig) -> ResolvedSpec:
+    """:func:`resolve_spec_here` in a child process, unless this process holds torch already.
+
+    A ConfigError of the child (unknown model, bad layer, bad objective parameter) is
+    raised here with its message.
+    """
+    if "torch" in sys.modules:  # a notebook, the tests: loading here costs no extra memory
+        return resolve_spec_here(config)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(resolve_spec_here, config).result()
 
 
 def list_parquet(location: Location, what: str) -> list[InputFile]:
@@ -227,7 +263,6 @@ class FeaturizeJob:
         info = self.output.filesystem().get_file_info(self.output.path)
         if info.type.name == "File":
             raise ConfigError(f"--output {self.output.uri} is a file; it must be a directory (existing or not)")
-        build_spec(config)  # objective parameters, projection dim, precision
 
     # -- 2. output state ------------------------------------------------------------------
     def reconcile(self, manifest: Manifest | None) -> Manifest | None:
@@ -275,12 +310,12 @@ class FeaturizeJob:
 
     # -- 4. setup artifact ----------------------------------------------------------------
     def setup_state(self) -> tuple[Any, str | None]:
-        """The setup state for this spec: loaded from the output, or an encode task in flight.
+        """The setup state for this spec: loaded from the output, or a Ray task computing it.
 
         A fresh state is returned as the ``ObjectRef`` of a Ray task and saved by
         :meth:`save_setup` once the stream has run: the actors take the reference, so their
         start (worker processes, model loading) and the read and decode stages overlap the
-        encoding of the negatives instead of waiting for it.
+        selection, decoding and encoding of the setup rows instead of waiting for them.
         """
         count = self.spec.setup_rows
         if not count:
@@ -289,60 +324,28 @@ class FeaturizeJob:
         relative = f"{SETUP_DIR}/{self.spec.hash}.safetensors"
         path = self.output.child_path(relative)
         if exists(fs, path):
-            from safetensors.torch import load
+            from safetensors.numpy import load
 
-            with fs.open_input_stream(path) as handle:
-                return {k: v.numpy() for k, v in load(handle.read()).items()}, relative
+            return load(read_bytes(fs, path)), relative
         source = Location(self.config.setup_from, self.config.storage_options) if self.config.setup_from else self.input
         if not self.config.setup_from:
             print("fungi: simclr negatives drawn from the input (pass --setup-from to use a training split)")
-        samples, keys = self.select_setup_rows(source, count)
-        return _start_setup(self.spec.to_json(), samples, keys, self.config), relative
+        files = list_parquet(source, "setup data")
+        setup_columns = InputColumns(self.columns.id, self.columns.data)
+        check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
+        return _start_setup(self, source, [f.path for f in files], count), relative
 
     def save_setup(self, state: Any, relative: str | None) -> None:
         """Write a freshly computed setup state beside the output (a loaded one is already there)."""
         import ray
+        from safetensors.numpy import save
 
         if not isinstance(state, ray.ObjectRef):
             return
-        import torch
-        from safetensors.torch import save
-
-        from pipelines.storage import write_atomic
-
-        blob = save({k: torch.tensor(v) for k, v in ray.get(state).items()}, metadata={"fungi.spec_hash": self.spec.hash})
+        blob = save(ray.get(state), metadata={"fungi.spec_hash": self.spec.hash})
         fs = self.output.filesystem()
         fs.create_dir(self.output.child_path(SETUP_DIR), recursive=True)
         write_atomic(fs, self.output.child_path(relative), blob)
-
-    def select_setup_rows(self, source: Location, count: int) -> tuple[list, list[str]]:
-        """The ``count`` rows with the smallest seeded hash of their id: independent of file layout."""
-        from fungi_ops.adapters import make_decoder
-        from fungi_ops.seeding import setup_order
-
-        files = list_parquet(source, "setup data")
-        setup_columns = InputColumns(self.columns.id, self.columns.data)
-        check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
-        dataset = pads.dataset([f.path for f in files], filesystem=source.filesystem(), format="parquet")
-        ids = [str(v) for v in dataset.to_table(columns=[self.columns.id]).column(0).to_pylist() if v is not None]
-        chosen = [ids[i] for i in setup_order(self.spec.seed, ids)[:count]]
-        id_type = dataset.schema.field(self.columns.id).type
-        table = dataset.to_table(
-            columns=[self.columns.id, self.columns.data],
-            filter=pc.field(self.columns.id).isin(pa.array(chosen).cast(id_type)),
-        )
-        decoder = make_decoder(self.spec.modality, self.input_config, **self.decoder_options)
-        samples, keys = [], []
-        for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-            try:
-                samples.append(decoder.decode(payload))
-                keys.append(str(row_id))
-            except Exception as exc:  # noqa: BLE001 - a bad negative is skipped, not fatal
-                log.warning("setup row %s skipped: %s", row_id, exc)
-        order = setup_order(self.spec.seed, keys)
-        if not order:
-            raise ConfigError(f"no decodable rows in {source.uri} to compute simclr negatives from")
-        return [samples[i] for i in order], [keys[i] for i in order]
 
     @property
     def decoder_options(self) -> dict[str, Any]:
@@ -391,7 +394,7 @@ class FeaturizeJob:
             }
             for work in reads
         ]
-        spec_json = self.spec.to_json()
+        spec_json = self.spec.json
         read = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             stages.read_sources,
             batch_format="pyarrow",
@@ -407,7 +410,7 @@ class FeaturizeJob:
             stages.decode_batch,
             batch_format="pyarrow",
             num_cpus=0.25,
-            fn_kwargs=dict(modality=self.spec.modality, input_config=self.input_config, decoder_options=self.decoder_options),
+            fn_kwargs=dict(modality=self.spec.modality, input_config=self.spec.input_config, decoder_options=self.decoder_options),
         )
         featurized = decoded.map_batches(
             stages.FeaturizeActor,
@@ -448,7 +451,7 @@ class FeaturizeJob:
             if row["error_file"]:
                 error_files.add(row["error_file"])
         task = ray.remote(num_cpus=0.25)(stages.finalize_source)
-        metadata = stages.spec_metadata(self.spec.to_json(), self.spec.hash)
+        metadata = stages.spec_metadata(self.spec.json, self.spec.hash)
         refs = []
         for work in plan.work.values():
             files, error_files = staged.get(work.source, (set(), set()))
@@ -503,7 +506,7 @@ class FeaturizeJob:
         config = self.config
         self.validate_settings()
         listing = list_parquet(self.input, "input")
-        self.spec, self.input_config = resolve(config)
+        self.spec = resolve_isolated(config)
         with OutputLease(self.output, self.run_id, timeout_s=config.lease_timeout, break_lease=config.break_lease) as lease:
             previous = self.reconcile(recover(self.output, self.run_id, tolerate_unreadable=config.overwrite))
             plan = plan_night(
@@ -600,28 +603,67 @@ def _type(name: str) -> pa.DataType:
     return _parse_type(name)
 
 
-def _start_setup(spec_json: str, samples: list, keys: list[str], config: FeaturizeConfig) -> Any:
-    """Start encoding the negatives on a worker with an actor's accelerator; returns its ObjectRef.
+def _start_setup(job: FeaturizeJob, source: Location, paths: list[str], count: int) -> Any:
+    """Draw and decode the setup rows (a Ray task, waited for), then start encoding them.
 
-    Without an accelerator the task reserves no CPU and runs torch on every core of its node:
+    Returns the ObjectRef of the encoding task, which runs on a worker with an actor's
+    accelerator. Without one it reserves no CPU and runs torch on every core of its node:
     the actors block on its result while they start, so it has the cores mostly to itself,
     and the read and decode tasks, which need a CPU slot, are not held back by it.
     """
     import ray
 
-    @ray.remote(num_gpus=config.gpus_per_actor or 0, num_cpus=1 if config.gpus_per_actor else 0)
-    def encode(spec_json: str, samples: list, keys: list[str]) -> dict:
-        import torch
+    select = ray.remote(num_cpus=0.25, num_returns=2)(select_setup_rows)
+    keys_ref, samples_ref = select.remote(
+        job.spec.json, job.spec.input_config, source, paths, job.columns.id, job.columns.data, count, job.decoder_options
+    )
+    if not ray.get(keys_ref):
+        raise ConfigError(f"no decodable rows in {source.uri} to compute the setup state (simclr negatives) from")
+    gpus = job.config.gpus_per_actor or 0
+    encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
+    return encode.remote(job.spec.json, samples_ref, keys_ref, max(1, job.config.batch_size // 4))
 
-        from fungi_ops import Featurizer, FeaturizerSpec
 
-        featurizer = Featurizer(FeaturizerSpec.from_json(spec_json))
-        if featurizer.device.type == "cpu":
-            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        featurizer.setup(samples, keys, batch_size=max(1, config.batch_size // 4))
-        return {k: v.numpy() for k, v in featurizer.setup_state().items()}
+def select_setup_rows(spec_json: str, input_config: bytes, source: Location, paths: list[str], id_column: str,
+                      data_column: str, count: int, decoder_options: dict[str, Any]) -> tuple[list[str], list]:
+    """Ray task: (keys, decoded samples) of the ``count`` setup rows, in their draw order.
 
-    return encode.remote(spec_json, samples, keys)
+    The rows are the ``count`` with the smallest seeded hash of their id, whatever the file
+    layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are skipped.
+    """
+    from fungi_ops.adapters import make_decoder
+    from fungi_ops.spec import FeaturizerSpec
+    from fungi_ops.seeding import setup_order
+
+    spec = FeaturizerSpec.from_json(spec_json)
+    dataset = pads.dataset(paths, filesystem=source.filesystem(), format="parquet")
+    ids = [str(v) for v in dataset.to_table(columns=[id_column]).column(0).to_pylist() if v is not None]
+    chosen = [ids[i] for i in setup_order(spec.seed, ids)[:count]]
+    id_type = dataset.schema.field(id_column).type
+    table = dataset.to_table(columns=[id_column, data_column], filter=pc.field(id_column).isin(pa.array(chosen).cast(id_type)))
+    decoder = make_decoder(spec.modality, pickle.loads(input_config), **decoder_options)
+    samples, keys = [], []
+    for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+        try:
+            samples.append(decoder.decode(payload))
+            keys.append(str(row_id))
+        except Exception as exc:  # noqa: BLE001 - a bad setup row is skipped, not fatal
+            log.warning("setup row %s skipped: %s", row_id, exc)
+    order = setup_order(spec.seed, keys)
+    return [keys[i] for i in order], [samples[i] for i in order]
+
+
+def encode_setup_rows(spec_json: str, samples: list, keys: list[str], batch_size: int) -> dict:
+    """Ray task: the objectives' setup state (SimCLR negatives) of decoded setup rows."""
+    import torch
+
+    from fungi_ops import Featurizer, FeaturizerSpec
+
+    featurizer = Featurizer(FeaturizerSpec.from_json(spec_json))
+    if featurizer.device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    featurizer.setup(samples, keys, batch_size=batch_size)
+    return {k: v.numpy() for k, v in featurizer.setup_state().items()}
 
 
 def _throughput(stats: list[dict[str, Any]], started: float) -> tuple[float | None, float | None]:

@@ -243,11 +243,16 @@ def read_sources(
 # -- 2. decode -------------------------------------------------------------------------------
 
 
-def decode_batch(table: pa.Table, *, modality: str, input_config: Any, decoder_options: dict[str, Any]) -> pa.Table:
-    """CPU stage: decode payloads into canonical form; undecodable rows carry their error."""
+def decode_batch(table: pa.Table, *, modality: str, input_config: bytes, decoder_options: dict[str, Any]) -> pa.Table:
+    """CPU stage: decode payloads into canonical form; undecodable rows carry their error.
+
+    ``input_config`` is the backbone's input settings, pickled (the driver never unpickles it).
+    """
+    import pickle
+
     from fungi_ops.adapters import make_decoder
 
-    decoder = make_decoder(modality, input_config, **decoder_options)
+    decoder = make_decoder(modality, pickle.loads(input_config), **decoder_options)
     payloads = table.column(PAYLOAD_COLUMN).to_pylist()
     errors = table.column(ERROR_COLUMN).to_pylist()
     stages = table.column(STAGE_COLUMN).to_pylist()

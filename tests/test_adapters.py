@@ -17,7 +17,8 @@ import pytest
 from conftest import png_bytes, wav_bytes
 from PIL import Image
 
-from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, make_decoder, payload_type_error
+from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, make_decoder
+from pipelines.inputs import payload_type_error
 import fungi_ops.adapters.image as image_module
 from fungi_ops.adapters.image import ImageAdapter
 from fungi_ops.backbones import AudioInput, ImageInput, TextInput

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -17,8 +17,6 @@ from fungi_ops.backbones import Backbone
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import ObjectiveConfig
 
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 # Default cap on an image's width x height before it is decoded. Decoding 100 Mpx holds the
 # file's pixels (0.3 GB RGB, 0.4 GB RGBA) and one 8-bit RGB copy: measured peak +0.8 GB for a
@@ -28,19 +26,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-# Parquet/Arrow types whose values a modality's decode accepts (``pyarrow.types`` predicates;
-# the view types need pyarrow >= 16 and are simply absent before it); dictionaries of them too.
-_ENCODED_FILE_TYPES = ("is_binary", "is_large_binary", "is_binary_view", "is_fixed_size_binary")
-_PAYLOAD_TYPES = {
-    "text": ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view"),
-    "image": _ENCODED_FILE_TYPES,
-    "audio": _ENCODED_FILE_TYPES,
-}
-_EXPECTED_PAYLOADS = {
-    "text": "a string column, or a binary column of UTF-8 text",
-    "image": "a binary column of encoded image files (PNG, JPEG, WebP, ...)",
-    "audio": "a binary column of encoded audio files (WAV, FLAC, ...)",
-}
 
 
 @dataclass(frozen=True)
@@ -104,31 +89,6 @@ def make_decoder(
 
         return AudioAdapter(input_config)
     raise _unknown_modality(modality)
-
-
-def payload_type_error(modality: str, arrow_type: pa.DataType, column: str) -> str | None:
-    """Why a Parquet column of ``arrow_type`` cannot hold ``modality`` payloads, or None if it can.
-
-    Text takes strings or binary (decoded as UTF-8); images and audio take binary (encoded
-    files). Dictionary-encoded columns of those types are accepted. Meant for job validation,
-    before any data is read.
-    """
-    import pyarrow as pa
-
-    if modality not in _PAYLOAD_TYPES:
-        raise _unknown_modality(modality)
-    value_type = arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
-    if any(getattr(pa.types, name, lambda _: False)(value_type) for name in _PAYLOAD_TYPES[modality]):
-        return None
-    hint = ""
-    if pa.types.is_struct(value_type) and value_type.get_field_index("bytes") >= 0:
-        hint = " (a struct such as a Hugging Face Image/Audio feature: store its 'bytes' field as the column)"
-    elif modality != "text" and (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
-        hint = " (file paths, URLs or base64 text are not read)"
-    return (
-        f"column '{column}' has type {arrow_type}, which cannot hold {modality} payloads; "
-        f"expected {_EXPECTED_PAYLOADS[modality]}{hint}"
-    )
 
 
 def _unknown_modality(modality: str) -> ConfigError:
