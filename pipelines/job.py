@@ -41,7 +41,7 @@ from pipelines import stages
 from pipelines.commit import STAGING_DIR, HISTORY_DIR, Committer, recover
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
 from pipelines.lease import OutputLease
-from pipelines.manifest import Manifest, RunRecord, fingerprint, sources_schema, type_name
+from pipelines.manifest import Manifest, RunRecord, fingerprint, read_manifest, sources_schema, type_name
 from pipelines.plan import IdCheck, NightPlan, check_ids, plan_night
 from pipelines.storage import InputFile, Location, delete_tree, exists, list_files, list_input, read_bytes, write_atomic
 
@@ -157,7 +157,7 @@ class ResolvedSpec:
 
     The driver never imports torch (about 0.5 GB of resident memory for a CUDA build, plus
     transformers): the model is loaded to resolve the spec in a short-lived child process
-    (:func:`resolve_isolated`), and the input settings travel to the workers pickled, so
+    (:class:`SpecResolver`), and the input settings travel to the workers pickled, so
     that only processes that already hold torch unpickle them.
     """
 
@@ -166,10 +166,17 @@ class ResolvedSpec:
     modality: str
     setup_rows: int
     input_config: bytes  # the backbone's ImageInput / TextInput / AudioInput, pickled
+    setup_splits: bool = True  # the setup state is per-row tensors that concatenate (SimCLR's negatives)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a dictionary (what the manifest records)."""
         return json.loads(self.json)
+
+    @classmethod
+    def recorded(cls, manifest: Manifest) -> "ResolvedSpec":
+        """The spec an output records, for a night that featurizes nothing (no setup, no decoding)."""
+        text = json.dumps(manifest.spec, sort_keys=True, separators=(",", ":"))
+        return cls(text, manifest.spec_hash, manifest.spec["modality"], 0, b"")
 
 
 def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
@@ -195,22 +202,90 @@ def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
     )
     resolved = resolve_spec(spec, backbone)
     return ResolvedSpec(resolved.to_json(), resolved.hash, resolved.modality, resolved.setup_rows,
-                        pickle.dumps(backbone.input_config))
+                        pickle.dumps(backbone.input_config), setup_splits=not resolved.is_dense)
 
 
-def resolve_isolated(config: FeaturizeConfig) -> ResolvedSpec:
-    """:func:`resolve_spec_here` in a child process, unless this process holds torch already.
+class SpecResolver:
+    """:func:`resolve_spec_here` in a child process, started now and awaited with :meth:`result`.
 
-    A ConfigError of the child (unknown model, bad layer, bad objective parameter) is
-    raised here with its message.
+    The child is a fresh interpreter (``python -m pipelines.job``, the settings as JSON on
+    its stdin), so a caller's script is not re-imported there, and the driver can start Ray
+    while the child loads the model. A process that holds torch already (a notebook, the
+    tests) resolves in place: there it costs no extra memory. A ConfigError of the child
+    (unknown model, bad layer, bad objective parameter) is raised by :meth:`result` with its
+    message.
     """
-    if "torch" in sys.modules:  # a notebook, the tests: loading here costs no extra memory
-        return resolve_spec_here(config)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(resolve_spec_here, config).result()
+    def __init__(self, config: FeaturizeConfig) -> None:
+        self.config = config
+        self.process = None
+        if "torch" not in sys.modules:
+            import subprocess
+
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.job"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path},
+            )
+
+    def result(self) -> ResolvedSpec:
+        """The resolved spec (waits for the child)."""
+        if self.process is None:
+            return resolve_spec_here(self.config)
+        import base64
+
+        out, err = self.process.communicate(json.dumps(dataclasses.asdict(self.config)))
+        lines = out.strip().splitlines()
+        answer = json.loads(lines[-1]) if self.process.returncode == 0 and lines else {}
+        if "error" in answer:
+            raise ConfigError(answer["error"])
+        if "spec" not in answer:
+            raise RuntimeError(f"resolving the model failed (exit {self.process.returncode}):\n{err[-4000:]}")
+        fields = answer["spec"]
+        return ResolvedSpec(**{**fields, "input_config": base64.b64decode(fields["input_config"])})
+
+
+def spec_settings(config: FeaturizeConfig) -> dict[str, Any]:
+    """The settings that determine the spec, as recorded in the manifest.
+
+    A night whose settings equal the recorded ones and that has no input file to read
+    reuses the recorded spec instead of loading the model to resolve it again (a local
+    weights file counts by size and modification time). Only such a night: any night that
+    featurizes resolves the spec from the model and refuses a different one.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        library = version("fungi")
+    except PackageNotFoundError:
+        library = None
+    settings: dict[str, Any] = {
+        name: getattr(config, name)
+        for name in ("model", "modality", "weights", "target_layer", "pooling", "objectives", "seed", "projection_dim",
+                     "precision", "trust_remote_code")
+    }
+    if config.weights and os.path.isfile(config.weights):
+        stat = os.stat(config.weights)
+        settings["weights_file"] = [stat.st_size, stat.st_mtime_ns]
+    settings["fungi"] = library
+    return settings
+
+
+def _resolve_child() -> None:
+    """Entry point of :class:`SpecResolver`'s child: settings on stdin, one JSON line out."""
+    import base64
+
+    settings = json.loads(sys.stdin.read())
+    settings["keep_columns"] = tuple(settings["keep_columns"])
+    settings["actors"] = tuple(settings["actors"]) if settings["actors"] else None
+    try:
+        resolved = resolve_spec_here(FeaturizeConfig(**settings))
+    except ConfigError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return
+    fields = {**dataclasses.asdict(resolved), "input_config": base64.b64encode(resolved.input_config).decode()}
+    print(json.dumps({"spec": fields}))
 
 
 def list_parquet(location: Location, what: str) -> list[InputFile]:
@@ -265,6 +340,24 @@ class FeaturizeJob:
             raise ConfigError(f"--output {self.output.uri} is a file; it must be a directory (existing or not)")
 
     # -- 2. output state ------------------------------------------------------------------
+    def recorded_spec(self, listing: list[InputFile]) -> ResolvedSpec | None:
+        """The output's recorded spec when this night can do without the model, else None.
+
+        Read without the lease (the lease holder re-reads everything): an incremental night
+        with the recorded settings and no input file to read loads no model and, unless it
+        prunes or moves rows, starts no Ray.
+        """
+        if not self.config.incremental:
+            return None
+        try:
+            manifest = read_manifest(self.output)
+        except Exception:  # noqa: BLE001 - unreadable now: the full path reports it properly
+            return None
+        if manifest is None or manifest.pending or manifest.input.get("spec_settings") != spec_settings(self.config):
+            return None
+        plan = plan_night(listing, manifest, incremental=True, prune=self.config.prune, retry_failed=self.config.retry_failed)
+        return None if plan.to_read else ResolvedSpec.recorded(manifest)
+
     def reconcile(self, manifest: Manifest | None) -> Manifest | None:
         """The committed state this run builds on (None: start afresh), or refuse."""
         if self.config.overwrite:
@@ -302,6 +395,7 @@ class FeaturizeJob:
             "data_column": self.columns.data,
             "keep_columns": list(self.columns.keep),
             "event_time_column": self.columns.event_time,
+            "spec_settings": spec_settings(self.config),
         }
         if schema is not None:
             settings["id_type"] = type_name(schema.type_of(self.columns.id))
@@ -381,10 +475,7 @@ class FeaturizeJob:
         config = self.config
         concurrency, gpus_per_actor, cpus_per_actor = self.actor_resources()
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        # an actor task takes whole blocks: cut the stream into blocks of at least a batch,
-        # several per actor (load balance; a lost node costs only its blocks in flight),
-        # and at most MAX_ROWS_PER_BLOCK rows
-        rows_per_block = max(config.batch_size, min(MAX_ROWS_PER_BLOCK, -(-rows_to_read // (4 * max_actors))))
+        rows_per_block = block_rows(rows_to_read, max_actors, config.batch_size)
         items = [
             {
                 "source": work.source,
@@ -412,15 +503,16 @@ class FeaturizeJob:
             num_cpus=0.25,
             fn_kwargs=dict(modality=self.spec.modality, input_config=self.spec.input_config, decoder_options=self.decoder_options),
         )
+        # CPU actors take one block at a time, so that a small job's few blocks spread over
+        # every actor instead of queueing at the first one to start (measured: 2 actors, 2
+        # blocks, one actor took both); GPU actors keep Ray Data's default, which prefetches
+        sizes = {"size": concurrency} if isinstance(concurrency, int) else {"min_size": concurrency[0], "max_size": concurrency[1]}
+        in_flight = None if gpus_per_actor else 1
         featurized = decoded.map_batches(
             stages.FeaturizeActor,
             batch_format="pyarrow",
-            batch_size=config.batch_size,
-            compute=(
-                ray.data.ActorPoolStrategy(size=concurrency)
-                if isinstance(concurrency, int)
-                else ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
-            ),
+            batch_size=min(config.batch_size, rows_per_block),
+            compute=ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=in_flight),
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
             fn_constructor_kwargs=dict(
@@ -506,12 +598,19 @@ class FeaturizeJob:
         config = self.config
         self.validate_settings()
         listing = list_parquet(self.input, "input")
-        self.spec = resolve_isolated(config)
+        recorded = self.recorded_spec(listing)
+        resolving = None if recorded else SpecResolver(config)
+        if resolving:
+            init_ray(config.address)  # while the child loads the model
+        self.spec = resolving.result() if resolving else recorded
         with OutputLease(self.output, self.run_id, timeout_s=config.lease_timeout, break_lease=config.break_lease) as lease:
             previous = self.reconcile(recover(self.output, self.run_id, tolerate_unreadable=config.overwrite))
             plan = plan_night(
                 listing, previous, incremental=config.incremental, prune=config.prune, retry_failed=config.retry_failed
             )
+            if plan.to_read and not self.spec.input_config:  # the output changed since it was peeked at
+                self.spec = SpecResolver(config).result()
+                previous = self.reconcile(previous)
             reads = plan.to_read
             read_files = [work.input for work in reads]
             footers = read_footers(self.input, read_files)
@@ -524,7 +623,8 @@ class FeaturizeJob:
                 raise ConfigError(f"input {self.input.uri} holds no Parquet files")
             self.id_type = schema.type_of(self.columns.id)
             input_rows = {f.relpath: footer.num_rows for f, footer in zip(read_files, footers)}
-            init_ray(config.address)
+            if plan.work:
+                init_ray(config.address)
             committer = Committer(self.output)
             try:
                 id_check = check_ids(
@@ -597,6 +697,17 @@ class FeaturizeJob:
         return summary, record
 
 
+def block_rows(rows: int, actors: int, batch_size: int) -> int:
+    """Rows per block of the stream: an actor task takes whole blocks.
+
+    About four blocks per actor (load balance; a lost node costs only its blocks in flight),
+    at most ``MAX_ROWS_PER_BLOCK`` rows, and a whole batch per block unless that would leave
+    actors without a block (32 rows, 2 actors, batch 16: 2 blocks of 16; 9 rows: 5 and 4).
+    """
+    share = -(-rows // actors)
+    return max(1, min(MAX_ROWS_PER_BLOCK, max(min(batch_size, share), -(-rows // (4 * actors)))))
+
+
 def _type(name: str) -> pa.DataType:
     from pipelines.manifest import _parse_type
 
@@ -606,34 +717,46 @@ def _type(name: str) -> pa.DataType:
 def _start_setup(job: FeaturizeJob, source: Location, paths: list[str], count: int) -> Any:
     """Draw and decode the setup rows (a Ray task, waited for), then start encoding them.
 
-    Returns the ObjectRef of the encoding task, which runs on a worker with an actor's
-    accelerator. Without one it reserves no CPU and runs torch on every core of its node:
-    the actors block on its result while they start, so it has the cores mostly to itself,
-    and the read and decode tasks, which need a CPU slot, are not held back by it.
+    Returns the ObjectRef of the setup state. On CPUs the rows are encoded in as many parts
+    as there are CPU actors, one task each with its share of the cores (measured on 2 cores:
+    64 negatives x 49 views in 56.8 s as 2 one-thread tasks, 67.1 s as one two-thread task),
+    cut at encoding-chunk boundaries so that the state is bit-identical to one task's. The
+    tasks reserve no CPU: the actors wait for their result while they start, so they have
+    the cores mostly to themselves, and the read and decode tasks are not held back. With
+    accelerators one task encodes everything on an actor's accelerator.
     """
     import ray
 
-    select = ray.remote(num_cpus=0.25, num_returns=2)(select_setup_rows)
-    keys_ref, samples_ref = select.remote(
-        job.spec.json, job.spec.input_config, source, paths, job.columns.id, job.columns.data, count, job.decoder_options
+    concurrency, gpus, _ = job.actor_resources()
+    parts = 1 if gpus or not job.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
+    chunk = max(1, job.config.batch_size // 4)
+    select = ray.remote(num_cpus=0.25, num_returns=parts + 1)(select_setup_rows)
+    refs = select.remote(
+        job.spec.json, job.spec.input_config, source, paths, job.columns.id, job.columns.data, count,
+        job.decoder_options, parts, chunk,
     )
+    keys_ref, part_refs = refs[0], refs[1:]
     if not ray.get(keys_ref):
         raise ConfigError(f"no decodable rows in {source.uri} to compute the setup state (simclr negatives) from")
-    gpus = job.config.gpus_per_actor or 0
+    cores = int(ray.cluster_resources().get("CPU", 1))
     encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
-    return encode.remote(job.spec.json, samples_ref, keys_ref, max(1, job.config.batch_size // 4))
+    threads = None if gpus else max(1, cores // parts)
+    encoded = [encode.remote(job.spec.json, part, chunk, threads) for part in part_refs]
+    return encoded[0] if parts == 1 else ray.remote(num_cpus=0)(merge_setup_parts).remote(*encoded)
 
 
 def select_setup_rows(spec_json: str, input_config: bytes, source: Location, paths: list[str], id_column: str,
-                      data_column: str, count: int, decoder_options: dict[str, Any]) -> tuple[list[str], list]:
-    """Ray task: (keys, decoded samples) of the ``count`` setup rows, in their draw order.
+                      data_column: str, count: int, decoder_options: dict[str, Any], parts: int,
+                      chunk: int) -> tuple[list[str], ...]:
+    """Ray task: the keys of the ``count`` setup rows in their draw order, then ``parts`` lists
+    of ``(keys, decoded samples)``, cut at multiples of ``chunk`` rows.
 
     The rows are the ``count`` with the smallest seeded hash of their id, whatever the file
     layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are skipped.
     """
     from fungi_ops.adapters import make_decoder
-    from fungi_ops.spec import FeaturizerSpec
     from fungi_ops.seeding import setup_order
+    from fungi_ops.spec import FeaturizerSpec
 
     spec = FeaturizerSpec.from_json(spec_json)
     dataset = pads.dataset(paths, filesystem=source.filesystem(), format="parquet")
@@ -650,20 +773,34 @@ def select_setup_rows(spec_json: str, input_config: bytes, source: Location, pat
         except Exception as exc:  # noqa: BLE001 - a bad setup row is skipped, not fatal
             log.warning("setup row %s skipped: %s", row_id, exc)
     order = setup_order(spec.seed, keys)
-    return [keys[i] for i in order], [samples[i] for i in order]
+    keys, samples = [keys[i] for i in order], [samples[i] for i in order]
+    step = -(-(-(-len(keys) // parts)) // chunk) * chunk  # rows per part, a multiple of chunk
+    cuts = [(start, start + step) for start in range(0, step * parts, step)] if keys else [(0, 0)] * parts
+    return (keys, *((keys[a:b], samples[a:b]) for a, b in cuts))
 
 
-def encode_setup_rows(spec_json: str, samples: list, keys: list[str], batch_size: int) -> dict:
-    """Ray task: the objectives' setup state (SimCLR negatives) of decoded setup rows."""
+def encode_setup_rows(spec_json: str, part: tuple[list[str], list], chunk: int, threads: int | None) -> dict:
+    """Ray task: the objectives' setup state (SimCLR negatives) of one part of the decoded setup rows."""
     import torch
 
     from fungi_ops import Featurizer, FeaturizerSpec
 
+    keys, samples = part
     featurizer = Featurizer(FeaturizerSpec.from_json(spec_json))
-    if featurizer.device.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    featurizer.setup(samples, keys, batch_size=batch_size)
+    if threads and featurizer.device.type == "cpu":
+        torch.set_num_threads(threads)
+    if not keys:
+        return {}
+    featurizer.setup(samples, keys, batch_size=chunk)
     return {k: v.numpy() for k, v in featurizer.setup_state().items()}
+
+
+def merge_setup_parts(*parts: dict) -> dict:
+    """Ray task: the setup state of the whole, from its parts in order (row-wise concatenation)."""
+    import numpy as np
+
+    parts = tuple(p for p in parts if p)
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def _throughput(stats: list[dict[str, Any]], started: float) -> tuple[float | None, float | None]:
@@ -684,3 +821,7 @@ def _throughput(stats: list[dict[str, Any]], started: float) -> tuple[float | No
 def run_featurize(config: FeaturizeConfig) -> RunSummary:
     """Run one featurization job with ``config`` and return its summary."""
     return FeaturizeJob(config).run()
+
+
+if __name__ == "__main__":
+    _resolve_child()
