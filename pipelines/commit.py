@@ -38,6 +38,7 @@ from pipelines.storage import Location, delete_file, delete_tree, exists, list_f
 
 log = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
+SETUP_DIR = "_fungi_setup"
 HISTORY_DIR = "_fungi_history"
 CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
 
@@ -121,6 +122,10 @@ class Committer:
         for name in sorted(self._superseded(pending, current)):
             delete_file(self.fs, f"{root}/{name}")
             self._done(f"delete {name}")
+        for info in list_files(self.fs, f"{root}/{SETUP_DIR}"):
+            if f"{SETUP_DIR}/{posixpath.basename(info.path)}" != manifest.setup_artifact:
+                delete_file(self.fs, info.path)  # the state of features no longer in the output
+                self._done(f"delete {posixpath.basename(info.path)}")
         delete_tree(self.fs, staging.path)
         self._done("delete the staging area")
         for info in list_files(self.fs, f"{root}/{LOG_DIR}"):

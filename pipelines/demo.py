@@ -419,9 +419,8 @@ def _featurize(config: DemoConfig, model: str, data: DemoData, features_dir: Pat
     everything is recomputed, SimCLR negatives included.
     """
     import json
-    import shutil
 
-    from pipelines.job import SETUP_DIR, FeaturizeConfig, run_featurize
+    from pipelines.job import FeaturizeConfig, run_featurize
     from pipelines.manifest import MANIFEST_NAME
 
     state_file = features_dir.parent / STATE_FILE
@@ -442,8 +441,6 @@ def _featurize(config: DemoConfig, model: str, data: DemoData, features_dir: Pat
         say("      same settings as the previous run in this workdir: only new or changed rows are featurized "
             "(--fresh recomputes all)")
     else:
-        # the job keys its setup artifact by spec only; the negatives depend on the train split too
-        shutil.rmtree(features_dir / SETUP_DIR, ignore_errors=True)
         state_file.unlink(missing_ok=True)
     summary = run_featurize(
         FeaturizeConfig(

@@ -38,7 +38,7 @@ import pyarrow.dataset as pads
 
 from fungi_ops.errors import ConfigError
 from pipelines import stages
-from pipelines.commit import STAGING_DIR, HISTORY_DIR, Committer, recover
+from pipelines.commit import HISTORY_DIR, SETUP_DIR, STAGING_DIR, Committer, recover
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
 from pipelines.lease import OutputLease
 from pipelines.manifest import Manifest, RunRecord, fingerprint, read_manifest, sources_schema, type_name
@@ -47,7 +47,6 @@ from pipelines.storage import InputFile, Location, delete_tree, exists, list_fil
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
-SETUP_DIR = "_fungi_setup"
 MAX_ROWS_PER_BLOCK = 4096
 DEFAULT_LEASE_TIMEOUT_S = 600.0
 
@@ -403,8 +402,12 @@ class FeaturizeJob:
         return settings
 
     # -- 4. setup artifact ----------------------------------------------------------------
-    def setup_state(self) -> tuple[Any, str | None]:
-        """The setup state for this spec: loaded from the output, or a Ray task computing it.
+    def setup_state(self, previous: Manifest | None) -> tuple[Any, str | None]:
+        """The setup state for this spec: the output's own, or a Ray task computing it.
+
+        An incremental night keeps the state its output was featurized with (the features
+        of a spec must not change from night to night, even if the training split did);
+        another run computes it afresh under a name of its own, committed with it.
 
         A fresh state is returned as the ``ObjectRef`` of a Ray task and saved by
         :meth:`save_setup` once the stream has run: the actors take the reference, so their
@@ -415,19 +418,17 @@ class FeaturizeJob:
         if not count:
             return None, None
         fs = self.output.filesystem()
-        relative = f"{SETUP_DIR}/{self.spec.hash}.safetensors"
-        path = self.output.child_path(relative)
-        if exists(fs, path):
+        if self.config.incremental and previous is not None and previous.setup_artifact:
             from safetensors.numpy import load
 
-            return load(read_bytes(fs, path)), relative
+            return load(read_bytes(fs, self.output.child_path(previous.setup_artifact))), previous.setup_artifact
         source = Location(self.config.setup_from, self.config.storage_options) if self.config.setup_from else self.input
         if not self.config.setup_from:
             print("fungi: simclr negatives drawn from the input (pass --setup-from to use a training split)")
         files = list_parquet(source, "setup data")
         setup_columns = InputColumns(self.columns.id, self.columns.data)
         check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
-        return _start_setup(self, source, [f.path for f in files], count), relative
+        return _start_setup(self, source, [f.path for f in files], count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
 
     def save_setup(self, state: Any, relative: str | None) -> None:
         """Write a freshly computed setup state beside the output (a loaded one is already there)."""
@@ -633,7 +634,7 @@ class FeaturizeJob:
                 )
                 reads = plan.to_read
                 setup_state, self.setup_artifact = (
-                    self.setup_state() if reads else (None, previous.setup_artifact if previous else None)
+                    self.setup_state(previous) if reads else (None, previous.setup_artifact if previous else None)
                 )
                 stats = self.execute(plan, schema, sum(input_rows[w.source] for w in reads), setup_state)
                 self.save_setup(setup_state, self.setup_artifact)
