@@ -124,8 +124,8 @@ def test_features_are_reused_only_with_the_same_settings(tmp_path: Path, monkeyp
 
     def fake_run_featurize(config):
         output = Path(config.output)
-        calls.append((config.incremental, config.overwrite, (output / "_fungi_setup").exists()))
-        (output / "_fungi_setup").mkdir(parents=True, exist_ok=True)
+        calls.append((config.incremental, config.overwrite))
+        output.mkdir(parents=True, exist_ok=True)
         (output / "_fungi_manifest.json").write_text("{}")
         return "summary"
 
@@ -138,10 +138,10 @@ def test_features_are_reused_only_with_the_same_settings(tmp_path: Path, monkeyp
         return demo._featurize(settings, "hf:model", data, features, lambda line: None)
 
     run(config)  # first run: everything is computed
-    run(config)  # same settings: incremental, negatives kept
+    run(config)  # same settings: incremental (the job keeps the output's negatives)
     run(dataclasses.replace(config, objectives="kl,simclr:num_negatives=8"))  # changed: recomputed
     run(dataclasses.replace(config, objectives="kl,simclr:num_negatives=8", fresh=True))  # --fresh
-    assert calls == [(False, True, False), (True, False, True), (False, True, False), (False, True, False)]
+    assert calls == [(False, True), (True, False), (False, True), (False, True)]
 
 
 def test_demo_end_to_end(tmp_path: Path, local_ray, capsys):

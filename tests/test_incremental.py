@@ -194,6 +194,21 @@ def test_nothing_to_do_is_cheap_and_changes_nothing(tiny_text_dir, tmp_path):
     assert last_run(output)["output_files_opened"] == 0
 
 
+def test_nights_keep_the_outputs_negatives_and_full_runs_recompute_them(tiny_text_dir, tmp_path):
+    source, output = lake(tmp_path / "in", files=2, rows=6), tmp_path / "out"
+    negatives = lake(tmp_path / "train", files=1, rows=8)
+    settings = dict(objectives="kl,simclr:num_negatives=4;text_views=2", setup_from=str(negatives))
+    run_featurize(config(tiny_text_dir, source, output, **settings))
+    first = json.loads((output / "_fungi_manifest.json").read_text())["setup_artifact"]
+    write_part(negatives, "part-0.parquet", ["t0", "t1", "t2", "t3"], ["other", "training", "rows", "now"])
+    write_part(source, "part-9.parquet", ["new"], ["a new row"])
+    run_featurize(config(tiny_text_dir, source, output, incremental=True, **settings))
+    assert json.loads((output / "_fungi_manifest.json").read_text())["setup_artifact"] == first  # same feature space
+    run_featurize(config(tiny_text_dir, source, output, overwrite=True, **settings))
+    rebuilt = json.loads((output / "_fungi_manifest.json").read_text())["setup_artifact"]
+    assert rebuilt != first and [p.name for p in (output / "_fungi_setup").iterdir()] == [rebuilt.split("/")[1]]
+
+
 # -- the lease -----------------------------------------------------------------------------------------
 
 
