@@ -12,6 +12,7 @@ night), then measures with the real Feast and sqlite-vec, in one process:
   stored vectors plus noise.
 
     python benchmarks/bench_feast.py [--rows 1000] [--queries 50]
+    python benchmarks/bench_feast.py --output fungi_demo/features   # a real output, e.g. `fungi demo`'s
 """
 from __future__ import annotations
 
@@ -33,20 +34,28 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", help="a feature output written by `fungi featurize` (default: a synthetic one)")
     args = parser.parse_args()
 
     from fungi_outputs import SyntheticOutput, make_spec
 
-    from pipelines.feast_repo import fungi_vectors, load_definitions, write_feast_repo
+    from pipelines.feast_repo import fungi_vectors, load_definitions, vector_matrix, write_feast_repo
+
+    import pyarrow.parquet as pq
 
     work = Path(tempfile.mkdtemp(prefix="bench_feast_"))
     now = datetime.now(timezone.utc)
-    output = SyntheticOutput(work / "features", make_spec(embed_dim=384, projection_dim=384), labels=18)
-    ids = [f"row{i:05d}" for i in range(args.rows)]
-    output.night(now - timedelta(hours=1), ids)
+    if args.output:
+        root, current = Path(args.output), pq.read_table(args.output)
+    else:
+        synthetic = SyntheticOutput(work / "features", make_spec(embed_dim=384, projection_dim=384), labels=18)
+        synthetic.night(now - timedelta(hours=1), [f"row{i:05d}" for i in range(args.rows)])
+        root, current = synthetic.root, synthetic.current
+    ids = current.column("id").to_pylist()
+    columns = [name for name in current.column_names if name == "embedding" or name.startswith("grad_")]
 
     started = time.perf_counter()
-    update = write_feast_repo(str(output.root), work / "repo")
+    update = write_feast_repo(str(root), work / "repo")
     repo_s = time.perf_counter() - started
     started = time.perf_counter()
     from feast import FeatureStore
@@ -62,8 +71,8 @@ def main() -> None:
 
     view, concat_view = update.feature_view, update.fungi_view
     rng = np.random.default_rng(0)
-    rows = [{"id": i} for i in rng.choice(ids, 100, replace=False)]
-    features = [f"{view}:embedding", f"{view}:grad_kl", f"{view}:grad_simclr"]
+    rows = [{"id": i} for i in rng.choice(ids, min(100, len(ids)), replace=False)]
+    features = [f"{view}:{name}" for name in columns]
     lookups = []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -72,12 +81,12 @@ def main() -> None:
 
     report = []
     for name, feature, vectors in [
-        ("embedding", f"{view}:embedding", output.matrix("embedding")),
-        ("fungi", f"{concat_view}:fungi", fungi_vectors(output.current, ["embedding", "grad_kl", "grad_simclr"])),
+        ("embedding", f"{view}:embedding", vector_matrix(current.column("embedding"))),
+        ("fungi", f"{concat_view}:fungi", fungi_vectors(current, columns)),
     ]:
         unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        picks = rng.choice(len(ids), args.queries, replace=False)
-        noise = rng.normal(size=(args.queries, vectors.shape[1])) * 0.3 / np.sqrt(vectors.shape[1] / 384)
+        picks = rng.choice(len(ids), min(args.queries, len(ids)), replace=False)
+        noise = rng.normal(size=(len(picks), vectors.shape[1])) * 0.3 / np.sqrt(vectors.shape[1] / 384)
         queries = vectors[picks] + noise
         hits, latency = [], []
         for query in queries.astype(np.float32):
@@ -88,14 +97,15 @@ def main() -> None:
             hits.append(len(truth & set(found["id"])) / 10)
         report.append((name, vectors.shape[1], float(np.mean(hits)), 1000 * float(np.median(latency))))
 
-    print(f"{args.rows} rows, embedding 384 + grad_kl 384 + grad_simclr 384 (fungi 1152), work dir {work}")
+    dims = " + ".join(f"{name} {current.schema.field(name).type.list_size}" for name in columns)
+    print(f"{len(ids)} rows of {args.output or 'a synthetic output'}, {dims}, work dir {work}")
     print(f"fungi feast (repo + FUNGI vectors): {repo_s:.2f} s; import feast {import_s:.1f} s; apply {apply_s:.2f} s")
-    print(f"materialize 2 views ({args.rows} rows each) into SQLite: {materialize_s:.2f} s")
-    print(f"get_online_features, 100 ids x 3 vector features: median {1000 * np.median(lookups):.1f} ms "
+    print(f"materialize 2 views ({len(ids)} rows each) into SQLite: {materialize_s:.2f} s")
+    print(f"get_online_features, {len(rows)} ids x {len(columns)} vector features: median {1000 * np.median(lookups):.1f} ms "
           f"(p90 {1000 * np.quantile(lookups, 0.9):.1f} ms, {args.repeats} repeats)")
     for name, dim, recall, ms in report:
         print(f"vector search top-10 over {name} ({dim}): recall@10 {recall:.3f}, median {ms:.1f} ms "
-              f"({args.queries} queries)")
+              f"({len(picks)} queries)")
 
 
 if __name__ == "__main__":

@@ -736,26 +736,29 @@ def _start_setup(job: FeaturizeJob, source: Location, paths: list[str], count: i
         job.spec.json, job.spec.input_config, source, paths, job.columns.id, job.columns.data, count,
         job.decoder_options, parts, chunk,
     )
-    keys_ref, part_refs = refs[0], refs[1:]
-    if not ray.get(keys_ref):
+    order_ref, part_refs = refs[0], refs[1:]
+    if not ray.get(order_ref):
         raise ConfigError(f"no decodable rows in {source.uri} to compute the setup state (simclr negatives) from")
     cores = int(ray.cluster_resources().get("CPU", 1))
     encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
     threads = None if gpus else max(1, cores // parts)
     encoded = [encode.remote(job.spec.json, part, chunk, threads) for part in part_refs]
-    return encoded[0] if parts == 1 else ray.remote(num_cpus=0)(merge_setup_parts).remote(*encoded)
+    return ray.remote(num_cpus=0)(merge_setup_parts).remote(order_ref, *encoded)
 
 
 def select_setup_rows(spec_json: str, input_config: bytes, source: Location, paths: list[str], id_column: str,
                       data_column: str, count: int, decoder_options: dict[str, Any], parts: int,
                       chunk: int) -> tuple[list[str], ...]:
-    """Ray task: the keys of the ``count`` setup rows in their draw order, then ``parts`` lists
-    of ``(keys, decoded samples)``, cut at multiples of ``chunk`` rows.
+    """Ray task: the ``count`` setup rows, decoded, in ``parts`` parts to encode.
 
     The rows are the ``count`` with the smallest seeded hash of their id, whatever the file
     layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are skipped.
+    Returns their encoding order (:func:`fungi_ops.featurizer.setup_encoding_order`, for
+    :func:`merge_setup_parts`), then the parts: ``(keys, samples)`` in that order, cut at
+    multiples of ``chunk`` rows, so that the parts encode the chunks one process would.
     """
     from fungi_ops.adapters import make_decoder
+    from fungi_ops.featurizer import setup_encoding_order
     from fungi_ops.seeding import setup_order
     from fungi_ops.spec import FeaturizerSpec
 
@@ -773,11 +776,13 @@ def select_setup_rows(spec_json: str, input_config: bytes, source: Location, pat
             keys.append(str(row_id))
         except Exception as exc:  # noqa: BLE001 - a bad setup row is skipped, not fatal
             log.warning("setup row %s skipped: %s", row_id, exc)
-    order = setup_order(spec.seed, keys)
+    drawn = setup_order(spec.seed, keys)
+    keys, samples = [keys[i] for i in drawn], [samples[i] for i in drawn]
+    order = setup_encoding_order(samples)
     keys, samples = [keys[i] for i in order], [samples[i] for i in order]
     step = -(-(-(-len(keys) // parts)) // chunk) * chunk  # rows per part, a multiple of chunk
     cuts = [(start, start + step) for start in range(0, step * parts, step)] if keys else [(0, 0)] * parts
-    return (keys, *((keys[a:b], samples[a:b]) for a, b in cuts))
+    return (order, *((keys[a:b], samples[a:b]) for a, b in cuts))
 
 
 def encode_setup_rows(spec_json: str, part: tuple[list[str], list], chunk: int, threads: int | None) -> dict:
@@ -796,12 +801,17 @@ def encode_setup_rows(spec_json: str, part: tuple[list[str], list], chunk: int, 
     return {k: v.numpy() for k, v in featurizer.setup_state().items()}
 
 
-def merge_setup_parts(*parts: dict) -> dict:
-    """Ray task: the setup state of the whole, from its parts in order (row-wise concatenation)."""
+def merge_setup_parts(order: list[int], *parts: dict) -> dict:
+    """Ray task: the setup state of the whole, rows in draw order, from its parts in encoding ``order``."""
     import numpy as np
 
     parts = tuple(p for p in parts if p)
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    inverse = np.argsort(np.asarray(order))
+    merged = {}
+    for key in parts[0]:
+        encoded = np.concatenate([part[key] for part in parts])  # each sample's views are consecutive rows
+        merged[key] = encoded.reshape(len(order), -1, encoded.shape[-1])[inverse].reshape(encoded.shape)
+    return merged
 
 
 def _throughput(stats: list[dict[str, Any]], started: float) -> tuple[float | None, float | None]:

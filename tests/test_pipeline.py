@@ -274,3 +274,38 @@ def test_features_do_not_depend_on_actor_count_or_batch_size(minilm_dir, text_in
     np.testing.assert_allclose(
         np.asarray(left.column("grad_kl").to_pylist()), np.asarray(right.column("grad_kl").to_pylist()), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, parts):
+    """The job's setup tasks (draw, decode, encode in parts, merge), run as plain functions:
+    the negatives are exactly those of one in-process Featurizer.setup over the same draw."""
+    import pickle
+
+    from fungi_ops.seeding import setup_order
+    from pipelines.job import FeaturizeConfig, encode_setup_rows, merge_setup_parts, resolve_spec_here, select_setup_rows
+    from pipelines.storage import Location
+
+    config = FeaturizeConfig(input=str(text_input), output="unused", modality="text", model=f"hf:{minilm_dir}",
+                             objectives="kl,simclr:num_negatives=7;text_views=3")
+    spec = resolve_spec_here(config)
+    paths = sorted(str(p) for p in text_input.glob("*.parquet"))
+    order, *split = select_setup_rows(spec.json, spec.input_config, Location(str(text_input)), paths, "id", "text",
+                                      spec.setup_rows, {}, parts, 2)
+    merged = merge_setup_parts(order, *(encode_setup_rows(spec.json, part, 2, 1) for part in split))
+
+    reference = Featurizer(FeaturizerSpec.from_json(spec.json), device="cpu")
+    table = pq.read_table(text_input)
+    ids, texts = [str(i) for i in table.column("id").to_pylist()], table.column("text").to_pylist()
+    decoded, keys = [], []
+    for row_id, text in zip(ids, texts):
+        try:
+            decoded.append(reference.decode(text))
+            keys.append(row_id)
+        except Exception:  # the empty text: skipped, as the job skips undecodable setup rows
+            continue
+    drawn = setup_order(reference.spec.seed, keys)[: spec.setup_rows]
+    reference.setup([decoded[i] for i in drawn], [keys[i] for i in drawn], batch_size=2)
+    expected = reference.setup_state()["simclr.negatives"].numpy()
+    assert merged["simclr.negatives"].shape == expected.shape == (7 * 3, expected.shape[1])
+    np.testing.assert_array_equal(merged["simclr.negatives"], expected)
