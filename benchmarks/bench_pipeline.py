@@ -38,12 +38,22 @@ from fungi_ops import Featurizer, FeaturizerSpec, parse_objectives
 from fungi_ops.seeding import setup_order
 
 
-class ActorMemory:
-    """Samples the RSS of featurize actor processes while a job runs."""
+class StageMemory:
+    """Samples the RSS of a job's Ray worker processes, by stage, while it runs.
 
-    def __init__(self, interval: float = 0.5) -> None:
+    Ray titles a worker process after what it runs (``ray::MapWorker(MapBatches(FeaturizeActor)).__init__``,
+    ``ray::MapBatches(write_batch)``, ...); ``stages`` maps a label to a part of that title,
+    the first that matches wins. A task worker runs one stage after another (and keeps what
+    earlier tasks left in its heap): a sample counts for the stage of its title then.
+    ``peaks[(label, pid)]`` is the highest RSS sampled (mapped object-store pages included),
+    ``starts[(label, pid)]`` the first.
+    """
+
+    def __init__(self, stages: dict[str, str] | None = None, interval: float = 0.5) -> None:
+        self.stages = stages or {"actor": "FeaturizeActor"}
         self.interval = interval
-        self.peaks: dict[int, int] = {}
+        self.peaks: dict[tuple[str, int], int] = {}
+        self.starts: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -51,14 +61,17 @@ class ActorMemory:
         while not self._stop.is_set():
             for process in psutil.process_iter(["pid", "cmdline"]):
                 try:
-                    if "FeaturizeActor" in " ".join(process.info["cmdline"] or []):
-                        rss = process.memory_info().rss
-                        self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), rss)
+                    title = " ".join(process.info["cmdline"] or [])
+                    label = next((label for label, part in self.stages.items() if part in title), None)
+                    if label is not None:
+                        key, rss = (label, process.pid), process.memory_info().rss
+                        self.starts.setdefault(key, rss)
+                        self.peaks[key] = max(self.peaks.get(key, 0), rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "ActorMemory":
+    def __enter__(self) -> "StageMemory":
         self._thread.start()
         return self
 
@@ -118,7 +131,7 @@ def main() -> None:
         from pipelines.ray_runtime import init_ray
 
         init_ray(num_cpus=os.cpu_count())
-        with ActorMemory() as memory:
+        with StageMemory() as memory:
             summary = run_featurize(config)
 
     pipeline_rate = summary.rows_written / summary.wall_s
@@ -135,8 +148,8 @@ def main() -> None:
         f"{summary.first_write_s:.0f} s) | {steady / (rows / loop):.2f} |"
     )
     print("target: pipeline / in-process >= 0.85")
-    for pid, peak in sorted(memory.peaks.items()):
-        print(f"actor pid {pid}: peak RSS {peak / 2**20:.0f} MiB")
+    for (stage, pid), peak in sorted(memory.peaks.items()):
+        print(f"{stage} pid {pid}: peak RSS {peak / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

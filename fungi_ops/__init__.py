@@ -19,8 +19,7 @@ Per-patch (dense) features of ViTs: :class:`DenseFeaturizer` with the ``dense`` 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fungi_ops._lazy import lazy_exports
 
 # Public names and the modules that define them. Imported on first use (PEP 562), so that
 # ``fungi_ops.errors`` and the like load without torch: the pipeline's driver imports them
@@ -33,6 +32,7 @@ _EXPORTS = {
     "DenseFeaturizer": "fungi_ops.dense",
     "FeatureBatch": "fungi_ops.featurizer",
     "Featurizer": "fungi_ops.featurizer",
+    "make_featurizer": "fungi_ops.featurizer",
     "OBJECTIVES": "fungi_ops.objectives",
     "DenseConfig": "fungi_ops.objectives",
     "DINOConfig": "fungi_ops.objectives",
@@ -46,14 +46,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fungi_ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

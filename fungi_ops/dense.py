@@ -37,7 +37,9 @@ latents beside it. :meth:`DenseFeaturizer.setup_state` holds both for a setup ar
 
 For a featurize job (``pipelines``): resolve the spec on the driver
 (:func:`~fungi_ops.featurizer.resolve_spec` fills ``image_size``; ``spec.is_dense`` picks
-this path), decode on workers with :func:`make_dense_decoder`, build the support from the
+this path, in :func:`fungi_ops.adapters.make_spec_decoder` and
+:func:`fungi_ops.featurizer.make_featurizer`), decode on workers with
+:func:`make_dense_decoder`, build the support from the
 first ``spec.setup_rows`` rows of the support split in ``setup_order`` and ship
 :meth:`DenseFeaturizer.setup_state` (two arrays: the serialised index and the latents) as the
 setup artifact; each actor then calls :meth:`DenseFeaturizer.load_setup_state` once and
@@ -143,6 +145,15 @@ def make_dense_decoder(spec: FeaturizerSpec, max_image_pixels: int = DEFAULT_MAX
     return DenseDecoder(config.image_size, max_image_pixels)
 
 
+def patch_grid(spec: FeaturizerSpec, backbone: Backbone) -> tuple[int, int]:
+    """``(rows, cols)`` of the patch grid of a resolved dense spec on its backbone (the view is square)."""
+    config, tokens = dense_config(spec), backbone.patch_tokens
+    if config.image_size is None or tokens is None:
+        raise ConfigError("dense spec is not resolved for this backbone: run fungi_ops.featurizer.resolve_spec")
+    side = config.image_size // tokens.patch_size
+    return side, side
+
+
 def dense_config(spec: FeaturizerSpec) -> DenseConfig:
     """The :class:`~fungi_ops.objectives.DenseConfig` of a dense spec; ConfigError for another spec."""
     if not spec.is_dense:
@@ -181,8 +192,7 @@ class DenseFeaturizer:
         assert tokens is not None and self.config.image_size is not None  # checked by resolve_spec
         self.tokens = tokens
         self.image_size = self.config.image_size
-        side = self.image_size // tokens.patch_size
-        self.grid = (side, side)
+        self.grid = patch_grid(self.spec, self.backbone)
         tokens.resize(self.backbone.model, self.image_size)
         _, layer = resolve_target_layer(self.backbone.model, self.spec.target_layer, self.backbone.default_target)
         self.backbone.model.to(self.device)

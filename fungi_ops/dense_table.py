@@ -57,6 +57,7 @@ __all__ = [
     "DenseReader",
     "DenseRows",
     "dense_batch_columns",
+    "dense_parquet_options",
     "dense_row_group_rows",
     "dense_table",
     "grid_arrays",
@@ -164,17 +165,18 @@ def dense_row_group_rows(table: pa.Table) -> int:
     return max(1, int(ROW_GROUP_BYTES * table.num_rows // max(1, feature_bytes)))
 
 
-def write_dense_parquet(table: pa.Table, where: str | os.PathLike[str], filesystem: "pafs.FileSystem | None" = None) -> None:
-    """Write a dense table: row groups of :func:`dense_row_group_rows`, features plain and uncompressed.
+def dense_parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet writer options of dense tables: features plain-encoded, nothing compressed.
 
     Other columns keep Parquet's dictionary encoding; nothing is compressed (the floats do
-    not compress, a kept PNG mask already is).
+    not compress, a kept PNG mask already is). For ``pq.write_table`` and ``pq.ParquetWriter``
+    alike (the pipeline streams a file through the latter).
     """
+    return {"use_dictionary": [name for name in schema.names if name not in DENSE_FEATURES], "compression": "none"}
+
+
+def write_dense_parquet(table: pa.Table, where: str | os.PathLike[str], filesystem: "pafs.FileSystem | None" = None) -> None:
+    """Write a dense table: row groups of :func:`dense_row_group_rows`, :func:`dense_parquet_options`."""
     pq.write_table(
-        table,
-        where,
-        filesystem=filesystem,
-        row_group_size=dense_row_group_rows(table),
-        use_dictionary=[name for name in table.column_names if name not in DENSE_FEATURES],
-        compression="none",
+        table, where, filesystem=filesystem, row_group_size=dense_row_group_rows(table), **dense_parquet_options(table.schema)
     )

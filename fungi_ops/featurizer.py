@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from fungi_ops.gradients import LinearGradientTap, accumulate_linear_gradients
 from fungi_ops.objectives import Objective
 from fungi_ops.projection import RandomProjection, generate_projection
 from fungi_ops.spec import FeaturizerSpec, feature_column
+
+if TYPE_CHECKING:
+    from fungi_ops.dense import DenseFeaturizer
 
 log = logging.getLogger(__name__)
 SETUP_FILE = "setup.safetensors"
@@ -369,6 +372,21 @@ class Featurizer:
                     chunk_start += inputs.shape[0]
                 features[feature_column(name)] = F.normalize(self.projection(total), dim=-1)
         return features
+
+
+def make_featurizer(spec: FeaturizerSpec, **options: Any) -> "Featurizer | DenseFeaturizer":
+    """The featurizer of a spec: :class:`~fungi_ops.dense.DenseFeaturizer` for a dense one, else :class:`Featurizer`.
+
+    ``options`` go to the constructor (``device``, ``projection``, ``trust_remote_code``).
+    Both load the model once, take :meth:`~Featurizer.setup` / :meth:`~Featurizer.load_setup_state`
+    and return a batch with ``features`` and ``errors`` from ``featurize``, so a caller that
+    only moves rows (the pipeline's actors and setup task) picks one here and treats both alike.
+    """
+    if spec.is_dense:
+        from fungi_ops.dense import DenseFeaturizer  # fungi_ops.dense imports this module
+
+        return DenseFeaturizer(spec, **options)
+    return Featurizer(spec, **options)
 
 
 def decode_payloads(

@@ -10,19 +10,26 @@ what changed, not what exists:
 3. plan the night file by file (:mod:`pipelines.plan`): unchanged input files are
    skipped unopened; read the footers of the files to read and check their schemas;
    check ids for duplicates and moves;
-4. compute or reuse the setup artifact (SimCLR negatives);
+4. compute or reuse the setup artifact (SimCLR negatives, or a dense spec's support index);
 5. stream read -> decode (CPU tasks) -> featurize (actor pool) -> stage (tasks);
 6. finalize each touched source into one new data file and error file (Ray tasks);
 7. commit (:mod:`pipelines.commit`): new sources table, header (the commit point), then
    move in and clean up.
 
 The driver holds O(input files) state; every O(rows) step runs in Ray tasks.
+
+A dense spec (``--objectives dense``, :mod:`fungi_ops.dense`) runs the same steps: its
+decoder makes the dense view, its setup state is the support index (from
+``--support-from``), its actors run :class:`~fungi_ops.dense.DenseFeaturizer`, and its rows
+are written as a dense table (:mod:`fungi_ops.dense_table`); ids, hashes, quarantine,
+commit and incremental runs do not tell the two apart.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -48,6 +55,7 @@ from pipelines.storage import InputFile, Location, delete_tree, exists, list_fil
 log = logging.getLogger(__name__)
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
 MAX_ROWS_PER_BLOCK = 4096
+MAX_BLOCK_BYTES = 128 << 20  # of features: Ray Data's own target block size (a 512-px dense ViT-B row is 6 MiB)
 DEFAULT_LEASE_TIMEOUT_S = 600.0
 
 
@@ -68,6 +76,7 @@ class FeaturizeConfig:
     keep_columns: tuple[str, ...] = ()
     event_time_column: str | None = None
     setup_from: str | None = None
+    support_from: str | None = None
     seed: int = 0
     projection_dim: int | None = None
     precision: str = "auto"
@@ -156,16 +165,23 @@ class ResolvedSpec:
 
     The driver never imports torch (about 0.5 GB of resident memory for a CUDA build, plus
     transformers): the model is loaded to resolve the spec in a short-lived child process
-    (:class:`SpecResolver`), and the input settings travel to the workers pickled, so
-    that only processes that already hold torch unpickle them.
+    (:class:`SpecResolver`), and the decoder travels to the workers pickled, so that only
+    processes that already hold torch unpickle it.
     """
 
     json: str
     hash: str
     modality: str
     setup_rows: int
-    input_config: bytes  # the backbone's ImageInput / TextInput / AudioInput, pickled
-    setup_splits: bool = True  # the setup state is per-row tensors that concatenate (SimCLR's negatives)
+    dense: bool  # per-patch features (fungi_ops.dense): a dense table, the support as setup state
+    columns: tuple[str, ...]  # the output columns the features take (kept columns must not clash)
+    row_bytes: int  # float32 feature bytes of one output row: bounds the stream's block size
+    decoder: bytes  # fungi_ops.adapters.make_spec_decoder's decoder, pickled
+
+    @property
+    def setup_splits(self) -> bool:
+        """Whether the setup state is per-row tensors that concatenate (SimCLR's negatives, not a support index)."""
+        return not self.dense
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a dictionary (what the manifest records)."""
@@ -175,11 +191,13 @@ class ResolvedSpec:
     def recorded(cls, manifest: Manifest) -> "ResolvedSpec":
         """The spec an output records, for a night that featurizes nothing (no setup, no decoding)."""
         text = json.dumps(manifest.spec, sort_keys=True, separators=(",", ":"))
-        return cls(text, manifest.spec_hash, manifest.spec["modality"], 0, b"")
+        dense = any(o["name"] == "dense" for o in manifest.spec["objectives"])
+        return cls(text, manifest.spec_hash, manifest.spec["modality"], 0, dense, (), 0, b"")
 
 
 def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
     """Load the model and resolve the run's spec, in this process (imports torch)."""
+    from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, make_spec_decoder
     from fungi_ops.backbones import load_backbone
     from fungi_ops.featurizer import resolve_spec
     from fungi_ops.spec import FeaturizerSpec, parse_objectives
@@ -200,8 +218,18 @@ def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
         trust_remote_code=config.trust_remote_code,
     )
     resolved = resolve_spec(spec, backbone)
-    return ResolvedSpec(resolved.to_json(), resolved.hash, resolved.modality, resolved.setup_rows,
-                        pickle.dumps(backbone.input_config), setup_splits=not resolved.is_dense)
+    columns, patches = tuple(resolved.feature_names), 1
+    if resolved.is_dense:
+        from fungi_ops.dense import patch_grid
+        from fungi_ops.dense_table import GRID_COLUMNS
+
+        columns, patches = (*GRID_COLUMNS, *columns), math.prod(patch_grid(resolved, backbone))
+    assert resolved.embed_dim is not None and resolved.projection_dim is not None  # filled by resolve_spec
+    row_bytes = 4 * patches * (resolved.embed_dim + resolved.projection_dim * len(resolved.objectives))
+    pixels = DEFAULT_MAX_IMAGE_PIXELS if config.max_image_pixels is None else config.max_image_pixels
+    decoder = make_spec_decoder(resolved, backbone.input_config, max_image_pixels=pixels)
+    return ResolvedSpec(resolved.to_json(), resolved.hash, resolved.modality, resolved.setup_rows, resolved.is_dense,
+                        columns, row_bytes, pickle.dumps(decoder))
 
 
 class SpecResolver:
@@ -242,7 +270,7 @@ class SpecResolver:
         if "spec" not in answer:
             raise RuntimeError(f"resolving the model failed (exit {self.process.returncode}):\n{err[-4000:]}")
         fields = answer["spec"]
-        return ResolvedSpec(**{**fields, "input_config": base64.b64decode(fields["input_config"])})
+        return ResolvedSpec(**{**fields, "columns": tuple(fields["columns"]), "decoder": base64.b64decode(fields["decoder"])})
 
 
 def spec_settings(config: FeaturizeConfig) -> dict[str, Any]:
@@ -283,7 +311,7 @@ def _resolve_child() -> None:
     except ConfigError as exc:
         print(json.dumps({"error": str(exc)}))
         return
-    fields = {**dataclasses.asdict(resolved), "input_config": base64.b64encode(resolved.input_config).decode()}
+    fields = {**dataclasses.asdict(resolved), "decoder": base64.b64encode(resolved.decoder).decode()}
     print(json.dumps({"spec": fields}))
 
 
@@ -325,10 +353,12 @@ class FeaturizeJob:
             raise ConfigError("--incremental and --overwrite contradict each other")
         if (config.prune or config.retry_failed) and not config.incremental:
             raise ConfigError("--prune and --retry-failed apply to --incremental runs")
-        reserved = {stages.ID_COLUMN, stages.HASH_COLUMN, stages.TIME_COLUMN, "embedding"}
-        clash = sorted(c for c in config.keep_columns if c in reserved or c.startswith(("grad_", "__fungi")))
+        reserved = {stages.ID_COLUMN, stages.HASH_COLUMN, stages.TIME_COLUMN}  # the features': validate_spec
+        clash = sorted(c for c in config.keep_columns if c in reserved or c.startswith("__fungi"))
         if clash:
             raise ConfigError(f"--keep-columns {', '.join(clash)} would clash with output columns")
+        if config.setup_from and config.support_from and config.setup_from != config.support_from:
+            raise ConfigError("--setup-from and --support-from name the same data (the setup rows); give one")
         if self.input.overlaps(self.output):
             raise ConfigError(
                 f"--output {self.output.uri} and --input {self.input.uri} overlap (one is the other or inside it): "
@@ -386,6 +416,17 @@ class FeaturizeJob:
             )
         return manifest
 
+    def validate_spec(self) -> None:
+        """Checks of the settings against the resolved spec (before the lease: a mistake writes nothing)."""
+        clash = sorted(set(self.config.keep_columns) & set(self.spec.columns))
+        if clash:
+            raise ConfigError(f"--keep-columns {', '.join(clash)} would clash with output columns")
+        if self.config.support_from and not self.spec.dense:
+            raise ConfigError(
+                "--support-from is the dense objective's support index; this spec has none "
+                "(--setup-from gives SimCLR's negatives)"
+            )
+
     def input_settings(self, schema: InputSchema | None) -> dict[str, Any]:
         """The input settings recorded in the manifest (an incremental run must keep them)."""
         settings: dict[str, Any] = {
@@ -422,13 +463,20 @@ class FeaturizeJob:
             from safetensors.numpy import load
 
             return load(read_bytes(fs, self.output.child_path(previous.setup_artifact))), previous.setup_artifact
-        source = Location(self.config.setup_from, self.config.storage_options) if self.config.setup_from else self.input
-        if not self.config.setup_from:
-            print("fungi: simclr negatives drawn from the input (pass --setup-from to use a training split)")
+        chosen = self.config.support_from or self.config.setup_from
+        source = Location(chosen, self.config.storage_options) if chosen else self.input
+        if not chosen:
+            flag = "--support-from" if self.spec.dense else "--setup-from"
+            print(f"fungi: {self.setup_data} drawn from the input (pass {flag} to use a training split)")
         files = list_parquet(source, "setup data")
         setup_columns = InputColumns(self.columns.id, self.columns.data)
         check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
         return _start_setup(self, source, [f.path for f in files], count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
+
+    @property
+    def setup_data(self) -> str:
+        """What the setup rows are for, in messages."""
+        return "the dense support" if self.spec.dense else "simclr negatives"
 
     def save_setup(self, state: Any, relative: str | None) -> None:
         """Write a freshly computed setup state beside the output (a loaded one is already there)."""
@@ -441,11 +489,6 @@ class FeaturizeJob:
         fs = self.output.filesystem()
         fs.create_dir(self.output.child_path(SETUP_DIR), recursive=True)
         write_atomic(fs, self.output.child_path(relative), blob)
-
-    @property
-    def decoder_options(self) -> dict[str, Any]:
-        """Decoder settings that are not part of the spec (they bound memory, not features)."""
-        return {} if self.config.max_image_pixels is None else {"max_image_pixels": self.config.max_image_pixels}
 
     # -- 5. the Ray Data pipeline ---------------------------------------------------------
     def actor_resources(self) -> tuple[tuple[int, int] | int, float, float]:
@@ -476,7 +519,7 @@ class FeaturizeJob:
         config = self.config
         concurrency, gpus_per_actor, cpus_per_actor = self.actor_resources()
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        rows_per_block = block_rows(rows_to_read, max_actors, config.batch_size)
+        rows_per_block = block_rows(rows_to_read, max_actors, config.batch_size, self.spec.row_bytes)
         items = [
             {
                 "source": work.source,
@@ -502,7 +545,7 @@ class FeaturizeJob:
             stages.decode_batch,
             batch_format="pyarrow",
             num_cpus=0.25,
-            fn_kwargs=dict(modality=self.spec.modality, input_config=self.spec.input_config, decoder_options=self.decoder_options),
+            fn_kwargs=dict(modality=self.spec.modality, decoder=self.spec.decoder),
         )
         # CPU actors take one block at a time, so that a small job's few blocks spread over
         # every actor instead of queueing at the first one to start (measured: 2 actors, 2
@@ -527,7 +570,7 @@ class FeaturizeJob:
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=0.25,
-            fn_kwargs=dict(staging=self.staging, spec_json=spec_json, spec_hash=self.spec.hash),
+            fn_kwargs=dict(staging=self.staging, spec_json=spec_json, spec_hash=self.spec.hash, dense=self.spec.dense),
         )
         return written.take_all()
 
@@ -564,7 +607,7 @@ class FeaturizeJob:
             refs.append(task.remote(
                 description, input_location=self.input, output=self.output, staging=self.staging,
                 id_column=self.columns.id, id_type=self.id_type, run_id=self.run_id, prune=self.config.prune,
-                metadata=metadata,
+                metadata=metadata, dense=self.spec.dense,
             ))
         return ray.get(refs)
 
@@ -604,13 +647,15 @@ class FeaturizeJob:
         if resolving:
             init_ray(config.address)  # while the child loads the model
         self.spec = resolving.result() if resolving else recorded
+        self.validate_spec()
         with OutputLease(self.output, self.run_id, timeout_s=config.lease_timeout, break_lease=config.break_lease) as lease:
             previous = self.reconcile(recover(self.output, self.run_id, tolerate_unreadable=config.overwrite))
             plan = plan_night(
                 listing, previous, incremental=config.incremental, prune=config.prune, retry_failed=config.retry_failed
             )
-            if plan.to_read and not self.spec.input_config:  # the output changed since it was peeked at
+            if plan.to_read and not self.spec.decoder:  # the output changed since it was peeked at
                 self.spec = SpecResolver(config).result()
+                self.validate_spec()
                 previous = self.reconcile(previous)
             reads = plan.to_read
             read_files = [work.input for work in reads]
@@ -698,15 +743,18 @@ class FeaturizeJob:
         return summary, record
 
 
-def block_rows(rows: int, actors: int, batch_size: int) -> int:
+def block_rows(rows: int, actors: int, batch_size: int, row_bytes: int) -> int:
     """Rows per block of the stream: an actor task takes whole blocks.
 
     About four blocks per actor (load balance; a lost node costs only its blocks in flight),
-    at most ``MAX_ROWS_PER_BLOCK`` rows, and a whole batch per block unless that would leave
-    actors without a block (32 rows, 2 actors, batch 16: 2 blocks of 16; 9 rows: 5 and 4).
+    a whole batch per block unless that would leave actors without a block (32 rows, 2
+    actors, batch 16: 2 blocks of 16; 9 rows: 5 and 4), and at most ``MAX_ROWS_PER_BLOCK``
+    rows and ``MAX_BLOCK_BYTES`` of features (an actor holds a block's decoded samples and
+    features, dense ones too: 0.75 MiB of features per image at 512 px).
     """
     share = -(-rows // actors)
-    return max(1, min(MAX_ROWS_PER_BLOCK, max(min(batch_size, share), -(-rows // (4 * actors)))))
+    cap = min(MAX_ROWS_PER_BLOCK, max(1, MAX_BLOCK_BYTES // max(1, row_bytes)))
+    return max(1, min(cap, max(min(batch_size, share), -(-rows // (4 * actors)))))
 
 
 def _type(name: str) -> pa.DataType:
@@ -732,32 +780,31 @@ def _start_setup(job: FeaturizeJob, source: Location, paths: list[str], count: i
     parts = 1 if gpus or not job.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
     chunk = max(1, job.config.batch_size // 4)
     select = ray.remote(num_cpus=0.25, num_returns=parts + 1)(select_setup_rows)
-    refs = select.remote(
-        job.spec.json, job.spec.input_config, source, paths, job.columns.id, job.columns.data, count,
-        job.decoder_options, parts, chunk,
-    )
+    refs = select.remote(job.spec.json, job.spec.decoder, source, paths, job.columns.id, job.columns.data, count, parts, chunk)
     order_ref, part_refs = refs[0], refs[1:]
     if not ray.get(order_ref):
-        raise ConfigError(f"no decodable rows in {source.uri} to compute the setup state (simclr negatives) from")
+        raise ConfigError(f"no decodable rows in {source.uri} to compute the setup state ({job.setup_data}) from")
     cores = int(ray.cluster_resources().get("CPU", 1))
     encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
     threads = None if gpus else max(1, cores // parts)
     encoded = [encode.remote(job.spec.json, part, chunk, threads) for part in part_refs]
+    if not job.spec.setup_splits:  # one part, in draw order: images keep it (a dense support is no row table)
+        return encoded[0]
     return ray.remote(num_cpus=0)(merge_setup_parts).remote(order_ref, *encoded)
 
 
-def select_setup_rows(spec_json: str, input_config: bytes, source: Location, paths: list[str], id_column: str,
-                      data_column: str, count: int, decoder_options: dict[str, Any], parts: int,
-                      chunk: int) -> tuple[list[str], ...]:
+def select_setup_rows(spec_json: str, decoder: bytes, source: Location, paths: list[str], id_column: str,
+                      data_column: str, count: int, parts: int, chunk: int) -> tuple[list, ...]:
     """Ray task: the ``count`` setup rows, decoded, in ``parts`` parts to encode.
 
     The rows are the ``count`` with the smallest seeded hash of their id, whatever the file
     layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are skipped.
-    Returns their encoding order (:func:`fungi_ops.featurizer.setup_encoding_order`, for
-    :func:`merge_setup_parts`), then the parts: ``(keys, samples)`` in that order, cut at
-    multiples of ``chunk`` rows, so that the parts encode the chunks one process would.
+    ``decoder`` is the job's (:attr:`ResolvedSpec.decoder`): a dense spec's support images
+    get the view its features are computed on. Returns the rows' encoding order
+    (:func:`fungi_ops.featurizer.setup_encoding_order`, for :func:`merge_setup_parts`),
+    then the parts: ``(keys, samples)`` in that order, cut at multiples of ``chunk`` rows,
+    so that the parts encode the chunks one process would.
     """
-    from fungi_ops.adapters import make_decoder
     from fungi_ops.featurizer import setup_encoding_order
     from fungi_ops.seeding import setup_order
     from fungi_ops.spec import FeaturizerSpec
@@ -768,11 +815,11 @@ def select_setup_rows(spec_json: str, input_config: bytes, source: Location, pat
     chosen = [ids[i] for i in setup_order(spec.seed, ids)[:count]]
     id_type = dataset.schema.field(id_column).type
     table = dataset.to_table(columns=[id_column, data_column], filter=pc.field(id_column).isin(pa.array(chosen).cast(id_type)))
-    decoder = make_decoder(spec.modality, pickle.loads(input_config), **decoder_options)
+    decode = pickle.loads(decoder).decode
     samples, keys = [], []
     for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
         try:
-            samples.append(decoder.decode(payload))
+            samples.append(decode(payload))
             keys.append(str(row_id))
         except Exception as exc:  # noqa: BLE001 - a bad setup row is skipped, not fatal
             log.warning("setup row %s skipped: %s", row_id, exc)
@@ -786,13 +833,16 @@ def select_setup_rows(spec_json: str, input_config: bytes, source: Location, pat
 
 
 def encode_setup_rows(spec_json: str, part: tuple[list[str], list], chunk: int, threads: int | None) -> dict:
-    """Ray task: the objectives' setup state (SimCLR negatives) of one part of the decoded setup rows."""
+    """Ray task: the setup state of one part of the decoded setup rows (SimCLR negatives, or the
+    dense support index and latents), as numpy arrays by name: what ``safetensors.numpy``
+    saves as the artifact and what the actors' featurizer's ``load_setup_state`` takes.
+    """
     import torch
 
-    from fungi_ops import Featurizer, FeaturizerSpec
+    from fungi_ops import FeaturizerSpec, make_featurizer
 
     keys, samples = part
-    featurizer = Featurizer(FeaturizerSpec.from_json(spec_json))
+    featurizer = make_featurizer(FeaturizerSpec.from_json(spec_json))
     if threads and featurizer.device.type == "cpu":
         torch.set_num_threads(threads)
     if not keys:

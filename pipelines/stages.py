@@ -21,6 +21,12 @@ message in ``ERROR_COLUMN`` and the stage in ``STAGE_COLUMN``, so it is written 
 ``_errors`` table instead of vanishing, and the rest of its batch goes on. A source
 whose file cannot be read (a corrupt page) fails as a whole: nothing of it is committed
 and its previous output stays as it was.
+
+A dense spec (per-patch features, :mod:`fungi_ops.dense`) flows through the same stages;
+the actor's featurizer and columns and the Parquet layout (``dense``) are all that differ.
+Its rows are large (6 MiB of features a 512-px ViT-B image), so no stage copies the
+feature columns it passes on (slices, not filters, unless rows failed), and finalize
+streams a source's rows into its new file instead of holding them.
 """
 from __future__ import annotations
 
@@ -243,16 +249,15 @@ def read_sources(
 # -- 2. decode -------------------------------------------------------------------------------
 
 
-def decode_batch(table: pa.Table, *, modality: str, input_config: bytes, decoder_options: dict[str, Any]) -> pa.Table:
+def decode_batch(table: pa.Table, *, modality: str, decoder: bytes) -> pa.Table:
     """CPU stage: decode payloads into canonical form; undecodable rows carry their error.
 
-    ``input_config`` is the backbone's input settings, pickled (the driver never unpickles it).
+    ``decoder`` is the spec's decoder (:func:`fungi_ops.adapters.make_spec_decoder`),
+    pickled: the driver never unpickles it.
     """
     import pickle
 
-    from fungi_ops.adapters import make_decoder
-
-    decoder = make_decoder(modality, pickle.loads(input_config), **decoder_options)
+    decode = pickle.loads(decoder).decode
     payloads = table.column(PAYLOAD_COLUMN).to_pylist()
     errors = table.column(ERROR_COLUMN).to_pylist()
     stages = table.column(STAGE_COLUMN).to_pylist()
@@ -261,7 +266,7 @@ def decode_batch(table: pa.Table, *, modality: str, input_config: bytes, decoder
         data, shape = None, None
         if errors[index] is None:
             try:
-                data, shape = pack(modality, decoder.decode(payload))
+                data, shape = pack(modality, decode(payload))
             except SampleError as exc:
                 errors[index], stages[index] = str(exc), "decode"
             except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the job
@@ -291,8 +296,11 @@ def feature_array(values: np.ndarray, ok: np.ndarray, dim: int) -> pa.FixedSizeL
 class FeaturizeActor:
     """Actor-pool UDF: loads the frozen backbone once, then featurizes decoded batches.
 
-    The resolved spec (JSON) and the setup state (SimCLR negatives) arrive through the
-    object store, so every actor computes features for the same spec hash.
+    The resolved spec (JSON) and the setup state (SimCLR negatives, or a dense spec's
+    support index) arrive through the object store, so every actor computes features for
+    the same spec hash. A dense spec runs :class:`~fungi_ops.dense.DenseFeaturizer` and
+    gets the dense table's columns (:func:`fungi_ops.dense_table.dense_batch_columns`);
+    batching, the row-by-row retry and the errors are the same for both.
     """
 
     def __init__(self, spec_json: str, setup_state: dict | None, threads: int | None = None) -> None:
@@ -300,14 +308,14 @@ class FeaturizeActor:
 
         import ray
 
-        from fungi_ops import Featurizer, FeaturizerSpec
+        from fungi_ops import FeaturizerSpec, make_featurizer
 
         if isinstance(setup_state, ray.ObjectRef):
             setup_state = ray.get(setup_state)
         if threads:
             torch.set_num_threads(threads)
         spec = FeaturizerSpec.from_json(spec_json)
-        self.featurizer = Featurizer(spec)
+        self.featurizer = make_featurizer(spec)
         if self.featurizer.spec.hash != spec.hash:
             raise RuntimeError(
                 f"this worker resolves the spec to {self.featurizer.spec.hash}, the job to {spec.hash}: "
@@ -316,7 +324,10 @@ class FeaturizeActor:
         if setup_state:
             self.featurizer.load_setup_state(setup_state)
         self.modality = spec.modality
-        self.dims = self.featurizer.feature_dims
+        self.dense = spec.is_dense
+        # one row's shape of each feature: [dim], or [patches, dim] for a dense spec
+        patches = (self.featurizer.patches,) if self.dense else ()
+        self.shapes = {name: (*patches, dim) for name, dim in self.featurizer.feature_dims.items()}
         self._first_batch = True
 
     def _featurize_rows(self, samples: list, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
@@ -326,7 +337,7 @@ class FeaturizeActor:
             return batch.features, {i: str(e) for i, e in batch.errors.items()}
         except Exception as exc:  # noqa: BLE001
             log.warning("batch of %d failed (%s); retrying row by row", len(samples), exc)
-        features: dict[str, list[np.ndarray]] = {name: [] for name in self.dims}
+        features: dict[str, list[np.ndarray]] = {name: [] for name in self.shapes}
         errors: dict[int, str] = {}
         for index, (sample, key) in enumerate(zip(samples, keys)):
             try:
@@ -337,13 +348,23 @@ class FeaturizeActor:
             if single.errors:
                 errors[index] = str(single.errors[0])
                 continue
-            for name in self.dims:
+            for name in self.shapes:
                 features[name].append(single.features[name])
         stacked = {
-            name: np.concatenate(parts) if parts else np.zeros((0, self.dims[name]), np.float32)
+            name: np.concatenate(parts) if parts else np.zeros((0, *self.shapes[name]), np.float32)
             for name, parts in features.items()
         }
         return stacked, errors
+
+    def _columns(self, features: dict[str, np.ndarray], ok: np.ndarray, ids: list[str]) -> dict[str, pa.Array]:
+        """The feature columns of a batch, null where ``ok`` is False (the writer sends those rows to ``_errors``)."""
+        if self.dense:
+            from fungi_ops.dense import DenseBatch
+            from fungi_ops.dense_table import dense_batch_columns
+
+            # the nested lists wrap the feature arrays, no copy (a 512-px ViT-B image is 6 MiB)
+            return dense_batch_columns(DenseBatch(ids, self.featurizer.grid, features), ok)
+        return {name: feature_array(features[name], ok, shape[0]) for name, shape in self.shapes.items()}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         """Features of the batch's decoded rows; rows that fail get their error, the rest go on."""
@@ -352,13 +373,13 @@ class FeaturizeActor:
             _maybe_inject_fault()
         errors = table.column(ERROR_COLUMN).to_pylist()
         stages = table.column(STAGE_COLUMN).to_pylist()
+        ids = table.column(ID_COLUMN).to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
         ok = np.zeros(table.num_rows, dtype=bool)
-        features = {name: np.zeros((0, dim), np.float32) for name, dim in self.dims.items()}
+        features = {name: np.zeros((0, *shape), np.float32) for name, shape in self.shapes.items()}
         if todo:
             canon = table.column(CANON_COLUMN).to_pylist()
             shapes = table.column(SHAPE_COLUMN).to_pylist()
-            ids = table.column(ID_COLUMN).to_pylist()
             samples = [unpack(self.modality, canon[i], shapes[i]) for i in todo]
             features, failed = self._featurize_rows(samples, [ids[i] for i in todo])
             for position, index in enumerate(todo):
@@ -367,8 +388,8 @@ class FeaturizeActor:
                 else:
                     ok[index] = True
         table = table.drop_columns([CANON_COLUMN, SHAPE_COLUMN, ERROR_COLUMN, STAGE_COLUMN])
-        for name, dim in self.dims.items():
-            table = table.append_column(name, feature_array(features[name], ok, dim))
+        for name, column in self._columns(features, ok, ids).items():
+            table = table.append_column(name, column)
         table = table.append_column(ERROR_COLUMN, pa.array(errors, pa.string()))
         return table.append_column(STAGE_COLUMN, pa.array(stages, pa.string()))
 
@@ -412,22 +433,48 @@ def spec_metadata(spec_json: str, spec_hash: str) -> dict[bytes, bytes]:
     return {SPEC_KEY: spec_json.encode(), SPEC_HASH_KEY: spec_hash.encode()}
 
 
-def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash: str) -> pa.Table:
-    """Write a block's good rows and error rows, per source, to staging; one stats row per source."""
+def _rows_where(table: pa.Table, mask: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The rows where ``mask`` is true: a zero-copy slice when they are consecutive, else a filtered copy.
+
+    ``Table.filter`` copies every column, and a dense block's nested feature lists are most of
+    its bytes (6 MiB a 512-px ViT-B image); a block's rows of one source are consecutive, and
+    so are all of them when no row failed.
+    """
+    chosen = np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
+    if len(chosen) == 0 or chosen[-1] - chosen[0] + 1 == len(chosen):
+        return table.slice(int(chosen[0]) if len(chosen) else 0, len(chosen))
+    return table.filter(mask)
+
+
+def write_rows(table: pa.Table, path: str, fs: Any, *, dense: bool) -> None:
+    """Write feature rows as one Parquet file: a dense table as :func:`fungi_ops.dense_table.write_dense_parquet`."""
+    if dense:
+        from fungi_ops.dense_table import write_dense_parquet
+
+        write_dense_parquet(table, path, filesystem=fs)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash: str, dense: bool = False) -> pa.Table:
+    """Write a block's good rows and error rows, per source, to staging; one stats row per source.
+
+    ``dense``: the rows hold a dense spec's per-patch features (see :func:`write_rows`).
+    """
     fs = staging.filesystem()
     metadata = spec_metadata(spec_json, spec_hash)
     stats: dict[str, list] = {"source": [], "file": [], "rows": [], "error_file": [], "errors": [], "written_at": []}
     for source in pc.unique(table.column(SOURCE_COLUMN)).to_pylist():
-        part = table.filter(pc.equal(table.column(SOURCE_COLUMN), source)).drop_columns([SOURCE_COLUMN])
+        part = _rows_where(table, pc.equal(table.column(SOURCE_COLUMN), source)).drop_columns([SOURCE_COLUMN])
         name = _block_name(source, part.column(ID_COLUMN).to_pylist())
         failed = pc.is_valid(part.column(ERROR_COLUMN))
-        good = part.filter(pc.invert(failed)).drop_columns([ERROR_COLUMN, STAGE_COLUMN])
-        bad = part.filter(failed)
+        good = _rows_where(part, pc.invert(failed)).drop_columns([ERROR_COLUMN, STAGE_COLUMN])
+        bad = part.select([ID_COLUMN, HASH_COLUMN, STAGE_COLUMN, ERROR_COLUMN]).filter(failed)  # no feature copied
         row = {"source": source, "file": None, "rows": good.num_rows, "error_file": None, "errors": bad.num_rows}
         if good.num_rows:
             fs.create_dir(staging.child_path(BLOCKS_DIR), recursive=True)
             row["file"] = staging.child_path(BLOCKS_DIR, name)
-            pq.write_table(good.replace_schema_metadata(metadata), row["file"], filesystem=fs)
+            write_rows(good.replace_schema_metadata(metadata), row["file"], fs, dense=dense)
         if bad.num_rows:
             row["error_file"] = staging.child_path(BLOCKS_DIR, ERRORS_DIR, name)
             errors = pa.table(
@@ -448,6 +495,11 @@ def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash
 # -- 5. finalize -----------------------------------------------------------------------------
 
 
+FINAL_BUFFER_BYTES = 256 << 20
+"""Rows a finalize task gathers before writing them as a row group (dense tables: row groups of
+``fungi_ops.dense_table.ROW_GROUP_BYTES``), so that its memory does not grow with the source."""
+
+
 def _read_many(fs: Any, paths: Sequence[str], schema: pa.Schema | None = None) -> pa.Table | None:
     tables = [pq.read_table(path, filesystem=fs) for path in paths]
     if not tables:
@@ -455,13 +507,84 @@ def _read_many(fs: Any, paths: Sequence[str], schema: pa.Schema | None = None) -
     return pa.concat_tables(tables) if schema is None else pa.concat_tables([t.cast(schema) for t in tables])
 
 
-def _first_per_id(table: pa.Table) -> pa.Table:
-    """One row per id (the first): a block written twice by a retried task counts once."""
+def _first_rows(table: pa.Table) -> np.ndarray:
+    """Bool mask of the first row of each id: a block written twice by a retried task counts once."""
+    first = np.ones(table.num_rows, dtype=bool)
     if table.num_rows < 2 or pc.count_distinct(table.column(ID_COLUMN)).as_py() == table.num_rows:
-        return table
-    indexed = table.append_column("__row", pa.array(np.arange(table.num_rows)))
-    first = indexed.group_by(ID_COLUMN).aggregate([("__row", "min")]).column("__row_min")
-    return table.take(pa.array(np.sort(first.to_numpy())))
+        return first
+    indexed = table.select([ID_COLUMN]).append_column("__row", pa.array(np.arange(table.num_rows)))
+    first[:] = False
+    first[indexed.group_by(ID_COLUMN).aggregate([("__row", "min")]).column("__row_min").to_numpy()] = True
+    return first
+
+
+def _first_per_id(table: pa.Table) -> pa.Table:
+    """One row per id (the first), see :func:`_first_rows`."""
+    return table.filter(pa.array(_first_rows(table)))
+
+
+class _FinalFile:
+    """A source's new data file, written part by part: memory holds one part and the rows gathered.
+
+    A source's rows (its previous file, read a row group at a time, and its staged blocks)
+    never sit in memory all at once: a dense source of 10,000 images at 512 px holds 60 GB
+    of ViT-B features. Global features gather up to :data:`FINAL_BUFFER_BYTES` per row
+    group, dense ones are written as :func:`~fungi_ops.dense_table.write_dense_parquet` does.
+    """
+
+    def __init__(self, fs: Any, path: str, metadata: dict[bytes, bytes], dense: bool) -> None:
+        self.fs, self.path, self.metadata, self.dense = fs, path, metadata, dense
+        self.flush_bytes = FINAL_BUFFER_BYTES
+        if dense:
+            from fungi_ops.dense_table import ROW_GROUP_BYTES
+
+            self.flush_bytes = ROW_GROUP_BYTES
+        self.parts: list[pa.Table] = []
+        self.buffered = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def write_file(self, path: str, keep: np.ndarray | None = None) -> None:
+        """Append the rows of a Parquet file where ``keep`` (a bool per row; None: all) holds, row group by row group."""
+        with self.fs.open_input_file(path) as handle:
+            parquet, start = pq.ParquetFile(handle), 0
+            for group in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                chosen = None if keep is None else keep[start : start + rows]
+                start += rows
+                if chosen is not None and not chosen.any():
+                    continue
+                table = parquet.read_row_group(group)
+                self.write(table if chosen is None else _rows_where(table, pa.array(chosen)))
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows; they are written once :data:`FINAL_BUFFER_BYTES` (dense: a row group's worth) are gathered."""
+        if table.num_rows:
+            self.parts.append(table.replace_schema_metadata(self.metadata))
+            self.buffered += table.nbytes
+            if self.buffered >= self.flush_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.parts:
+            return
+        group = pa.concat_tables(self.parts)
+        self.parts, self.buffered = [], 0
+        row_group_size = None
+        if self.dense:
+            from fungi_ops.dense_table import dense_parquet_options, dense_row_group_rows
+
+            row_group_size = dense_row_group_rows(group)
+        if self.writer is None:
+            options = dense_parquet_options(group.schema) if self.dense else {}
+            self.writer = pq.ParquetWriter(self.path, group.schema, filesystem=self.fs, **options)
+        self.writer.write_table(group, row_group_size=row_group_size)
+
+    def close(self) -> None:
+        """Write what is gathered, close the file and make it durable."""
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            fsync_file(self.fs, self.path)
 
 
 def _ids_in(table: pa.Table | None, values: pa.Array) -> pa.Array:
@@ -483,17 +606,20 @@ def finalize_source(
     run_id: str,
     prune: bool,
     metadata: dict[bytes, bytes],
+    dense: bool = False,
 ) -> dict[str, Any]:
     """Ray task: a source's new data and error file (in staging) and its new sources-table row.
 
     ``work`` holds the source, its kind, its previous row (``old``), its input file if
     listed, its staged block files and the ids that moved to other files. Returns
     ``{"row": ..., "counts": {...}, "failed": message or None, "opened": names}``; a source
-    that could not be read keeps its previous row.
+    that could not be read keeps its previous row. The decisions take the ids alone; the
+    data file is then streamed (:class:`_FinalFile`; ``dense``: a dense table's layout).
     """
     fs = output.filesystem()
     source, old = work["source"], work["old"]
-    staged_ok = _read_many(fs, work["staged_files"])
+    staged_ids = [pq.read_table(path, columns=[ID_COLUMN], filesystem=fs) for path in work["staged_files"]]
+    staged_ok = pa.concat_tables(staged_ids) if staged_ids else None
     staged_err = _read_many(fs, work["staged_error_files"], ERROR_SCHEMA)
     counts = dict.fromkeys(
         ["written", "replaced", "failed_new", "failed_known", "removed_failed", "deleted", "moved", "rewritten"], 0
@@ -502,8 +628,10 @@ def finalize_source(
     if staged_err is not None and _count(pc.equal(staged_err.column("stage"), READ_STAGE)):
         message = pc.filter(staged_err.column("error"), pc.equal(staged_err.column("stage"), READ_STAGE))[0].as_py()
         return {"row": old, "counts": counts, "failed": message, "opened": opened}
+    staged_keep = None
     if staged_ok is not None:
-        staged_ok = _first_per_id(staged_ok)
+        staged_keep = _first_rows(staged_ok)
+        staged_ok = staged_ok.filter(pa.array(staged_keep))
     if staged_err is not None:
         valid = staged_err.filter(pc.is_valid(staged_err.column(ID_COLUMN)))
         staged_err = pa.concat_tables([_first_per_id(valid), staged_err.filter(pc.is_null(staged_err.column(ID_COLUMN)))])
@@ -563,16 +691,20 @@ def finalize_source(
     if old_ids is not None and _count(pc.invert(keep_ok_mask)) == 0 and staged_ok is None:
         data_ids = old_ids.column(ID_COLUMN)  # untouched: the old file stays
     else:
-        parts = []
-        if old_ids is not None and _count(keep_ok_mask):
-            parts.append(previous(old["file"]).filter(keep_ok_mask))
-        if staged_ok is not None and staged_ok.num_rows:
-            parts.append(staged_ok)
+        kept_old = old_ids is not None and _count(keep_ok_mask) > 0
         data_name = None
-        if parts:
-            table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts]).replace_schema_metadata(metadata)
-            data_name, data_ids = new_name, table.column(ID_COLUMN)
-            _write_final(fs, staging, data_name, table)
+        if kept_old or counts["written"]:
+            data_name = new_name
+            parts = [old_ids.filter(keep_ok_mask)] if kept_old else []
+            data_ids = pa.concat_tables([*parts, *([staged_ok] if counts["written"] else [])]).column(ID_COLUMN)
+            fs.create_dir(staging.child_path(FINAL_DIR), recursive=True)
+            final = _FinalFile(fs, staging.child_path(FINAL_DIR, data_name), metadata, dense)
+            if kept_old:
+                final.write_file(output.child_path(old["file"]), pc.fill_null(keep_ok_mask, False).to_numpy(zero_copy_only=False))
+            offsets = np.cumsum([0, *(t.num_rows for t in staged_ids)])
+            for index, path in enumerate(work["staged_files"]):
+                final.write_file(path, staged_keep[offsets[index] : offsets[index + 1]])
+            final.close()
             counts["rewritten"] += 1
     error_name, error_ids = old and old["error_file"], None
     if old_err is not None and _count(pc.invert(keep_err_mask)) == 0 and staged_err is None:

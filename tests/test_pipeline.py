@@ -280,8 +280,6 @@ def test_features_do_not_depend_on_actor_count_or_batch_size(minilm_dir, text_in
 def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, parts):
     """The job's setup tasks (draw, decode, encode in parts, merge), run as plain functions:
     the negatives are exactly those of one in-process Featurizer.setup over the same draw."""
-    import pickle
-
     from fungi_ops.seeding import setup_order
     from pipelines.job import FeaturizeConfig, encode_setup_rows, merge_setup_parts, resolve_spec_here, select_setup_rows
     from pipelines.storage import Location
@@ -290,8 +288,8 @@ def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, pa
                              objectives="kl,simclr:num_negatives=7;text_views=3")
     spec = resolve_spec_here(config)
     paths = sorted(str(p) for p in text_input.glob("*.parquet"))
-    order, *split = select_setup_rows(spec.json, spec.input_config, Location(str(text_input)), paths, "id", "text",
-                                      spec.setup_rows, {}, parts, 2)
+    order, *split = select_setup_rows(spec.json, spec.decoder, Location(str(text_input)), paths, "id", "text",
+                                      spec.setup_rows, parts, 2)
     merged = merge_setup_parts(order, *(encode_setup_rows(spec.json, part, 2, 1) for part in split))
 
     reference = Featurizer(FeaturizerSpec.from_json(spec.json), device="cpu")

@@ -25,45 +25,45 @@ Protocol summary (details in each module):
 * segmentation (dense tables, :func:`evaluate_segmentation`): HummingBird's memory bank
   of train patches and cross-attention label transfer, mIoU.
 """
-from fungi_ops.eval.combinations import PreparedFeatures, feature_combinations, prepare_features
-from fungi_ops.eval.errors import EvalInputError, EvalWarning
-from fungi_ops.eval.fewshot import few_shot_indices
-from fungi_ops.eval.io import FEATURE_COLUMNS, FeatureTable, check_compatible, load_feature_table
-from fungi_ops.eval.knn import knn_classify, knn_search, knn_vote
-from fungi_ops.eval.linear import LinearProbeResult, linear_probe
-from fungi_ops.eval.pca import PCAProjection, fit_pca
-from fungi_ops.eval.protocol import TASKS, evaluate
-from fungi_ops.eval.report import CombinationResult, EvalReport, MetricSummary, format_markdown, write_report
-from fungi_ops.eval.retrieval import RetrievalResult, retrieval_metrics
-from fungi_ops.eval.segmentation import SegmentationReport, evaluate_segmentation
+from __future__ import annotations
 
-__all__ = [
-    "FEATURE_COLUMNS",
-    "TASKS",
-    "CombinationResult",
-    "EvalInputError",
-    "EvalReport",
-    "EvalWarning",
-    "FeatureTable",
-    "LinearProbeResult",
-    "MetricSummary",
-    "PCAProjection",
-    "PreparedFeatures",
-    "RetrievalResult",
-    "SegmentationReport",
-    "check_compatible",
-    "evaluate",
-    "evaluate_segmentation",
-    "feature_combinations",
-    "few_shot_indices",
-    "fit_pca",
-    "format_markdown",
-    "knn_classify",
-    "knn_search",
-    "knn_vote",
-    "linear_probe",
-    "load_feature_table",
-    "prepare_features",
-    "retrieval_metrics",
-    "write_report",
-]
+from fungi_ops._lazy import lazy_exports
+
+# Public names and the modules that define them, imported on first use (PEP 562): the
+# pipeline's writers read and write dense tables through fungi_ops.dense_table, which needs
+# fungi_ops.eval.io and .dense_io alone; importing every task here (scikit-learn, matplotlib,
+# scipy) cost each write worker 155 MiB and 2 s (measured).
+_EXPORTS = {
+    "PreparedFeatures": "fungi_ops.eval.combinations",
+    "feature_combinations": "fungi_ops.eval.combinations",
+    "prepare_features": "fungi_ops.eval.combinations",
+    "EvalInputError": "fungi_ops.eval.errors",
+    "EvalWarning": "fungi_ops.eval.errors",
+    "few_shot_indices": "fungi_ops.eval.fewshot",
+    "FEATURE_COLUMNS": "fungi_ops.eval.io",
+    "FeatureTable": "fungi_ops.eval.io",
+    "check_compatible": "fungi_ops.eval.io",
+    "load_feature_table": "fungi_ops.eval.io",
+    "knn_classify": "fungi_ops.eval.knn",
+    "knn_search": "fungi_ops.eval.knn",
+    "knn_vote": "fungi_ops.eval.knn",
+    "LinearProbeResult": "fungi_ops.eval.linear",
+    "linear_probe": "fungi_ops.eval.linear",
+    "PCAProjection": "fungi_ops.eval.pca",
+    "fit_pca": "fungi_ops.eval.pca",
+    "TASKS": "fungi_ops.eval.protocol",
+    "evaluate": "fungi_ops.eval.protocol",
+    "CombinationResult": "fungi_ops.eval.report",
+    "EvalReport": "fungi_ops.eval.report",
+    "MetricSummary": "fungi_ops.eval.report",
+    "format_markdown": "fungi_ops.eval.report",
+    "write_report": "fungi_ops.eval.report",
+    "RetrievalResult": "fungi_ops.eval.retrieval",
+    "retrieval_metrics": "fungi_ops.eval.retrieval",
+    "SegmentationReport": "fungi_ops.eval.segmentation",
+    "evaluate_segmentation": "fungi_ops.eval.segmentation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

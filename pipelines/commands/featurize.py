@@ -7,11 +7,19 @@ and one `grad_<objective>` column per objective (FixedSizeList<float32>), the sp
 in each file's metadata (`fungi.spec`) and `_fungi_manifest.json` at the output root.
 Rows that fail go to `<output>/_errors/` with the stage and the message.
 
+Dense (per-patch) features: `--objectives dense[:key=value;...]` (a ViT, images only) writes
+one row per image with `grid_rows`, `grid_cols` and the patches' `embedding` and `grad_dense`
+as nested lists; its support index is built from `--support-from` (default: the input) and
+saved under `<output>/_fungi_setup/`.
+
 Examples:
   fungi featurize --input data/ --output feats/ --modality text \\
       --model hf:sentence-transformers/all-MiniLM-L6-v2 --objectives kl,simclr --keep-columns label
   fungi featurize --input s3://lake/images/ --output s3://lake/fungi/ --modality image \\
       --model timm:vit_base_patch16_224 --objectives kl,dino,simclr --setup-from s3://lake/train/ --incremental
+  fungi featurize --input s3://lake/scenes/ --output s3://lake/dense/ --modality image \
+      --model timm:vit_small_patch16_224.dino --objectives "dense:image_size=512" --support-from s3://lake/train/ \
+      --keep-columns mask --incremental
 """
 from __future__ import annotations
 
@@ -57,12 +65,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--objectives",
         default="kl",
-        help="comma-separated kl, dino (images), simclr; parameters as name:key=value;key=value (default: kl)",
+        help="comma-separated kl, dino (images), simclr, or dense alone (per-patch, ViTs); parameters as "
+        "name:key=value;key=value, e.g. dense:image_size=512;support_size=102400 (default: kl)",
     )
     model.add_argument("--projection-dim", type=int, help="size of each gradient feature (default: embedding size)")
     model.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     model.add_argument("--seed", type=int, default=0, help="run seed: projection, heads, negatives and views derive from it")
-    model.add_argument("--setup-from", help="Parquet of a training split to draw SimCLR negatives from (default: the input)")
+    model.add_argument(
+        "--setup-from",
+        help="Parquet of a training split to draw SimCLR negatives (or the dense support) from (default: the input)",
+    )
+    model.add_argument(
+        "--support-from",
+        help="dense objective: Parquet of a training split to build the support index from (default: the input); "
+        "another name for --setup-from, refused for other objectives",
+    )
     model.add_argument("--trust-remote-code", action="store_true", help="allow Hugging Face models with custom code")
     run = parser.add_argument_group("execution")
     run.add_argument("--batch-size", type=int, default=16, help="samples per featurize call (default: 16)")
@@ -120,6 +137,7 @@ def config_from_args(args: argparse.Namespace):
         keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
         event_time_column=args.event_time_column,
         setup_from=args.setup_from,
+        support_from=args.support_from,
         seed=args.seed,
         projection_dim=args.projection_dim,
         precision=args.precision,
