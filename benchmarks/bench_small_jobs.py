@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -158,18 +157,50 @@ def featurize_command(root: Path, queries: int, *extra: str) -> list[str]:
             "--setup-from", str(root / "negatives"), *extra]
 
 
+class ProcessCPU:
+    """CPU seconds of this process's descendants while it runs (the command, and Ray's
+    processes under it), sampled every 0.1 s: ``RUSAGE_CHILDREN`` misses Ray's workers,
+    which the command does not wait for."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seconds: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        for process in psutil.Process().children(recursive=True):
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            self.seconds[process.pid] = times.user + times.system
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.seconds.values())
+
+
 def timed(command: list[str]) -> tuple[float, float, str]:
-    """(wall s, CPU s of the process and every descendant it waited for, output)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """(wall s, CPU s of the processes it started, output)."""
+    cpu = ProcessCPU()
     started = time.perf_counter()
     done = subprocess.run(command, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = cpu.stop()
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, done.stdout
+    return wall, seconds, done.stdout
 
 
 def measure(method: str, root: Path, queries: int) -> dict:

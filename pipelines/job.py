@@ -338,6 +338,7 @@ class FeaturizeJob:
         self.run_id = "r" + uuid.uuid4().hex[:12]
         self.staging = self.output.join(STAGING_DIR, self.run_id)
         self.started = time.time()
+        self.setup_draw: tuple[Any, str] | None = None  # (ObjectRef of the drawn rows' order, source)
 
     # -- 1. settings ----------------------------------------------------------------------
     def validate_settings(self) -> None:
@@ -472,6 +473,13 @@ class FeaturizeJob:
         setup_columns = InputColumns(self.columns.id, self.columns.data)
         check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
         return _start_setup(self, source, [f.path for f in files], count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
+
+    def check_setup_draw(self) -> None:
+        """ConfigError (exit 2) when no setup row decodes; waits for the draw started by :meth:`setup_state`."""
+        import ray
+
+        if self.setup_draw is not None and not ray.get(self.setup_draw[0]):
+            raise ConfigError(f"no decodable rows in {self.setup_draw[1]} to compute the setup state ({self.setup_data}) from")
 
     @property
     def setup_data(self) -> str:
@@ -673,14 +681,15 @@ class FeaturizeJob:
                 init_ray(config.address)
             committer = Committer(self.output)
             try:
+                setup_state, self.setup_artifact = (  # drawn and encoded while the ids are checked
+                    self.setup_state(previous) if reads else (None, previous.setup_artifact if previous else None)
+                )
                 id_check = check_ids(
                     plan, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
                     id_column=self.columns.id, id_type=self.id_type, input_rows=input_rows,
                 )
+                self.check_setup_draw()
                 reads = plan.to_read
-                setup_state, self.setup_artifact = (
-                    self.setup_state(previous) if reads else (None, previous.setup_artifact if previous else None)
-                )
                 stats = self.execute(plan, schema, sum(input_rows[w.source] for w in reads), setup_state)
                 self.save_setup(setup_state, self.setup_artifact)
                 results = self.finalize(plan, stats, input_rows)
@@ -782,8 +791,7 @@ def _start_setup(job: FeaturizeJob, source: Location, paths: list[str], count: i
     select = ray.remote(num_cpus=0.25, num_returns=parts + 1)(select_setup_rows)
     refs = select.remote(job.spec.json, job.spec.decoder, source, paths, job.columns.id, job.columns.data, count, parts, chunk)
     order_ref, part_refs = refs[0], refs[1:]
-    if not ray.get(order_ref):
-        raise ConfigError(f"no decodable rows in {source.uri} to compute the setup state ({job.setup_data}) from")
+    job.setup_draw = (order_ref, source.uri)  # checked by FeaturizeJob.check_setup_draw before the stream
     cores = int(ray.cluster_resources().get("CPU", 1))
     encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
     threads = None if gpus else max(1, cores // parts)
@@ -856,6 +864,8 @@ def merge_setup_parts(order: list[int], *parts: dict) -> dict:
     import numpy as np
 
     parts = tuple(p for p in parts if p)
+    if not parts:  # no setup row decoded: the job stops before anything waits for this
+        return {}
     inverse = np.argsort(np.asarray(order))
     merged = {}
     for key in parts[0]:

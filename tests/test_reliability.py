@@ -93,6 +93,10 @@ CASES = {
     "kept column clashes with an output column": (
         lambda tmp, source: ["--keep-columns", "event_time"], "would clash with output columns"),
     "prune without incremental": (lambda tmp, source: ["--prune"], "apply to --incremental runs"),
+    "setup rows that do not decode": (
+        lambda tmp, source: ["--objectives", "kl,simclr:num_negatives=2", "--setup-from",
+                             str(write(tmp / "neg" / "part-0.parquet", id=["n0", "n1"], text=["", "  "]))],
+        "no decodable rows in"),
     "event time column is not a timestamp": (
         lambda tmp, source: ["--event-time-column", "label"], "'label' is int64"),
 }
