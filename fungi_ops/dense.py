@@ -80,7 +80,7 @@ from fungi_ops.featurizer import decode_payloads, read_setup_file, resolve_spec,
 from fungi_ops.gradients import LinearGradientTap, token_linear_gradients
 from fungi_ops.neighbours import NeighbourIndex
 from fungi_ops.objectives import DenseConfig, DenseObjective
-from fungi_ops.projection import RandomProjection, generate_projection
+from fungi_ops.projection import RandomProjection
 from fungi_ops.seeding import generator, setup_order
 from fungi_ops.spec import FeaturizerSpec
 
@@ -209,15 +209,10 @@ class DenseFeaturizer:
         self.compute_dtype = torch.bfloat16 if self.spec.precision == "bf16" or (
             self.spec.precision == "auto" and self.device.type == "cuda"
         ) else torch.float32
-        if projection is None:
-            projection = generate_projection(
-                self.spec.projection_dim, self.tap.gradient_dim, self.spec.seed, dtype=self.compute_dtype, device=self.device
-            )
-        elif tuple(projection.shape) != (self.spec.projection_dim, self.tap.gradient_dim):
-            raise ConfigError(
-                f"projection must be {self.spec.projection_dim} x {self.tap.gradient_dim}, got {tuple(projection.shape)}"
-            )
-        self.projection = RandomProjection(projection.to(self.device, self.compute_dtype))
+        self.projection = RandomProjection.for_featurizer(
+            self.spec.projection_dim, self.tap.gradient_dim, self.spec.seed, dtype=self.compute_dtype,
+            device=self.device, explicit=projection,
+        )
         self.support: NeighbourIndex | None = None
         self.support_latents: torch.Tensor | None = None
         self._buffer: torch.Tensor | None = None

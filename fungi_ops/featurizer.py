@@ -32,7 +32,7 @@ from fungi_ops.backbones import Backbone, load_backbone, resolve_target_layer
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.gradients import LinearGradientTap, accumulate_linear_gradients
 from fungi_ops.objectives import Objective
-from fungi_ops.projection import RandomProjection, generate_projection
+from fungi_ops.projection import RandomProjection
 from fungi_ops.spec import FeaturizerSpec, feature_column
 
 if TYPE_CHECKING:
@@ -143,15 +143,10 @@ class Featurizer:
         self.tap = LinearGradientTap(layer)
         self._tokens_per_row: int | None = None
         self.compute_dtype = self._compute_dtype()
-        if projection is None:
-            projection = generate_projection(
-                self.spec.projection_dim, self.tap.gradient_dim, self.spec.seed, dtype=self.compute_dtype, device=self.device
-            )
-        elif tuple(projection.shape) != (self.spec.projection_dim, self.tap.gradient_dim):
-            raise ConfigError(
-                f"projection must be {self.spec.projection_dim} x {self.tap.gradient_dim}, got {tuple(projection.shape)}"
-            )
-        self.projection = RandomProjection(projection.to(self.device, self.compute_dtype))
+        self.projection = RandomProjection.for_featurizer(
+            self.spec.projection_dim, self.tap.gradient_dim, self.spec.seed, dtype=self.compute_dtype,
+            device=self.device, explicit=projection,
+        )
 
     # -- construction helpers -------------------------------------------------
     def _view_groups(self) -> list[ViewGroup]:

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from fungi_ops.errors import ConfigError
 from fungi_ops.seeding import generator
 
 PROJECTION_KIND = "rademacher"
@@ -60,6 +61,25 @@ class RandomProjection(torch.nn.Module):
         super().__init__()
         self.register_buffer("matrix", matrix, persistent=False)
         self.scale = projection_scale(matrix.shape[1])
+
+    @classmethod
+    def for_featurizer(
+        cls,
+        out_dim: int,
+        in_dim: int,
+        seed: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        explicit: torch.Tensor | None = None,
+    ) -> "RandomProjection":
+        """The seeded projection of a featurizer, or an ``explicit`` matrix of the same shape
+        (parity checks against other implementations); ConfigError for another shape."""
+        if explicit is None:
+            return cls(generate_projection(out_dim, in_dim, seed, dtype=dtype, device=device))
+        if tuple(explicit.shape) != (out_dim, in_dim):
+            raise ConfigError(f"projection must be {out_dim} x {in_dim}, got {tuple(explicit.shape)}")
+        return cls(explicit.to(device, dtype))
 
     @property
     def out_dim(self) -> int:

@@ -308,23 +308,6 @@ def test_without_history_feast_reads_only_the_current_files(tmp_path, capsys):
     np.testing.assert_array_equal(matrix(got["grad_kl"]), output.matrix("grad_kl", IDS[:2]))
 
 
-@pytest.fixture()
-def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    yield endpoint
-    server.stop()
-
-
 def test_an_s3_output_is_served_with_its_endpoint(s3_endpoint, tmp_path):
     import s3fs
     from feast import FeatureStore
