@@ -310,8 +310,6 @@ class FeaturizeActor:
 
         from fungi_ops import FeaturizerSpec, make_featurizer
 
-        if isinstance(setup_state, ray.ObjectRef):
-            setup_state = ray.get(setup_state)
         if threads:
             torch.set_num_threads(threads)
         spec = FeaturizerSpec.from_json(spec_json)
@@ -321,6 +319,8 @@ class FeaturizeActor:
                 f"this worker resolves the spec to {self.featurizer.spec.hash}, the job to {spec.hash}: "
                 "model files differ between nodes"
             )
+        if isinstance(setup_state, ray.ObjectRef):  # after the model load, which overlaps the setup encoding
+            setup_state = ray.get(setup_state)
         if setup_state:
             self.featurizer.load_setup_state(setup_state)
         self.modality = spec.modality

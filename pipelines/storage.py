@@ -40,7 +40,13 @@ class Location:
         return posixpath.abspath(self.uri) if not self.uri.startswith("/") else self.uri.rstrip("/") or "/"
 
     def s3(self) -> Any:
-        """The raw ``s3fs.S3FileSystem`` (listing with ETags, conditional writes); S3 only."""
+        """The raw ``s3fs.S3FileSystem`` (listing with ETags, conditional writes); S3 only.
+
+        Listings are never cached: fsspec shares one instance per set of options across a
+        process, and a listing cached by an earlier run in the same process (a scheduler's
+        worker, a notebook, a Ray worker) would show a rewritten object's old ETag, so a
+        night would skip a changed file, or fail to open it (``FileExpired``). Tested.
+        """
         import s3fs
 
         options = dict(self.storage_options)
@@ -48,6 +54,7 @@ class Location:
         client_kwargs = dict(options.pop("client_kwargs", {}))
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
+        options["use_listings_cache"] = False
         return s3fs.S3FileSystem(client_kwargs=client_kwargs, **options)
 
     def filesystem(self) -> pafs.FileSystem:

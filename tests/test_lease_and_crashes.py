@@ -1,0 +1,254 @@
+"""One writer per output (the lease) and crash-safe commits: a second run, a dead run's lease,
+a crash after every file operation of the commit, a real kill of the driver.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import ray
+
+from lakes import config, features, ids_of, lake, write_part
+from pipelines.commit import Committer, recover
+from pipelines.job import FeaturizeJob, run_featurize
+from pipelines.lease import LEASE_NAME, LeaseHeld, OutputLease
+from pipelines.manifest import read_manifest
+from pipelines.storage import Location
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# -- the lease -----------------------------------------------------------------------------------------
+
+
+def hold_lease(output: Path, **fields) -> dict:
+    holder = {"run_id": "rother", "host": socket.gethostname(), "pid": os.getppid(),
+              "process_started": __import__("psutil").Process(os.getppid()).create_time(),
+              "started": "2026-12-01T00:00:00+00:00", "renewed": time.time()}
+    holder.update(fields)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / LEASE_NAME).write_text(json.dumps(holder))
+    return holder
+
+
+def test_a_second_run_is_refused_and_loses_nothing(tiny_text_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    source, output = lake(tmp_path / "in"), tmp_path / "out"
+    run_featurize(config(tiny_text_dir, source, output))
+    before = features(output)
+    staged = output / "_staging" / "rother" / "blocks" / "x.parquet"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"the other run's staged file")
+    hold_lease(output)
+    write_part(source, "part-3.parquet", ["new"], ["a new row"])
+    code = main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+                 "--model", f"hf:{tiny_text_dir}", "--incremental"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run rother" in err and f"pid {os.getppid()}" in err and "--break-lease" in err
+    assert staged.read_bytes() == b"the other run's staged file"
+    assert features(output).equals(before)
+
+
+def test_a_dead_runs_lease_is_taken_over_by_the_next_run(tiny_text_dir, tmp_path):
+    source, output = lake(tmp_path / "in", files=1, rows=2), tmp_path / "out"
+    hold_lease(output, pid=2**22 + 17)  # this host, a pid that is not running
+    summary = run_featurize(config(tiny_text_dir, source, output))
+    assert summary.rows_written == 2
+    assert not (output / LEASE_NAME).exists()  # released
+
+
+@pytest.mark.parametrize("how", ["timeout", "break"])
+def test_a_lease_on_another_host_is_taken_over_after_its_timeout_or_when_broken(tmp_path, how):
+    holder = hold_lease(tmp_path / "out", host="another-host", renewed=time.time() - 30)
+    settings = {"timeout": {"timeout_s": 10}, "break": {"timeout_s": 600, "break_lease": True}}[how]
+    lease = OutputLease(Location(str(tmp_path / "out")), "rmine", **settings)
+    lease.acquire()
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["run_id"] == "rmine" != holder["run_id"]
+    lease.release()
+    assert not (tmp_path / "out" / LEASE_NAME).exists()
+
+
+def test_a_live_lease_on_another_host_is_respected_until_it_times_out(tmp_path):
+    output = Location(str(tmp_path / "out"))
+    hold_lease(tmp_path / "out", host="another-host")
+    with pytest.raises(LeaseHeld, match="another-host"):
+        OutputLease(output, "rmine", timeout_s=600).acquire()
+
+
+def test_the_lease_is_renewed_and_a_stolen_lease_stops_the_commit(tmp_path):
+    from pipelines.lease import LeaseLost
+
+    output = Location(str(tmp_path / "out"))
+    lease = OutputLease(output, "rmine", timeout_s=0.4)
+    lease.acquire()
+    first = json.loads((tmp_path / "out" / LEASE_NAME).read_text())["renewed"]
+    deadline = time.time() + 30  # a loaded machine may delay the renewing thread, never stop it
+    while json.loads((tmp_path / "out" / LEASE_NAME).read_text())["renewed"] == first and time.time() < deadline:
+        time.sleep(0.05)
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["renewed"] > first
+    lease.check()
+    thief = OutputLease(output, "rthief", timeout_s=0.4, break_lease=True)
+    thief.acquire()
+    with pytest.raises(LeaseLost, match="rthief"):
+        lease.check()
+    lease.release()
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["run_id"] == "rthief"
+    thief.release()
+
+
+# -- crash safety ----------------------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """A simulated kill: not an Exception, so nothing on the way up cleans up."""
+
+
+def night_ready_to_commit(tiny_text_dir: str, tmp_path: Path):
+    """An output after one run, and a second (incremental, changing and pruning) run stopped right before its commit."""
+    source, output = lake(tmp_path / "in", files=3, rows=4), tmp_path / "out"
+    run_featurize(config(tiny_text_dir, source, output))
+    old = features(output)
+    (source / "part-2.parquet").unlink()
+    write_part(source, "part-0.parquet", [f"f0-{r:03d}" for r in range(4)], ["new text"] + [f"text {i} of file 0" for i in range(1, 4)])
+    write_part(source, "part-5.parquet", ["n-0"], ["brand new"])
+    captured = {}
+
+    def capture(self, manifest, previous, run_id, *, overwrite):
+        captured.update(manifest=manifest, previous=previous, run_id=run_id)
+
+    job = FeaturizeJob(config(tiny_text_dir, source, output, incremental=True, prune=True))
+    original = Committer.commit
+    Committer.commit = capture
+    try:
+        job.run()
+    finally:
+        Committer.commit = original
+    (output / LEASE_NAME).unlink(missing_ok=True)
+    return source, output, old, captured
+
+
+def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_text_dir, tmp_path):
+    source, output, old, captured = night_ready_to_commit(tiny_text_dir, tmp_path)
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(output, snapshot)
+    dry = Committer(Location(str(output)))
+    dry.commit(captured["manifest"], captured["previous"], captured["run_id"], overwrite=False)
+    new = features(output)
+    assert ids_of(new) == sorted([f"f0-{r:03d}" for r in range(4)] + [f"f1-{r:03d}" for r in range(4)] + ["n-0"])
+    steps = len(dry.operations)
+    assert steps >= 8, dry.operations
+    for step in range(1, steps + 1):
+        shutil.rmtree(output)
+        shutil.copytree(snapshot, output)
+        manifest = read_manifest(Location(str(output)))  # the state before this attempt
+        manifest = captured["manifest"]
+        manifest.pending = None
+
+        def crash(count, what, step=step):
+            if count == step:
+                raise Crash(what)
+
+        with pytest.raises(Crash):
+            Committer(Location(str(output)), fault=crash).commit(
+                manifest, read_manifest(Location(str(output))), captured["run_id"], overwrite=False
+            )
+        state = read_manifest(Location(str(output)))
+        committed = state.version == captured["previous"].version + 1
+        # through the manifest: exactly the old or exactly the new rows
+        names = [n for n in state.data_files()]
+        if committed:
+            recovered = recover(Location(str(output)), "rnext")  # what the next run does first
+            assert recovered.pending is None
+            assert features(output).equals(new), f"crash after step {step}: {dry.operations[step - 1]}"
+        else:
+            assert step <= 2
+            assert all((output / name).exists() for name in names)
+            recover(Location(str(output)), "rnext")
+            assert features(output).equals(old), f"crash after step {step}: {dry.operations[step - 1]}"
+        assert not (output / "_staging").exists() or not any((output / "_staging").iterdir())
+    # and the next run after the last crash succeeds and changes nothing
+    summary = run_featurize(config(tiny_text_dir, source, output, incremental=True, prune=True))
+    assert summary.rows_written == 0
+    assert features(output).equals(new)
+
+
+def test_kill_9_of_the_driver_in_the_commit_then_a_rerun(tiny_text_dir, tmp_path):
+    """The real thing: a driver process killed (os._exit(137), as SIGKILL) right after its commit
+    point, then a plain rerun: every id exactly once, nothing lost."""
+    source, output = lake(tmp_path / "in", files=3, rows=4), tmp_path / "out"
+    run_featurize(config(tiny_text_dir, source, output))
+    write_part(source, "part-1.parquet", [f"f1-{r:03d}" for r in range(4)], ["changed"] + [f"text {i} of file 1" for i in range(1, 4)])
+    write_part(source, "part-7.parquet", ["n-0", "n-1"], ["one", "two"])
+    command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(output),
+               "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental",
+               "--address", ray.get_runtime_context().gcs_address]  # this module's Ray: no start-up per run
+    env = {**os.environ, "FUNGI_COMMIT_CRASH_AFTER": "3", "PYTHONPATH": str(REPO)}
+    killed = subprocess.run(command, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+    assert json.loads((output / "_fungi_manifest.json").read_text())["pending"]  # died mid-apply
+    env.pop("FUNGI_COMMIT_CRASH_AFTER")
+    rerun = subprocess.run(command, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    table = features(output)
+    expected = sorted([f"f{i}-{r:03d}" for i in range(3) for r in range(4)] + ["n-0", "n-1"])
+    assert ids_of(table) == expected
+    assert table.filter(pc.equal(table["id"], "f1-000"))["content_hash"][0].as_py() is not None
+
+
+# -- the lease on S3 (moto's server: conditional PUTs with If-None-Match and If-Match) -------------------
+
+
+def s3_output(endpoint: str) -> Location:
+    """An output in a new bucket (moto's buckets outlive its servers: they live in the process)."""
+    import uuid
+
+    import s3fs
+
+    bucket = f"lake-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir(bucket)
+    return Location(f"s3://{bucket}/features", {"endpoint_url": endpoint})
+
+
+def test_on_s3_one_of_many_racing_runs_gets_the_lease(s3_endpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    output = s3_output(s3_endpoint)
+    leases = [OutputLease(output, f"r{i}", timeout_s=600) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(lambda lease: lease.backend.create(lease._body()), leases))
+    assert created.count(True) == 1  # the conditional create is atomic on the store
+
+
+def test_on_s3_a_held_lease_is_refused_renewed_and_broken(s3_endpoint):
+    from pipelines.lease import LeaseLost
+
+    output = s3_output(s3_endpoint)
+    first = OutputLease(output, "rfirst", timeout_s=600)
+    first.acquire()
+    with pytest.raises(LeaseHeld, match="rfirst"):
+        OutputLease(output, "rsecond", timeout_s=600).acquire()
+    first.check()  # still ours
+    thief = OutputLease(output, "rthief", timeout_s=600, break_lease=True)
+    thief.acquire()
+    with pytest.raises(LeaseLost, match="rthief"):
+        first.check()
+    first.release()  # not ours any more: left alone
+    assert thief._read()[0].run_id == "rthief"
+    thief.release()
+    assert thief._read()[0] is None
