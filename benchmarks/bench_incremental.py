@@ -97,7 +97,7 @@ def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: 
         path = source / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"id": ids, "text": texts}), path)
-        name = data_file_name(relpath, run_id)
+        name = data_file_name(relpath)
         table = pa.table({
             "id": pa.array(ids),
             "content_hash": pa.array([content_hash(t) for t in texts]),

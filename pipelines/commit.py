@@ -1,26 +1,31 @@
 """Crash-safe commit of a run, and recovery of a run that died while committing.
 
 The run has written everything it commits into ``_staging/<run_id>/final/`` (one new
-data file and error file per touched source) before the commit starts. Then:
+data file and error file per touched source, under the names the source always has:
+:func:`pipelines.stages.data_file_name`) before the commit starts. Then:
 
 1. the new sources table is written under a new version name (nothing refers to it yet);
+   when ``--history`` starts on an output that has rows, the current data files are
+   copied into the staging area first (step 3 replaces them in place);
 2. **the header is replaced** (one atomic, durable write): the commit point. It names the
    new sources table and carries ``pending``: this run's id and the previous sources
    table;
-3. ``apply``: this run's files move from staging to the output root, superseded files
-   are deleted (files of the previous version that the new one does not name), the
+3. ``apply``: each of this run's files replaces its source's file of the same name in one
+   rename (one overwriting copy on S3), superseded files are deleted (files of the
+   previous version that the new one does not name: sources gone with ``--prune``), the
    staging area and old table versions are deleted, and the header is written again
    without ``pending``.
 
-Nothing committed is deleted before the header naming its replacement is durable. A
-crash before step 2 leaves the previous state: the staging area of the dead run is
-deleted by the next run, which holds the lease. A crash after it leaves the new state,
-with ``pending`` telling the next run what to finish: every step of ``apply`` is
-idempotent (a file already moved is not moved again, a file already deleted is not
-missed). Readers that go through the manifest see the old or the new state at every
-instant; readers of the bare directory (``pyarrow.parquet.read_table(OUT)``, DuckDB,
-Spark) see the new state once the commit returns, and during the seconds of step 3 may
-see both versions of a replaced row.
+Nothing committed is deleted or replaced before the header naming its replacement is
+durable. A crash before step 2 leaves the previous state: the staging area of the dead
+run is deleted by the next run, which holds the lease. A crash after it leaves the new
+state, with ``pending`` telling the next run what to finish: every step of ``apply`` is
+idempotent (a staged file that is gone was moved, a file already deleted is not missed).
+Readers of the bare directory (``pyarrow.parquet.read_table(OUT)``, DuckDB, Spark) see
+each source's old rows or its new ones, never both and never none; between the commit
+point and the end of step 3 (seconds, or until the next run if this one is killed there)
+some sources may be in their new version and others still in their old one, and an id
+that moved between two sources may be seen in both or in neither.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ STAGING_DIR = "_staging"
 SETUP_DIR = "_fungi_setup"
 HISTORY_DIR = "_fungi_history"
 CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
+SEED_DIR = "seed"  # under a run's staging area: the versions --history starts from
 
 
 def _crash_from_env() -> Callable[[int, str], None] | None:
@@ -87,6 +93,12 @@ class Committer:
         }
         write_sources_table(self.output, new)
         self._done(f"write {new.sources_table_name}")
+        if new.pending["seed_history"]:  # the current versions, before step 3 replaces them in place
+            seed = self.output.join(STAGING_DIR, run_id).child_path(SEED_DIR)
+            self.fs.create_dir(seed, recursive=True)
+            for name in sorted(self._previous_files(new.pending, data_only=True)):
+                self.fs.copy_file(self.output.child_path(name), f"{seed}/{name}")
+                self._done(f"copy {name} for {new.history}")
         write_header(self.output, new)
         self._done("write the header (commit point)")
         self.apply(new)
@@ -102,11 +114,11 @@ class Committer:
         rows = manifest.sources.to_pylist()
         current = {name for row in rows for name in (row["file"], row["error_file"]) if name}
         for name in sorted(n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
-            target = f"{root}/{name}"
-            if exists(self.fs, target):
-                continue
+            staged, target = staging.child_path(FINAL_DIR, name), f"{root}/{name}"
+            if not exists(self.fs, staged):
+                continue  # moved by an earlier pass
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
-            self.fs.move(staging.child_path(FINAL_DIR, name), target)
+            self.fs.move(staged, target)  # replaces the source's previous file in one rename
             self._done(f"move {name}")
         if manifest.history:
             self.fs.create_dir(f"{root}/{manifest.history}", recursive=True)
@@ -114,11 +126,11 @@ class Committer:
                 self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-{posixpath.basename(info.path)}")
                 self._done(f"keep {posixpath.basename(info.path)} in {manifest.history}")
         if pending.get("seed_history"):
-            for name in sorted(self._previous_files(pending, data_only=True)):
-                target = f"{root}/{manifest.history}/{run_id}-seed-{name}"
-                if not exists(self.fs, target):
-                    self.fs.copy_file(f"{root}/{name}", target)
-                    self._done(f"copy {name} to {manifest.history}")
+            seed = staging.child_path(SEED_DIR)
+            for info in list_files(self.fs, seed, ".parquet"):
+                name = posixpath.basename(info.path)
+                self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-seed-{name}")
+                self._done(f"keep the previous {name} in {manifest.history}")
         for name in sorted(self._superseded(pending, current)):
             delete_file(self.fs, f"{root}/{name}")
             self._done(f"delete {name}")

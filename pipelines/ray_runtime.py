@@ -25,6 +25,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
+        # a local Ray turns token authentication on by itself and says so on stderr: the
+        # secure default, and noise beside a one-line error or summary, so not repeated here
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,

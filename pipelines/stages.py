@@ -89,14 +89,17 @@ def source_tag(source: str) -> str:
     return hashlib.blake2b(source.encode("utf-8"), digest_size=4).hexdigest()
 
 
-def data_file_name(source: str, run_id: str) -> str:
-    """Name of a source's data file written by ``run_id``: readable, unique, flat.
+def data_file_name(source: str) -> str:
+    """Name of a source's data file: readable, unique, flat, and the same in every version.
 
-    ``date=2026-12-01/part-0.parquet`` -> ``date=2026-12-01.part-0-1a2b3c4d-<run>.parquet``:
-    every data file sits at the output root, so ``OUT/*.parquet`` is the whole table.
+    ``date=2026-12-01/part-0.parquet`` -> ``date=2026-12-01.part-0-1a2b3c4d.parquet``:
+    every data file sits at the output root, so ``OUT/*.parquet`` is the whole table. A
+    new version replaces the old one under the same name in one rename (one overwriting
+    copy on S3), so a reader of the bare directory sees a source's old rows or its new
+    ones, never both (:mod:`pipelines.commit`).
     """
     stem = re.sub(r"[^A-Za-z0-9=_.-]+", "_", source.removesuffix(".parquet").replace("/", "."))[-80:].lstrip("._")
-    return f"{stem or 'part'}-{source_tag(source)}-{run_id}.parquet"
+    return f"{stem or 'part'}-{source_tag(source)}.parquet"
 
 
 def pack(modality: str, canonical: Any) -> tuple[bytes, list[int]]:
@@ -686,7 +689,7 @@ def finalize_source(
                 counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(_ids_in(table, touched))))
     counts["written"] = staged_ok.num_rows if staged_ok is not None else 0
 
-    new_name = data_file_name(source, run_id)
+    new_name = data_file_name(source)
     data_name, data_ids = old and old["file"], None
     if old_ids is not None and _count(pc.invert(keep_ok_mask)) == 0 and staged_ok is None:
         data_ids = old_ids.column(ID_COLUMN)  # untouched: the old file stays

@@ -96,3 +96,14 @@ def s3_endpoint(monkeypatch):
         monkeypatch.setenv(key, value)
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU local Ray for one test module ("local": our own, even if a `ray start`
+    cluster runs on this machine); modules that run jobs use it as their ``pytestmark``."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

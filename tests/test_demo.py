@@ -14,16 +14,6 @@ from pipelines.demo import SPLITS, build_dataset, eligible_topics, load_topics
 TOPICS = ("ai", "food", "money", "sports")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # "local": a new Ray of our own even if a `ray start` cluster runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def read_splits(data) -> dict[str, pa.Table]:
     return {split: pq.read_table(getattr(data, split)) for split in SPLITS}
 

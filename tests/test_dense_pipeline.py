@@ -28,13 +28,7 @@ MODEL = ["--modality", "image", "--model", "timm:test_vit", "--weights", "random
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
 
 
 def featurize(source: Path, output: Path, *extra: str) -> int:

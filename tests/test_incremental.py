@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from lakes import config, features, ids_of, lake, last_run, write_part
 from pipelines.job import run_featurize
@@ -19,11 +18,7 @@ from pipelines.manifest import read_manifest
 from pipelines.storage import Location
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
 
 
 def test_a_night_reads_only_new_and_changed_files(tiny_text_dir, tmp_path):

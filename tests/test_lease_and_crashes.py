@@ -26,11 +26,7 @@ from pipelines.storage import Location
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
 
 
 # -- the lease -----------------------------------------------------------------------------------------
@@ -168,6 +164,9 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
             Committer(Location(str(output)), fault=crash).commit(
                 manifest, read_manifest(Location(str(output))), captured["run_id"], overwrite=False
             )
+        bare = ids_of(features(output))  # what pq.read_table(OUT) shows before anything recovers
+        assert len(bare) == len(set(bare)), f"an id twice after a crash at step {step}: {dry.operations[step - 1]}"
+        assert set(bare) <= set(ids_of(old)) | set(ids_of(new))
         state = read_manifest(Location(str(output)))
         committed = state.version == captured["previous"].version + 1
         # through the manifest: exactly the old or exactly the new rows

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,13 +19,7 @@ from pipelines.cli import main as cli_main
 from pipelines.job import FeaturizeConfig, run_featurize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
 
 
 def write(path: Path, **columns) -> Path:
@@ -174,3 +170,16 @@ def test_decode_errors_name_no_python_objects(tmp_path):
     assert summary.rows_written == 1
     message = pq.read_table(output / "_errors").column("error")[0].as_py()
     assert message.startswith("cannot decode image") and " at 0x" not in message
+
+
+def test_a_refusal_found_after_ray_started_is_one_line_on_the_real_stderr(tiny_text_dir, tmp_path):
+    """What a shell user sees (capsys above does not capture Ray's own logging): one line."""
+    source = good_input(tmp_path / "in")
+    payloads(source, [12, 1, 2, 3, 4])  # found from the footers, once Ray runs beside the model load
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(tmp_path / "out"),
+         "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1"],
+        capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "column 'text' has type int64" in lines[0], result.stderr
