@@ -16,7 +16,9 @@ checks the result: every id exactly once, the deleted ids gone, the new and chan
 equal to an in-process computation of the same rows.
 
 It also times reading and writing the manifest of an output of 100,000 input files with
-a year of nightly run records.
+a year of nightly run records, and listing its committed files (what readers through the
+manifest, ``pipelines.commit.read_committed``, do before each read), with and without a
+killed commit to resolve.
 
     python benchmarks/bench_incremental.py                       # N = 200k, 2M, 10M (about 15 min on 2 cores)
     python benchmarks/bench_incremental.py --rows 200000 --ids random
@@ -54,6 +56,7 @@ from fungi_outputs import save_tiny_text_model  # noqa: E402
 
 from fungi_ops import FeaturizerSpec  # noqa: E402
 from pipelines.job import FeaturizeConfig, resolve_spec_here  # noqa: E402
+from pipelines.commit import committed_files  # noqa: E402
 from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
 from pipelines.stages import content_hash, data_file_name, spec_metadata  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
@@ -228,7 +231,15 @@ def bench_manifest(root: Path, files: int = 100_000, runs: int = 365) -> dict:
     read = time.perf_counter() - started
     assert back.sources.num_rows == files and len(back.runs) == runs
     size = sum(p.stat().st_size for p in (root / "manifest").rglob("*") if p.is_file())
-    return {"write_s": written, "read_s": read, "bytes": size}
+    started = time.perf_counter()
+    assert len(committed_files(location, back)) == files
+    listed = time.perf_counter() - started
+    back.pending = {"run_id": "r000000000000"}  # a killed commit: its run's sources are looked up in staging
+    started = time.perf_counter()
+    assert len(committed_files(location, back)) == files
+    unfinished = time.perf_counter() - started
+    return {"write_s": written, "read_s": read, "bytes": size, "files_s": listed, "unfinished_s": unfinished,
+            "unfinished_sources": sum(1 for r in sources if r["run_id"] == "r000000000000")}
 
 
 def main() -> None:
@@ -272,7 +283,8 @@ def main() -> None:
               f"wall({small:,}) = {walls[small]:.1f} s (target <= 60)")
     timing = bench_manifest(base)
     print(f"manifest of 100,000 sources and 365 run records: write {timing['write_s']:.2f} s, read {timing['read_s']:.2f} s, "
-          f"{timing['bytes'] / 2**20:.1f} MiB")
+          f"{timing['bytes'] / 2**20:.1f} MiB; its committed files listed in {timing['files_s']:.2f} s, "
+          f"{timing['unfinished_s']:.2f} s with a killed commit of {timing['unfinished_sources']} sources to look up")
     if not args.keep:
         shutil.rmtree(base)
 

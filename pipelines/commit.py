@@ -21,6 +21,10 @@ durable. A crash before step 2 leaves the previous state: the staging area of th
 run is deleted by the next run, which holds the lease. A crash after it leaves the new
 state, with ``pending`` telling the next run what to finish: every step of ``apply`` is
 idempotent (a staged file that is gone was moved, a file already deleted is not missed).
+Readers through :func:`read_committed` (:func:`read_output`, ``fungi eval``) read exactly
+one committed state, the previous or the new one, whenever they read and whatever died:
+between the commit point and the end of step 3 they read the committing run's files from
+the staging area until they are moved in, and a read that a commit overlapped is redone.
 Readers of the bare directory (``pyarrow.parquet.read_table(OUT)``, DuckDB, Spark) see
 each source's old rows or its new ones, never both and never none; between the commit
 point and the end of step 3 (seconds, or until the next run if this one is killed there)
@@ -29,17 +33,23 @@ that moved between two sources may be seen in both or in neither.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.manifest import ERRORS_DIR, LOG_DIR, Manifest, read_manifest, write_header, write_sources_table
+from fungi_ops.errors import ConfigError
+from pipelines.manifest import (
+    ERRORS_DIR, LOG_DIR, MANIFEST_NAME, Manifest, read_manifest, write_header, write_sources_table,
+)
 from pipelines.stages import BLOCKS_DIR, FINAL_DIR
-from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files, read_bytes
 
 log = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
@@ -47,6 +57,11 @@ SETUP_DIR = "_fungi_setup"
 HISTORY_DIR = "_fungi_history"
 CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
 SEED_DIR = "seed"  # under a run's staging area: the versions --history starts from
+
+
+def staging_area(output: Location, run_id: str) -> Location:
+    """Where run ``run_id`` stages everything it commits (its blocks, then its final files)."""
+    return output.join(STAGING_DIR, run_id)
 
 
 def _crash_from_env() -> Callable[[int, str], None] | None:
@@ -94,7 +109,7 @@ class Committer:
         write_sources_table(self.output, new)
         self._done(f"write {new.sources_table_name}")
         if new.pending["seed_history"]:  # the current versions, before step 3 replaces them in place
-            seed = self.output.join(STAGING_DIR, run_id).child_path(SEED_DIR)
+            seed = staging_area(self.output, run_id).child_path(SEED_DIR)
             self.fs.create_dir(seed, recursive=True)
             for name in sorted(self._previous_files(new.pending, data_only=True)):
                 self.fs.copy_file(self.output.child_path(name), f"{seed}/{name}")
@@ -109,7 +124,7 @@ class Committer:
         if not pending:
             return
         root, run_id = self.output.path, pending["run_id"]
-        staging = self.output.join(STAGING_DIR, run_id)
+        staging = staging_area(self.output, run_id)
         self.fs.create_dir(f"{root}/{ERRORS_DIR}", recursive=True)  # readers of _errors/ find it, empty or not
         rows = manifest.sources.to_pylist()
         current = {name for row in rows for name in (row["file"], row["error_file"]) if name}
@@ -190,3 +205,82 @@ def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False)
             if posixpath.basename(info.path) != run_id:
                 delete_tree(fs, info.path)  # a run that died before its commit point
     return manifest
+
+
+# -- reading exactly one committed state ----------------------------------------------------
+
+T = TypeVar("T")
+READ_ATTEMPTS = 5
+
+
+def committed_files(output: Location, manifest: Manifest) -> list[str]:
+    """Paths of the data files of ``manifest``'s state, where they are now.
+
+    Until ``apply`` has moved a file of the committing run (``pending``) in, its path in
+    the staging area; the output's file of that name still holds the previous version.
+    Existence checks only for the committing run's sources; nothing is opened.
+    """
+    fs, pending = output.filesystem(), manifest.pending
+    staging = staging_area(output, pending["run_id"]) if pending else None
+    paths = []
+    for name, run_id in zip(manifest.sources.column("file").to_pylist(), manifest.sources.column("run_id").to_pylist()):
+        if not name:
+            continue
+        if staging is not None and run_id == pending["run_id"] and exists(fs, staging.child_path(FINAL_DIR, name)):
+            paths.append(staging.child_path(FINAL_DIR, name))
+        else:
+            paths.append(output.child_path(name))
+    return paths
+
+
+def _commit_state(output: Location) -> tuple[Any, Any]:
+    """What changes when a commit runs: the header's version, and its run still moving files in."""
+    fs = output.filesystem()
+    path = output.child_path(MANIFEST_NAME)
+    if not exists(fs, path):
+        return None, None
+    header = json.loads(read_bytes(fs, path))
+    return header.get("version"), (header.get("pending") or {}).get("run_id")
+
+
+def read_committed(output: Location, read: Callable[[list[str] | None], T]) -> T:
+    """``read(paths)`` over the data files of exactly one committed state of ``output``.
+
+    ``paths`` is None when ``output`` is not a fungi output (no manifest): ``read`` then
+    reads it as it is. The commit state is read before and after; when a commit ran in
+    between (its commit point, or its files moving in, or a killed run's commit being
+    finished), the read is done again on the new state, up to :data:`READ_ATTEMPTS` times.
+    An error of ``read`` is raised as it is unless the state changed meanwhile.
+    """
+    for _ in range(READ_ATTEMPTS):
+        before = _commit_state(output)
+        manifest = read_manifest(output)
+        paths = committed_files(output, manifest) if manifest is not None else None
+        try:
+            result = read(paths)
+        except Exception:
+            if _commit_state(output) == before:
+                raise
+            continue
+        if _commit_state(output) == before:
+            return result
+    raise ConfigError(f"{output.uri} was committed to during each of {READ_ATTEMPTS} reads; read it again later")
+
+
+def read_output(uri: str, *, columns: list[str] | None = None, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The feature rows of a fungi output, exactly as one committed state has them (never a mix).
+
+    The bare directory (``pyarrow.parquet.read_table(OUT)``) is the same table except
+    right after a run was killed in its commit; this read is correct then too. Raises
+    ConfigError when ``uri`` is not a fungi output.
+    """
+    output = Location(uri, storage_options or {})
+
+    def read(paths: list[str] | None) -> pa.Table:
+        if paths is None:
+            raise ConfigError(f"{uri} is not a fungi output (no {MANIFEST_NAME})")
+        if not paths:
+            return pa.table({})
+        return pads.dataset(paths, filesystem=output.filesystem(), format="parquet").to_table(columns=columns)
+
+    return read_committed(output, read)

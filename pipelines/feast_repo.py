@@ -159,6 +159,12 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
             f"{uri} has no {MANIFEST_NAME}: not a fungi feature output, or its first `fungi featurize` run "
             "has not committed yet"
         )
+    if committed.pending:
+        raise ConfigError(
+            f"{uri}: the commit of run {committed.pending['run_id']} is not finished (running, or its run was killed): "
+            "Feast would read some sources' new rows and others' old ones; the next `fungi featurize` on this output "
+            "finishes it first, then run this again"
+        )
     manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
     data_files = tuple(_parquet_files(fs, root))
     if not data_files:

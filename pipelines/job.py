@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import pickle
@@ -45,14 +44,13 @@ import pyarrow.dataset as pads
 
 from fungi_ops.errors import ConfigError
 from pipelines import stages
-from pipelines.commit import HISTORY_DIR, SETUP_DIR, STAGING_DIR, Committer, recover
+from pipelines.commit import HISTORY_DIR, SETUP_DIR, Committer, recover, staging_area
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
 from pipelines.lease import OutputLease
 from pipelines.manifest import Manifest, RunRecord, fingerprint, read_manifest, sources_schema, type_name
 from pipelines.plan import IdCheck, NightPlan, check_ids, plan_night
 from pipelines.storage import InputFile, Location, delete_tree, exists, list_files, list_input, read_bytes, write_atomic
 
-log = logging.getLogger(__name__)
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
 MAX_ROWS_PER_BLOCK = 4096
 MAX_BLOCK_BYTES = 128 << 20  # of features: Ray Data's own target block size (a 512-px dense ViT-B row is 6 MiB)
@@ -336,9 +334,9 @@ class FeaturizeJob:
         self.input = Location(config.input, config.storage_options)
         self.output = Location(config.output, config.storage_options)
         self.run_id = "r" + uuid.uuid4().hex[:12]
-        self.staging = self.output.join(STAGING_DIR, self.run_id)
+        self.staging = staging_area(self.output, self.run_id)
         self.started = time.time()
-        self.setup_draw: tuple[Any, str] | None = None  # (ObjectRef of the drawn rows' order, source)
+        self.setup_draw: tuple[Any, Any, str] | None = None  # ObjectRefs of the draw's order and skipped rows, source
 
     # -- 1. settings ----------------------------------------------------------------------
     def validate_settings(self) -> None:
@@ -475,11 +473,26 @@ class FeaturizeJob:
         return _start_setup(self, source, [f.path for f in files], count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
 
     def check_setup_draw(self) -> None:
-        """ConfigError (exit 2) when no setup row decodes; waits for the draw started by :meth:`setup_state`."""
+        """ConfigError (exit 2) when no setup row decodes; waits for the draw started by :meth:`setup_state`.
+
+        Rows that do not decode are reported here, on the driver, in one line (the task
+        that found them logs nothing: Ray would forward one stderr line per row).
+        """
         import ray
 
-        if self.setup_draw is not None and not ray.get(self.setup_draw[0]):
-            raise ConfigError(f"no decodable rows in {self.setup_draw[1]} to compute the setup state ({self.setup_data}) from")
+        if self.setup_draw is None:
+            return
+        order_ref, skipped_ref, source = self.setup_draw
+        order, skipped = ray.get([order_ref, skipped_ref])
+        examples = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        if not order:
+            raise ConfigError(
+                f"no decodable rows in {source} to compute the setup state ({self.setup_data}) from: "
+                f"{len(skipped)} drawn, e.g. {examples}"
+            )
+        if skipped:
+            print(f"fungi: {len(skipped)} of {len(skipped) + len(order)} rows drawn for {self.setup_data} "
+                  f"do not decode and are left out: {examples}")
 
     @property
     def setup_data(self) -> str:
@@ -788,10 +801,10 @@ def _start_setup(job: FeaturizeJob, source: Location, paths: list[str], count: i
     concurrency, gpus, _ = job.actor_resources()
     parts = 1 if gpus or not job.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
     chunk = max(1, job.config.batch_size // 4)
-    select = ray.remote(num_cpus=0.25, num_returns=parts + 1)(select_setup_rows)
+    select = ray.remote(num_cpus=0.25, num_returns=parts + 2)(select_setup_rows)
     refs = select.remote(job.spec.json, job.spec.decoder, source, paths, job.columns.id, job.columns.data, count, parts, chunk)
-    order_ref, part_refs = refs[0], refs[1:]
-    job.setup_draw = (order_ref, source.uri)  # checked by FeaturizeJob.check_setup_draw before the stream
+    order_ref, skipped_ref, part_refs = refs[0], refs[1], refs[2:]
+    job.setup_draw = (order_ref, skipped_ref, source.uri)  # checked by FeaturizeJob.check_setup_draw before the stream
     cores = int(ray.cluster_resources().get("CPU", 1))
     encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
     threads = None if gpus else max(1, cores // parts)
@@ -806,12 +819,13 @@ def select_setup_rows(spec_json: str, decoder: bytes, source: Location, paths: l
     """Ray task: the ``count`` setup rows, decoded, in ``parts`` parts to encode.
 
     The rows are the ``count`` with the smallest seeded hash of their id, whatever the file
-    layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are skipped.
+    layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are left out
+    and returned as ``"id: reason"`` lines, for the driver to report.
     ``decoder`` is the job's (:attr:`ResolvedSpec.decoder`): a dense spec's support images
     get the view its features are computed on. Returns the rows' encoding order
     (:func:`fungi_ops.featurizer.setup_encoding_order`, for :func:`merge_setup_parts`),
-    then the parts: ``(keys, samples)`` in that order, cut at multiples of ``chunk`` rows,
-    so that the parts encode the chunks one process would.
+    the skipped rows, then the parts: ``(keys, samples)`` in that order, cut at multiples of
+    ``chunk`` rows, so that the parts encode the chunks one process would.
     """
     from fungi_ops.featurizer import setup_encoding_order
     from fungi_ops.seeding import setup_order
@@ -824,20 +838,20 @@ def select_setup_rows(spec_json: str, decoder: bytes, source: Location, paths: l
     id_type = dataset.schema.field(id_column).type
     table = dataset.to_table(columns=[id_column, data_column], filter=pc.field(id_column).isin(pa.array(chosen).cast(id_type)))
     decode = pickle.loads(decoder).decode
-    samples, keys = [], []
+    samples, keys, skipped = [], [], []
     for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
         try:
             samples.append(decode(payload))
             keys.append(str(row_id))
-        except Exception as exc:  # noqa: BLE001 - a bad setup row is skipped, not fatal
-            log.warning("setup row %s skipped: %s", row_id, exc)
+        except Exception as exc:  # noqa: BLE001 - a bad setup row is left out, not fatal
+            skipped.append(f"{row_id}: {exc}")
     drawn = setup_order(spec.seed, keys)
     keys, samples = [keys[i] for i in drawn], [samples[i] for i in drawn]
     order = setup_encoding_order(samples)
     keys, samples = [keys[i] for i in order], [samples[i] for i in order]
     step = -(-(-(-len(keys) // parts)) // chunk) * chunk  # rows per part, a multiple of chunk
     cuts = [(start, start + step) for start in range(0, step * parts, step)] if keys else [(0, 0)] * parts
-    return (order, *((keys[a:b], samples[a:b]) for a, b in cuts))
+    return (order, skipped, *((keys[a:b], samples[a:b]) for a, b in cuts))
 
 
 def encode_setup_rows(spec_json: str, part: tuple[list[str], list], chunk: int, threads: int | None) -> dict:

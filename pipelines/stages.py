@@ -47,7 +47,7 @@ from fungi_ops.errors import SampleError
 
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.manifest import ERRORS_DIR
-from pipelines.storage import Location, fsync_file
+from pipelines.storage import Location, fsync_file, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -462,6 +462,9 @@ def write_rows(table: pa.Table, path: str, fs: Any, *, dense: bool) -> None:
 def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash: str, dense: bool = False) -> pa.Table:
     """Write a block's good rows and error rows, per source, to staging; one stats row per source.
 
+    Each file appears whole or not at all (:func:`pipelines.storage.write_whole`): a task
+    killed mid-write (a lost node) leaves no truncated block for ``--history`` to keep.
+
     ``dense``: the rows hold a dense spec's per-patch features (see :func:`write_rows`).
     """
     fs = staging.filesystem()
@@ -477,7 +480,8 @@ def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash
         if good.num_rows:
             fs.create_dir(staging.child_path(BLOCKS_DIR), recursive=True)
             row["file"] = staging.child_path(BLOCKS_DIR, name)
-            write_rows(good.replace_schema_metadata(metadata), row["file"], fs, dense=dense)
+            rows = good.replace_schema_metadata(metadata)
+            write_whole(fs, row["file"], lambda target: write_rows(rows, target, fs, dense=dense))
         if bad.num_rows:
             row["error_file"] = staging.child_path(BLOCKS_DIR, ERRORS_DIR, name)
             errors = pa.table(
@@ -485,7 +489,8 @@ def write_batch(table: pa.Table, *, staging: Location, spec_json: str, spec_hash
                 schema=ERROR_SCHEMA,
             )
             fs.create_dir(staging.child_path(BLOCKS_DIR, ERRORS_DIR), recursive=True)
-            pq.write_table(errors.replace_schema_metadata(metadata), row["error_file"], filesystem=fs)
+            errors = errors.replace_schema_metadata(metadata)
+            write_whole(fs, row["error_file"], lambda target: pq.write_table(errors, target, filesystem=fs))
         row["written_at"] = time.time()  # wall clock of the node: the job derives its steady rate from these
         for key, value in row.items():
             stats[key].append(value)

@@ -14,18 +14,28 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
 
 @dataclass(frozen=True)
 class Location:
-    """A directory or file on some filesystem; picklable, so it can travel to Ray workers."""
+    """A directory or file on some filesystem; picklable, so it can travel to Ray workers.
+
+    A relative local path is made absolute where the Location is made (the driver): a Ray
+    worker resolves paths against its own working directory, so a job on a Ray it joined
+    (``--address``) wrote ``--output my_features/`` beside the *workers*, not the user.
+    """
 
     uri: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "://" not in self.uri and not self.uri.startswith("/"):
+            object.__setattr__(self, "uri", os.path.abspath(self.uri) + ("/" if self.uri.endswith("/") else ""))
 
     @property
     def is_s3(self) -> bool:
@@ -37,7 +47,7 @@ class Location:
         """The path as the filesystem expects it (no scheme for S3: ``bucket/key``)."""
         if self.is_s3:
             return self.uri.split("://", 1)[1].rstrip("/")
-        return posixpath.abspath(self.uri) if not self.uri.startswith("/") else self.uri.rstrip("/") or "/"
+        return self.uri.rstrip("/") or "/"
 
     def s3(self) -> Any:
         """The raw ``s3fs.S3FileSystem`` (listing with ETags, conditional writes); S3 only.
@@ -152,26 +162,43 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return handle.read()
 
 
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Replace a small file so that readers see the old or the new content, never a part.
+def write_whole(fs: pafs.FileSystem, path: str, write: Callable[[str], None], *, durable: bool = False) -> None:
+    """Write a file through ``write(target)`` so that no reader ever sees it half-written.
 
-    On S3 one PUT is atomic. On a local or shared disk the content goes to a temporary
-    file that is fsync'ed, renamed over the target and the directory fsync'ed: once this
-    returns, the new content survives a crash or a power loss.
+    On S3 an object appears only when its upload completes. On a local or shared disk,
+    ``write`` fills a temporary name beside ``path`` (not ending in ``.parquet``: no listing
+    takes it for data) that is renamed over ``path`` once complete, so a worker killed
+    mid-write leaves no truncated file under the real name. ``durable``: fsync the file
+    before the rename and the directory after it, so the new content survives a power loss.
     """
-    if isinstance(fs, pafs.LocalFileSystem):
-        directory = posixpath.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        fsync_directory(directory)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        write(path)
         return
-    with fs.open_output_stream(path) as handle:
-        handle.write(data)
+    directory = posixpath.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        write(temporary)
+        if durable:
+            fsync_file(fs, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    if durable:
+        fsync_directory(directory)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Replace a small file so that readers see the old or the new content, never a part,
+    and (on a disk) the new content is durable once this returns."""
+
+    def write(target: str) -> None:
+        with fs.open_output_stream(target) as handle:
+            handle.write(data)
+
+    write_whole(fs, path, write, durable=True)
 
 
 def fsync_directory(directory: str) -> None:

@@ -98,12 +98,13 @@ def s3_endpoint(monkeypatch):
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """A 2-CPU local Ray for one test module ("local": our own, even if a `ray start`
-    cluster runs on this machine); modules that run jobs use it as their ``pytestmark``."""
+    """A 2-CPU local Ray for the session ("local": our own, even if a `ray start` cluster
+    runs on this machine), started once (6-10 s) when a test first needs it; modules that
+    run jobs use it as their ``pytestmark``. Returns its GCS address, for subprocesses."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -28,7 +28,7 @@ MODEL = ["--modality", "image", "--model", "timm:test_vit", "--weights", "random
 ATOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
 
 
 def featurize(source: Path, output: Path, *extra: str) -> int:

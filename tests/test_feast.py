@@ -347,6 +347,7 @@ def test_an_s3_output_is_served_with_its_endpoint(s3_endpoint, tmp_path):
         ("event_time_text", "'event_time' is string, not a timestamp"),
         ("bad_name", "--name 'My Texts' must be lower-case"),
         ("not_ours", "was not written by `fungi feast`"),
+        ("unfinished_commit", "the commit of run r-killed is not finished"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, case, message):
@@ -370,6 +371,10 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, case, message):
             pq.write_table(table, path)
     elif case == "bad_name":
         args += ["--name", "My Texts"]
+    elif case == "unfinished_commit":
+        header = json.loads((output.root / "_fungi_manifest.json").read_text())
+        header["pending"] = {"run_id": "r-killed", "previous_sources": None, "overwrite": False, "seed_history": False}
+        (output.root / "_fungi_manifest.json").write_text(json.dumps(header))
     elif case == "not_ours":
         (tmp_path / "repo").mkdir()
         (tmp_path / "repo" / "fungi_texts.py").write_text("# mine\n")
@@ -395,7 +400,7 @@ def test_check_event_time_column_names_the_fix():
             check_event_time_column(schema, name)
 
 
-def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_path):
+def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_path, local_ray):
     """`fungi featurize --history` (the real job, in its own process), then the whole hand-off."""
     from feast import FeatureStore
 
@@ -408,7 +413,7 @@ def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_pa
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(tmp_path / "in"), "--output", str(out),
          "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--objectives", "kl", "--keep-columns", "label",
-         "--actors", "1", "--batch-size", "4", "--history"],
+         "--actors", "1", "--batch-size", "4", "--history", "--address", local_ray],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr

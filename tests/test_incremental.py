@@ -18,7 +18,7 @@ from pipelines.manifest import read_manifest
 from pipelines.storage import Location
 
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
 
 
 def test_a_night_reads_only_new_and_changed_files(tiny_text_dir, tmp_path):

@@ -1,5 +1,6 @@
-"""One writer per output (the lease) and crash-safe commits: a second run, a dead run's lease,
-a crash after every file operation of the commit, a real kill of the driver.
+"""One writer per output (the lease) and crash-safe writes: a second run, a dead run's lease,
+a block write killed halfway, a crash after every file operation of the commit, a real kill of
+the driver.
 """
 from __future__ import annotations
 
@@ -12,21 +13,26 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import ray
 
 from lakes import config, features, ids_of, lake, write_part
-from pipelines.commit import Committer, recover
+from fungi_ops.eval import load_feature_table
+from pipelines.commands.evaluate import read_table_files
+from pipelines.commit import Committer, read_committed, read_output, recover
 from pipelines.job import FeaturizeJob, run_featurize
 from pipelines.lease import LEASE_NAME, LeaseHeld, OutputLease
 from pipelines.manifest import read_manifest
+from pipelines.stages import ERROR_COLUMN, HASH_COLUMN, ID_COLUMN, SOURCE_COLUMN, STAGE_COLUMN, write_batch
 from pipelines.storage import Location
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
 
 
 # -- the lease -----------------------------------------------------------------------------------------
@@ -115,6 +121,31 @@ class Crash(BaseException):
     """A simulated kill: not an Exception, so nothing on the way up cleans up."""
 
 
+def test_a_block_write_killed_halfway_leaves_no_truncated_file(tmp_path, monkeypatch):
+    """A task killed while it writes its block (a lost node): no half-written Parquet file under a
+    block's name, where ``--history`` would keep it and a reader of the staging area would fail."""
+    block = pa.table({SOURCE_COLUMN: ["part-0.parquet"] * 3, ID_COLUMN: ["a", "b", "c"], HASH_COLUMN: ["h"] * 3,
+                      ERROR_COLUMN: [None, None, "text is empty"], STAGE_COLUMN: [None, None, "decode"],
+                      "embedding": [[1.0, 0.0], [0.0, 1.0], None]})
+    real_write = pq.write_table
+
+    def killed_halfway(table, where, **kwargs):
+        real_write(table, where, **kwargs)
+        Path(where).write_bytes(Path(where).read_bytes()[:20])
+        raise Crash(f"killed while writing {where}")
+
+    staging = tmp_path / "staging"
+    monkeypatch.setattr(pq, "write_table", killed_halfway)
+    with pytest.raises(Crash):
+        write_batch(block, staging=Location(str(staging)), spec_json="{}", spec_hash="h")
+    assert not [p for p in staging.rglob("*") if p.is_file()]
+    monkeypatch.setattr(pq, "write_table", real_write)  # the retry of the task
+    stats = write_batch(block, staging=Location(str(staging)), spec_json="{}", spec_hash="h").to_pylist()[0]
+    assert pq.read_table(stats["file"]).column(ID_COLUMN).to_pylist() == ["a", "b"]
+    assert pq.read_table(stats["error_file"]).column(ID_COLUMN).to_pylist() == ["c"]
+    assert sorted(p.name for p in staging.rglob("*") if p.is_file()) == [Path(stats["file"]).name] * 2
+
+
 def night_ready_to_commit(tiny_text_dir: str, tmp_path: Path):
     """An output after one run, and a second (incremental, changing and pruning) run stopped right before its commit."""
     source, output = lake(tmp_path / "in", files=3, rows=4), tmp_path / "out"
@@ -149,6 +180,20 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
     assert ids_of(new) == sorted([f"f0-{r:03d}" for r in range(4)] + [f"f1-{r:03d}" for r in range(4)] + ["n-0"])
     steps = len(dry.operations)
     assert steps >= 8, dry.operations
+    # a read that a whole commit overlaps (it read the old files, then the commit ran) is done again
+    race = tmp_path / "race"
+    shutil.copytree(snapshot, race)
+    reads = []
+
+    def read_then_commit(paths):
+        reads.append(pq.read_table(paths[0]) if paths else None)
+        if len(reads) == 1:
+            manifest = captured["manifest"]
+            manifest.pending = None
+            Committer(Location(str(race))).commit(manifest, read_manifest(Location(str(race))), captured["run_id"], overwrite=False)
+        return pa.concat_tables(pq.read_table(p) for p in paths).sort_by("id")
+
+    assert read_committed(Location(str(race)), read_then_commit).equals(new) and len(reads) == 2
     for step in range(1, steps + 1):
         shutil.rmtree(output)
         shutil.copytree(snapshot, output)
@@ -169,7 +214,10 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
         assert set(bare) <= set(ids_of(old)) | set(ids_of(new))
         state = read_manifest(Location(str(output)))
         committed = state.version == captured["previous"].version + 1
-        # through the manifest: exactly the old or exactly the new rows
+        # through the manifest, before anything recovers: exactly the old or exactly the new rows
+        assert read_output(str(output)).sort_by("id").equals(new if committed else old), dry.operations[step - 1]
+        evaluated = read_table_files(str(output), lambda files: load_feature_table(output, label_column=None, files=files))
+        assert sorted(evaluated.ids) == ids_of(new if committed else old)
         names = [n for n in state.data_files()]
         if committed:
             recovered = recover(Location(str(output)), "rnext")  # what the next run does first
@@ -196,7 +244,7 @@ def test_kill_9_of_the_driver_in_the_commit_then_a_rerun(tiny_text_dir, tmp_path
     write_part(source, "part-7.parquet", ["n-0", "n-1"], ["one", "two"])
     command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(output),
                "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental",
-               "--address", ray.get_runtime_context().gcs_address]  # this module's Ray: no start-up per run
+               "--address", ray.get_runtime_context().gcs_address]  # the session's Ray: no start-up per run
     env = {**os.environ, "FUNGI_COMMIT_CRASH_AFTER": "3", "PYTHONPATH": str(REPO)}
     killed = subprocess.run(command, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert killed.returncode == 137, killed.stdout + killed.stderr

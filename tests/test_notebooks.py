@@ -19,7 +19,7 @@ KERNEL = "fungi-tests"
 
 
 @pytest.fixture(scope="module")
-def kernel_manager_factory(tmp_path_factory):
+def kernel_manager_factory(tmp_path_factory, local_ray):
     pytest.importorskip("ipykernel")
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
@@ -32,6 +32,7 @@ def kernel_manager_factory(tmp_path_factory):
                 "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "fungi tests",
                 "language": "python",
+                "env": {"RAY_ADDRESS": local_ray},  # jobs join the session's Ray: no start-up per notebook
             }
         )
     )

@@ -13,6 +13,7 @@ from conftest import png_bytes, wav_bytes
 from fungi_ops import ConfigError, Featurizer, FeaturizerSpec
 from pipelines.cli import main as cli_main
 from pipelines.job import FeaturizeConfig, _throughput, run_featurize
+from pipelines.storage import Location
 
 TEXTS = [
     "the cat sat on the mat",
@@ -28,7 +29,7 @@ TEXTS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
 
 
 def write_parquet(path: Path, **columns) -> Path:
@@ -269,20 +270,31 @@ def test_features_do_not_depend_on_actor_count_or_batch_size(minilm_dir, text_in
     )
 
 
+def test_a_relative_path_is_where_the_user_is_not_where_a_worker_runs(tmp_path, monkeypatch):
+    """A Ray worker (of a Ray the job joined) has its own working directory: a relative
+    ``--output`` must mean the driver's."""
+    monkeypatch.chdir(tmp_path)
+    location = Location("my_features/")
+    monkeypatch.chdir("/")
+    assert location.path == str(tmp_path / "my_features")
+    assert location.join("_staging").child_path("x") == str(tmp_path / "my_features" / "_staging" / "x")
+    assert Location("s3://bucket/prefix/").path == "bucket/prefix"
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, parts):
     """The job's setup tasks (draw, decode, encode in parts, merge), run as plain functions:
     the negatives are exactly those of one in-process Featurizer.setup over the same draw."""
     from fungi_ops.seeding import setup_order
     from pipelines.job import FeaturizeConfig, encode_setup_rows, merge_setup_parts, resolve_spec_here, select_setup_rows
-    from pipelines.storage import Location
 
     config = FeaturizeConfig(input=str(text_input), output="unused", modality="text", model=f"hf:{minilm_dir}",
                              objectives="kl,simclr:num_negatives=7;text_views=3")
     spec = resolve_spec_here(config)
     paths = sorted(str(p) for p in text_input.glob("*.parquet"))
-    order, *split = select_setup_rows(spec.json, spec.decoder, Location(str(text_input)), paths, "id", "text",
-                                      spec.setup_rows, parts, 2)
+    order, skipped, *split = select_setup_rows(spec.json, spec.decoder, Location(str(text_input)), paths, "id", "text",
+                                               spec.setup_rows, parts, 2)
+    assert len(order) + len(skipped) == spec.setup_rows  # every drawn row: encoded, or reported to the driver
     merged = merge_setup_parts(order, *(encode_setup_rows(spec.json, part, 2, 1) for part in split))
 
     reference = Featurizer(FeaturizerSpec.from_json(spec.json), device="cpu")

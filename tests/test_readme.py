@@ -71,14 +71,15 @@ def test_there_are_runnable_blocks():
 
 
 @pytest.fixture(scope="module")
-def shell_env(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+def shell_env(tmp_path_factory, local_ray) -> tuple[Path, dict[str, str]]:
     workdir = tmp_path_factory.mktemp("readme")
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    # a fresh local Ray for each command, even if someone ran `ray start` on this machine
-    env.setdefault("RAY_ADDRESS", "local")
+    # the session's Ray (what `fungi featurize` does when it starts its own is tested by
+    # test_demo and test_reliability's subprocess): no Ray start-up per command
+    env["RAY_ADDRESS"] = local_ray
     return workdir, env
 
 

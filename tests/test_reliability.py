@@ -19,7 +19,7 @@ from pipelines.cli import main as cli_main
 from pipelines.job import FeaturizeConfig, run_featurize
 
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray per module
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
 
 
 def write(path: Path, **columns) -> Path:
@@ -53,6 +53,11 @@ def weights_file(tmp: Path) -> Path:
     path = tmp / "model.safetensors"
     path.write_bytes(b"this is not a safetensors file")
     return path
+
+
+def undecodable_setup_rows(tmp: Path, source: Path) -> list[str]:
+    return ["--objectives", "kl,simclr:num_negatives=2", "--setup-from",
+            str(write(tmp / "neg" / "part-0.parquet", id=["n0", "n1"], text=["", "  "]))]
 
 
 # (name, how to break the input (tmp, input) -> extra CLI args, expected message)
@@ -89,10 +94,7 @@ CASES = {
     "kept column clashes with an output column": (
         lambda tmp, source: ["--keep-columns", "event_time"], "would clash with output columns"),
     "prune without incremental": (lambda tmp, source: ["--prune"], "apply to --incremental runs"),
-    "setup rows that do not decode": (
-        lambda tmp, source: ["--objectives", "kl,simclr:num_negatives=2", "--setup-from",
-                             str(write(tmp / "neg" / "part-0.parquet", id=["n0", "n1"], text=["", "  "]))],
-        "no decodable rows in"),
+    "setup rows that do not decode": (undecodable_setup_rows, "2 drawn, e.g. n0: text is empty; n1: text is empty"),
     "event time column is not a timestamp": (
         lambda tmp, source: ["--event-time-column", "label"], "'label' is int64"),
 }
@@ -172,14 +174,18 @@ def test_decode_errors_name_no_python_objects(tmp_path):
     assert message.startswith("cannot decode image") and " at 0x" not in message
 
 
-def test_a_refusal_found_after_ray_started_is_one_line_on_the_real_stderr(tiny_text_dir, tmp_path):
+@pytest.mark.parametrize("breaker, message", [
+    (lambda tmp, source: payloads(source, [12, 1, 2, 3, 4]), "column 'text' has type int64"),  # from the footers
+    (undecodable_setup_rows, "no decodable rows in"),  # found by a Ray task: its findings must not be logged there
+], ids=["from the footers", "from a Ray task"])
+def test_a_refusal_found_after_ray_started_is_one_line_on_the_real_stderr(breaker, message, tiny_text_dir, tmp_path):
     """What a shell user sees (capsys above does not capture Ray's own logging): one line."""
     source = good_input(tmp_path / "in")
-    payloads(source, [12, 1, 2, 3, 4])  # found from the footers, once Ray runs beside the model load
+    extra = breaker(tmp_path, source)
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(tmp_path / "out"),
-         "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1"],
+         "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", *extra],
         capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1]),
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and "column 'text' has type int64" in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

@@ -50,14 +50,17 @@ class DenseRows:
 class DenseReader:
     """Read a dense table (a Parquet file or directory, local or a URI such as ``s3://``) in batches.
 
+    ``files``: the data files to read instead of every Parquet file under ``path`` (see
+    :func:`~fungi_ops.eval.io.open_feature_dataset`).
     ``spec`` / ``spec_hash`` come from the files' metadata (all files must agree);
     ``features`` lists the dense feature columns present. Raises EvalInputError for a
     missing path, files of different specs, or a table that is not dense.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, filesystem: "pafs.FileSystem | None" = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, filesystem: "pafs.FileSystem | None" = None,
+                 files: Sequence[str] | None = None) -> None:
         self.source = os.fspath(path)
-        self.dataset, self.spec, self.spec_hash = open_feature_dataset(self.source, filesystem)
+        self.dataset, self.spec, self.spec_hash = open_feature_dataset(self.source, filesystem, files)
         schema = self.dataset.schema
         missing = [name for name in (ID_COLUMN, *GRID_COLUMNS) if name not in schema.names]
         self.features = [name for name in DENSE_FEATURES if name in schema.names]

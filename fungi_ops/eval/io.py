@@ -116,6 +116,7 @@ def load_feature_table(
     label_column: str | None = "label",
     features: Sequence[str] | None = None,
     filesystem: pafs.FileSystem | None = None,
+    files: Sequence[str] | None = None,
 ) -> FeatureTable:
     """Read a feature table written by the pipeline.
 
@@ -128,13 +129,15 @@ def load_feature_table(
             :data:`FEATURE_COLUMNS` present in the table.
         filesystem: explicit pyarrow filesystem (e.g. an ``S3FileSystem`` with custom
             endpoint or credentials); by default it is derived from ``path``.
+        files: the table's data files, when a table format says which they are (a fungi
+            output's committed files); by default every Parquet file under ``path``.
 
     Raises:
         EvalInputError: no Parquet files, a missing label or feature column, files of one
             table written by different specs, null/NaN values, or ragged feature lists.
     """
     source = os.fspath(path)
-    dataset, spec, spec_hash = open_feature_dataset(source, filesystem)
+    dataset, spec, spec_hash = open_feature_dataset(source, filesystem, files)
     names = dataset.schema.names
     if label_column is not None and label_column not in names:
         raise EvalInputError(
@@ -173,9 +176,12 @@ def load_feature_table(
 
 
 def open_feature_dataset(
-    source: str, filesystem: pafs.FileSystem | None = None
+    source: str, filesystem: pafs.FileSystem | None = None, files: Sequence[str] | None = None
 ) -> tuple[ds.FileSystemDataset, dict[str, Any] | None, str | None]:
     """``(dataset, spec, spec_hash)`` of a feature table's Parquet files (see :func:`load_feature_table`).
+
+    ``files``: the data files to read (paths on the filesystem of ``source``) instead of
+    every Parquet file under ``source``.
 
     Raises:
         EvalInputError: the path cannot be opened, holds no Parquet file, or its files come
@@ -183,7 +189,7 @@ def open_feature_dataset(
     """
     fs, root = _resolve_filesystem(source, filesystem)
     try:
-        dataset = ds.dataset(root, format="parquet", filesystem=fs)
+        dataset = ds.dataset(list(files) if files is not None else root, format="parquet", filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
         raise EvalInputError(f"cannot open feature table {source}: {exc}") from exc
     if not dataset.files:

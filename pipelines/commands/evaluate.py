@@ -2,7 +2,8 @@
 
 Reads two feature tables written by `fungi featurize` (a Parquet file or directory,
 local or s3://bucket/prefix, with ?endpoint_override=host:port&scheme=http for an
-S3-compatible store; files and folders starting with "_" or "." are skipped), checks that
+S3-compatible store; files and folders starting with "_" or "." are skipped; an output of
+`fungi featurize` is read through its manifest: exactly one committed state), checks that
 they come from the same featurizer spec and have the same feature dimensions, and
 evaluates every feature combination in one call:
 
@@ -166,14 +167,19 @@ def run(args: argparse.Namespace) -> int:
             )
             resolve_device(args.device)
             if args.task == "segmentation":
+                from fungi_ops.eval.dense_io import DenseReader
+
+                train, test = (read_table_files(path, lambda files, path=path: DenseReader(path, files=files))
+                               for path in (args.train, args.test))
                 report = evaluate_segmentation(
-                    args.train, args.test, mask_column=args.mask_column, image_column=args.image_column,
+                    train, test, mask_column=args.mask_column, image_column=args.image_column,
                     features=args.features, memory_size=args.memory_size, k=k, temperature=temperature,
                     index=args.knn_index, seed=args.seed,
                 )
             else:
                 tables = [
-                    load_feature_table(path, label_column=args.label_column, features=args.features)
+                    read_table_files(path, lambda files, path=path: load_feature_table(
+                        path, label_column=args.label_column, features=args.features, files=files))
                     for path in (args.train, args.test)
                 ]
                 report = evaluate(
@@ -193,6 +199,27 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+def read_table_files(path: str, read: Callable[[list[str] | None], Any]) -> Any:
+    """``read(files)`` of a feature table: a fungi output's committed files (exactly one committed
+    state, even right after a run was killed in its commit), else every file under ``path``.
+
+    A URI with pyarrow options (``?endpoint_override=...``) is read as a plain table.
+    """
+    from fungi_ops.eval import EvalInputError
+    from fungi_ops.errors import FungiError
+    from pipelines.commit import read_committed
+    from pipelines.storage import Location
+
+    if "?" in path:
+        return read(None)
+    try:
+        return read_committed(Location(path), read)
+    except (FungiError, OSError, ValueError) as exc:
+        if isinstance(exc, EvalInputError):
+            raise
+        raise EvalInputError(f"cannot read the fungi output {path}: {exc}") from exc
 
 
 def task_defaults(task: str) -> tuple[int, float]:
