@@ -250,20 +250,26 @@ def read_committed(output: Location, read: Callable[[list[str] | None], T]) -> T
     reads it as it is. The commit state is read before and after; when a commit ran in
     between (its commit point, or its files moving in, or a killed run's commit being
     finished), the read is done again on the new state, up to :data:`READ_ATTEMPTS` times.
-    An error of ``read`` is raised as it is unless the state changed meanwhile.
+    An error of ``read`` is raised as it is, at once when no commit ran or is moving files
+    in (while one is, a staged file may have moved between the listing and the read).
     """
+    error: Exception | None = None
     for _ in range(READ_ATTEMPTS):
         before = _commit_state(output)
         manifest = read_manifest(output)
         paths = committed_files(output, manifest) if manifest is not None else None
         try:
             result = read(paths)
-        except Exception:
-            if _commit_state(output) == before:
+        except Exception as exc:
+            after = _commit_state(output)
+            if after == before and after[1] is None:
                 raise
+            error = exc
             continue
         if _commit_state(output) == before:
             return result
+    if error is not None:
+        raise error
     raise ConfigError(f"{output.uri} was committed to during each of {READ_ATTEMPTS} reads; read it again later")
 
 

@@ -197,7 +197,6 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
     for step in range(1, steps + 1):
         shutil.rmtree(output)
         shutil.copytree(snapshot, output)
-        manifest = read_manifest(Location(str(output)))  # the state before this attempt
         manifest = captured["manifest"]
         manifest.pending = None
 
@@ -218,6 +217,20 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
         assert read_output(str(output)).sort_by("id").equals(new if committed else old), dry.operations[step - 1]
         evaluated = read_table_files(str(output), lambda files: load_feature_table(output, label_column=None, files=files))
         assert sorted(evaluated.ids) == ids_of(new if committed else old)
+        if committed and not (tmp_path / "moving").exists():  # the commit point: a reader races apply's moves
+            moving = tmp_path / "moving"
+            shutil.copytree(output, moving)
+
+            def read_while_moved(paths):
+                staged = [p for p in paths if "/_staging/" in p]
+                if staged and not reads:
+                    reads.append("moved")
+                    for path in staged:  # what apply does meanwhile, the header still pending
+                        shutil.move(path, moving / Path(path).name)
+                return pa.concat_tables(pq.read_table(p) for p in paths).sort_by("id")
+
+            reads.clear()
+            assert read_committed(Location(str(moving)), read_while_moved).equals(new) and reads == ["moved"]
         names = [n for n in state.data_files()]
         if committed:
             recovered = recover(Location(str(output)), "rnext")  # what the next run does first
