@@ -33,7 +33,6 @@ that moved between two sources may be seen in both or in neither.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -46,10 +45,10 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.manifest import (
-    ERRORS_DIR, LOG_DIR, MANIFEST_NAME, Manifest, read_manifest, write_header, write_sources_table,
+    ERRORS_DIR, LOG_DIR, MANIFEST_NAME, Manifest, read_header, read_manifest, write_header, write_sources_table,
 )
 from pipelines.stages import BLOCKS_DIR, FINAL_DIR
-from pipelines.storage import Location, delete_file, delete_tree, exists, list_files, read_bytes
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
 
 log = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
@@ -233,14 +232,15 @@ def committed_files(output: Location, manifest: Manifest) -> list[str]:
     return paths
 
 
-def _commit_state(output: Location) -> tuple[Any, Any]:
+def _commit_state(version: Any, pending: dict[str, Any] | None) -> tuple[Any, Any]:
     """What changes when a commit runs: the header's version, and its run still moving files in."""
-    fs = output.filesystem()
-    path = output.child_path(MANIFEST_NAME)
-    if not exists(fs, path):
-        return None, None
-    header = json.loads(read_bytes(fs, path))
-    return header.get("version"), (header.get("pending") or {}).get("run_id")
+    return version, (pending or {}).get("run_id")
+
+
+def _current_commit_state(output: Location) -> tuple[Any, Any]:
+    """:func:`_commit_state` of the header as it is now (one small read)."""
+    header = read_header(output) or {}
+    return _commit_state(header.get("version"), header.get("pending"))
 
 
 def read_committed(output: Location, read: Callable[[list[str] | None], T]) -> T:
@@ -255,18 +255,18 @@ def read_committed(output: Location, read: Callable[[list[str] | None], T]) -> T
     """
     error: Exception | None = None
     for _ in range(READ_ATTEMPTS):
-        before = _commit_state(output)
         manifest = read_manifest(output)
+        before = _commit_state(manifest.version, manifest.pending) if manifest is not None else _commit_state(None, None)
         paths = committed_files(output, manifest) if manifest is not None else None
         try:
             result = read(paths)
         except Exception as exc:
-            after = _commit_state(output)
+            after = _current_commit_state(output)
             if after == before and after[1] is None:
                 raise
             error = exc
             continue
-        if _commit_state(output) == before:
+        if _current_commit_state(output) == before:
             return result
     if error is not None:
         raise error

@@ -181,22 +181,29 @@ def type_name(data_type: pa.DataType) -> str:
     return name
 
 
-def read_manifest(output: Location) -> Manifest | None:
-    """The committed state of an output, or None when it has no manifest."""
+def read_header(output: Location) -> dict[str, Any] | None:
+    """The manifest's JSON header alone (one small read), or None when the output has none."""
     fs = output.filesystem()
     path = output.child_path(MANIFEST_NAME)
     if not exists(fs, path):
         return None
     try:
-        header = json.loads(read_bytes(fs, path))
+        return json.loads(read_bytes(fs, path))
     except ValueError as exc:
         raise ConfigError(f"{output.uri}/{MANIFEST_NAME} is not valid JSON ({exc}); use --overwrite to rebuild") from exc
+
+
+def read_manifest(output: Location) -> Manifest | None:
+    """The committed state of an output, or None when it has no manifest."""
+    header = read_header(output)
+    if header is None:
+        return None
     if header.get("format") != MANIFEST_FORMAT:
         raise ConfigError(
             f"output {output.uri} was written by another fungi version (manifest format {header.get('format')}, "
             f"this version reads {MANIFEST_FORMAT}); featurize into a new output, or --overwrite to rebuild it"
         )
-    sources = pq.read_table(output.child_path(header["sources_table"]), filesystem=fs)
+    sources = pq.read_table(output.child_path(header["sources_table"]), filesystem=output.filesystem())
     return Manifest(
         spec=header["spec"],
         spec_hash=header["spec_hash"],

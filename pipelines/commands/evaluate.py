@@ -216,9 +216,9 @@ def read_table_files(path: str, read: Callable[[list[str] | None], Any]) -> Any:
         return read(None)
     try:
         return read_committed(Location(path), read)
+    except EvalInputError:
+        raise
     except (FungiError, OSError, ValueError) as exc:
-        if isinstance(exc, EvalInputError):
-            raise
         raise EvalInputError(f"cannot read the fungi output {path}: {exc}") from exc
 
 
