@@ -17,7 +17,7 @@ equal to an in-process computation of the same rows.
 
 It also times reading and writing the manifest of an output of 100,000 input files with
 a year of nightly run records, and listing its committed files (what readers through the
-manifest, ``pipelines.commit.read_committed``, do before each read), with and without a
+manifest, ``pipelines.formats.folder.read_committed``, do before each read), with and without a
 killed commit to resolve.
 
     python benchmarks/bench_incremental.py                       # N = 200k, 2M, 10M (about 15 min on 2 cores)
@@ -55,8 +55,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fungi_outputs import save_tiny_text_model  # noqa: E402
 
 from fungi_ops import FeaturizerSpec  # noqa: E402
-from pipelines.job import FeaturizeConfig, resolve_spec_here  # noqa: E402
-from pipelines.commit import committed_files  # noqa: E402
+from pipelines.formats.folder import committed_files  # noqa: E402
+from pipelines.job import FeaturizeConfig  # noqa: E402
+from pipelines.spec_resolution import resolve_spec_here  # noqa: E402
 from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
 from pipelines.stages import content_hash, data_file_name, spec_metadata  # noqa: E402
 from pipelines.storage import Location  # noqa: E402

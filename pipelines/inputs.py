@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
-from pipelines.storage import InputFile, Location
+from pipelines.storage import InputFile, Location, exists, list_input
 
 FOOTER_THREADS = 16
 # Parquet/Arrow types whose values a modality's decode accepts (``pyarrow.types`` predicates;
@@ -173,3 +173,14 @@ def check_schemas(
 
 def _uri(location: Location, info: InputFile) -> str:
     return f"s3://{info.path}" if location.is_s3 else info.path
+
+
+def list_parquet(location: Location, what: str) -> list[InputFile]:
+    """The Parquet data files of an input; ConfigError when there is none."""
+    fs = location.filesystem()
+    if not exists(fs, location.path):
+        raise ConfigError(f"{what} {location.uri} does not exist")
+    files = list_input(location)
+    if not files:
+        raise ConfigError(f"{what} {location.uri} holds no Parquet files")
+    return files

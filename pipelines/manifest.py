@@ -14,7 +14,7 @@ An output's state is two objects:
 
 The header also carries ``pending`` while a commit is being applied (files still to move
 out of the staging area, superseded files still to delete); the next run finishes it
-(see :mod:`pipelines.commit`). Reading and writing the state of 100,000 sources and a
+(see :mod:`pipelines.formats.folder`). Reading and writing the state of 100,000 sources and a
 year of nightly run records takes well under a second (``benchmarks/bench_incremental.py``).
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Manifest:
     @property
     def id_type(self) -> pa.DataType:
         """Arrow type of the input id column, as recorded at the first run."""
-        return _parse_type(self.input["id_type"])
+        return parse_type(self.input["id_type"])
 
     @property
     def sources_table_name(self) -> str:
@@ -167,7 +167,8 @@ class Manifest:
         }
 
 
-def _parse_type(name: str) -> pa.DataType:
+def parse_type(name: str) -> pa.DataType:
+    """The Arrow type an alias names (what :func:`type_name` writes)."""
     return pa.schema([pa.field("x", pa.type_for_alias(name))]).field("x").type
 
 
@@ -175,7 +176,7 @@ def type_name(data_type: pa.DataType) -> str:
     """The alias pyarrow parses back (``string``, ``int64``, ...), for the header."""
     name = str(data_type)
     try:
-        _parse_type(name)
+        parse_type(name)
     except ValueError as exc:
         raise ConfigError(f"id column type {data_type} is not supported; use a string or integer id") from exc
     return name

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import time
 from datetime import datetime
@@ -89,17 +90,21 @@ def source_tag(source: str) -> str:
     return hashlib.blake2b(source.encode("utf-8"), digest_size=4).hexdigest()
 
 
-def data_file_name(source: str) -> str:
+def data_file_name(source: str, run_id: str | None = None) -> str:
     """Name of a source's data file: readable, unique, flat, and the same in every version.
+
+    With ``run_id`` (a table format, whose data files are immutable: time travel reads the
+    old ones) the run's id is part of the name, so a version never replaces a file.
 
     ``date=2026-12-01/part-0.parquet`` -> ``date=2026-12-01.part-0-1a2b3c4d.parquet``:
     every data file sits at the output root, so ``OUT/*.parquet`` is the whole table. A
     new version replaces the old one under the same name in one rename (one overwriting
     copy on S3), so a reader of the bare directory sees a source's old rows or its new
-    ones, never both (:mod:`pipelines.commit`).
+    ones, never both (:mod:`pipelines.formats.folder`).
     """
     stem = re.sub(r"[^A-Za-z0-9=_.-]+", "_", source.removesuffix(".parquet").replace("/", "."))[-80:].lstrip("._")
-    return f"{stem or 'part'}-{source_tag(source)}.parquet"
+    version = f"-{run_id}" if run_id else ""
+    return f"{stem or 'part'}-{source_tag(source)}{version}.parquet"
 
 
 def pack(modality: str, canonical: Any) -> tuple[bytes, list[int]]:
@@ -615,13 +620,15 @@ def finalize_source(
     prune: bool,
     metadata: dict[bytes, bytes],
     dense: bool = False,
+    data_name: str | None = None,
 ) -> dict[str, Any]:
     """Ray task: a source's new data and error file (in staging) and its new sources-table row.
 
     ``work`` holds the source, its kind, its previous row (``old``), its input file if
     listed, its staged block files and the ids that moved to other files. Returns
     ``{"row": ..., "counts": {...}, "failed": message or None, "opened": names}``; a source
-    that could not be read keeps its previous row. The decisions take the ids alone; the
+    that could not be read keeps its previous row. ``data_name`` is the name of its new data
+    file (the output format's: :func:`data_file_name` with the run id for tables). The decisions take the ids alone; the
     data file is then streamed (:class:`_FinalFile`; ``dense``: a dense table's layout).
     """
     fs = output.filesystem()
@@ -694,7 +701,7 @@ def finalize_source(
                 counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(_ids_in(table, touched))))
     counts["written"] = staged_ok.num_rows if staged_ok is not None else 0
 
-    new_name = data_file_name(source)
+    new_name = data_name or data_file_name(source)
     data_name, data_ids = old and old["file"], None
     if old_ids is not None and _count(pc.invert(keep_ok_mask)) == 0 and staged_ok is None:
         data_ids = old_ids.column(ID_COLUMN)  # untouched: the old file stays
@@ -705,7 +712,7 @@ def finalize_source(
             data_name = new_name
             parts = [old_ids.filter(keep_ok_mask)] if kept_old else []
             data_ids = pa.concat_tables([*parts, *([staged_ok] if counts["written"] else [])]).column(ID_COLUMN)
-            fs.create_dir(staging.child_path(FINAL_DIR), recursive=True)
+            fs.create_dir(posixpath.dirname(staging.child_path(FINAL_DIR, data_name)), recursive=True)
             final = _FinalFile(fs, staging.child_path(FINAL_DIR, data_name), metadata, dense)
             if kept_old:
                 final.write_file(output.child_path(old["file"]), pc.fill_null(keep_ok_mask, False).to_numpy(zero_copy_only=False))
@@ -722,7 +729,7 @@ def finalize_source(
         error_name = None
         if parts:
             table = pa.concat_tables([p.cast(ERROR_SCHEMA) for p in parts]).replace_schema_metadata(metadata)
-            error_name, error_ids = f"{ERRORS_DIR}/{new_name}", table.column(ID_COLUMN)
+            error_name, error_ids = f"{ERRORS_DIR}/{posixpath.basename(new_name)}", table.column(ID_COLUMN)
             _write_final(fs, staging, error_name, table)
             counts["rewritten"] += 1
     all_ids = pa.chunked_array(

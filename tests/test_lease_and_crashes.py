@@ -22,7 +22,8 @@ import ray
 from lakes import config, features, ids_of, lake, write_part
 from fungi_ops.eval import load_feature_table
 from pipelines.commands.evaluate import read_table_files
-from pipelines.commit import Committer, read_committed, read_output, recover
+from pipelines.formats import read_output
+from pipelines.formats.folder import ParquetFolder, read_committed, recover
 from pipelines.job import FeaturizeJob, run_featurize
 from pipelines.lease import LEASE_NAME, LeaseHeld, OutputLease
 from pipelines.manifest import read_manifest
@@ -160,12 +161,12 @@ def night_ready_to_commit(tiny_text_dir: str, tmp_path: Path):
         captured.update(manifest=manifest, previous=previous, run_id=run_id)
 
     job = FeaturizeJob(config(tiny_text_dir, source, output, incremental=True, prune=True))
-    original = Committer.commit
-    Committer.commit = capture
+    original = ParquetFolder.commit
+    ParquetFolder.commit = capture
     try:
         job.run()
     finally:
-        Committer.commit = original
+        ParquetFolder.commit = original
     (output / LEASE_NAME).unlink(missing_ok=True)
     return source, output, old, captured
 
@@ -174,7 +175,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
     source, output, old, captured = night_ready_to_commit(tiny_text_dir, tmp_path)
     snapshot = tmp_path / "snapshot"
     shutil.copytree(output, snapshot)
-    dry = Committer(Location(str(output)))
+    dry = ParquetFolder(Location(str(output)))
     dry.commit(captured["manifest"], captured["previous"], captured["run_id"], overwrite=False)
     new = features(output)
     assert ids_of(new) == sorted([f"f0-{r:03d}" for r in range(4)] + [f"f1-{r:03d}" for r in range(4)] + ["n-0"])
@@ -190,7 +191,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
         if len(reads) == 1:
             manifest = captured["manifest"]
             manifest.pending = None
-            Committer(Location(str(race))).commit(manifest, read_manifest(Location(str(race))), captured["run_id"], overwrite=False)
+            ParquetFolder(Location(str(race))).commit(manifest, read_manifest(Location(str(race))), captured["run_id"], overwrite=False)
         return pa.concat_tables(pq.read_table(p) for p in paths).sort_by("id")
 
     assert read_committed(Location(str(race)), read_then_commit).equals(new) and len(reads) == 2
@@ -205,7 +206,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
                 raise Crash(what)
 
         with pytest.raises(Crash):
-            Committer(Location(str(output)), fault=crash).commit(
+            ParquetFolder(Location(str(output)), fault=crash).commit(
                 manifest, read_manifest(Location(str(output))), captured["run_id"], overwrite=False
             )
         bare = ids_of(features(output))  # what pq.read_table(OUT) shows before anything recovers

@@ -12,7 +12,8 @@ import pytest
 from conftest import png_bytes, wav_bytes
 from fungi_ops import ConfigError, Featurizer, FeaturizerSpec
 from pipelines.cli import main as cli_main
-from pipelines.job import FeaturizeConfig, _throughput, run_featurize
+from pipelines.job import FeaturizeConfig, run_featurize
+from pipelines.summary import _throughput
 from pipelines.storage import Location
 
 TEXTS = [
@@ -286,7 +287,9 @@ def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, pa
     """The job's setup tasks (draw, decode, encode in parts, merge), run as plain functions:
     the negatives are exactly those of one in-process Featurizer.setup over the same draw."""
     from fungi_ops.seeding import setup_order
-    from pipelines.job import FeaturizeConfig, encode_setup_rows, merge_setup_parts, resolve_spec_here, select_setup_rows
+    from pipelines.job import FeaturizeConfig
+    from pipelines.setup_rows import encode_setup_rows, merge_setup_parts, select_setup_rows
+    from pipelines.spec_resolution import resolve_spec_here
 
     config = FeaturizeConfig(input=str(text_input), output="unused", modality="text", model=f"hf:{minilm_dir}",
                              objectives="kl,simclr:num_negatives=7;text_views=3")

@@ -209,7 +209,7 @@ def read_table_files(path: str, read: Callable[[list[str] | None], Any]) -> Any:
     """
     from fungi_ops.eval import EvalInputError
     from fungi_ops.errors import FungiError
-    from pipelines.commit import read_committed
+    from pipelines.formats.folder import read_committed
     from pipelines.storage import Location
 
     if "?" in path:

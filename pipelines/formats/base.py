@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
 STAGING_DIR = "_staging"
+SETUP_DIR = "_fungi_setup"  # the setup states (SimCLR negatives, dense supports) of the committed features
 SPEC_PROPERTY = "fungi.spec"
 SPEC_HASH_PROPERTY = "fungi.spec_hash"
 DIMS_PROPERTY = "fungi.dims"  # JSON {column: dimension} of the vector columns
@@ -69,7 +70,8 @@ class OutputTable(ABC):
     """
 
     kind: str = ""
-    versioned_names: bool = False
+    versioned_names: bool = False  # data file names carry the run id: a committed file is never replaced
+    data_dir: str = ""  # where the data files are below the root ("data/" in an Iceberg table)
 
     def __init__(self, fault: Fault | None = None) -> None:
         self.fault = fault or crash_from_env()

@@ -1,4 +1,4 @@
-"""Crash-safe commit of a run, and recovery of a run that died while committing.
+"""A Parquet folder output: fungi's own layout, its crash-safe commit, its readers.
 
 The run has written everything it commits into ``_staging/<run_id>/final/`` (one new
 data file and error file per touched source, under the names the source always has:
@@ -34,7 +34,6 @@ that moved between two sources may be seen in both or in neither.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 from typing import Any, Callable, TypeVar
 
@@ -44,6 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
+from pipelines.formats.base import SETUP_DIR, STAGING_DIR, Fault, OutputTable
 from pipelines.manifest import (
     ERRORS_DIR, LOG_DIR, MANIFEST_NAME, Manifest, read_header, read_manifest, write_header, write_sources_table,
 )
@@ -51,49 +51,66 @@ from pipelines.stages import BLOCKS_DIR, FINAL_DIR
 from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
 
 log = logging.getLogger(__name__)
-STAGING_DIR = "_staging"
-SETUP_DIR = "_fungi_setup"
 HISTORY_DIR = "_fungi_history"
-CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
 SEED_DIR = "seed"  # under a run's staging area: the versions --history starts from
 
 
-def staging_area(output: Location, run_id: str) -> Location:
-    """Where run ``run_id`` stages everything it commits (its blocks, then its final files)."""
-    return output.join(STAGING_DIR, run_id)
+class ParquetFolder(OutputTable):
+    """A folder of Parquet data files, one per input file, named the same in every version.
 
-
-def _crash_from_env() -> Callable[[int, str], None] | None:
-    """Testing hook: ``FUNGI_COMMIT_CRASH_AFTER=N`` kills the process after the N-th file operation."""
-    after = os.environ.get(CRASH_ENV)
-    if not after:
-        return None
-
-    def crash(count: int, what: str) -> None:
-        if count == int(after):
-            log.warning("%s: killing the driver after %s", CRASH_ENV, what)
-            os._exit(137)
-
-    return crash
-
-
-class Committer:
-    """Applies a run's commit to an output, one counted file operation at a time.
-
-    ``fault(count, what)`` is called after every file operation (tests raise or exit
-    there to crash at each step); by default it comes from ``FUNGI_COMMIT_CRASH_AFTER``.
+    Applies a run's commit one counted file operation at a time (:meth:`OutputTable.step`).
     """
 
-    def __init__(self, output: Location, fault: Callable[[int, str], None] | None = None) -> None:
+    kind = "parquet"
+
+    def __init__(self, output: Location, fault: Fault | None = None) -> None:
+        super().__init__(fault)
         self.output = output
         self.fs = output.filesystem()
-        self.fault = fault or _crash_from_env()
-        self.operations: list[str] = []
 
-    def _done(self, what: str) -> None:
-        self.operations.append(what)
-        if self.fault:
-            self.fault(len(self.operations), what)
+    @property
+    def root(self) -> Location:
+        """The folder itself."""
+        return self.output
+
+    @property
+    def uri(self) -> str:
+        """The folder's URI."""
+        return self.output.uri
+
+    def read_manifest(self) -> Manifest | None:
+        """The header and sources table of the folder (None: no manifest)."""
+        return read_manifest(self.output)
+
+    def holds_foreign_data(self) -> bool:
+        """Parquet files at the root of a folder without a manifest."""
+        return read_header(self.output) is None and bool(list_files(self.fs, self.output.path, ".parquet"))
+
+    def recover(self, run_id: str, *, tolerate_unreadable: bool = False) -> Manifest | None:
+        """Finish a dead run's commit, delete dead runs' staging (see :func:`recover`)."""
+        return recover(self.output, run_id, tolerate_unreadable=tolerate_unreadable, fault=self.fault)
+
+    def read(self, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
+        """Exactly one committed state, never a mix (:func:`read_committed`); a folder keeps no old versions.
+
+        The bare directory (``pyarrow.parquet.read_table(OUT)``) is the same table except
+        right after a run was killed in its commit; this read is correct then too.
+        """
+        if version is not None:
+            raise ConfigError(
+                f"{self.uri} is a Parquet folder, which keeps no versions to travel to; "
+                "featurize into a Delta or Iceberg table for time travel"
+            )
+        output = self.output
+
+        def read(paths: list[str] | None) -> pa.Table:
+            if paths is None:
+                raise ConfigError(f"{output.uri} is not a fungi output (no {MANIFEST_NAME})")
+            if not paths:
+                return pa.table({})
+            return pads.dataset(paths, filesystem=output.filesystem(), format="parquet").to_table(columns=columns)
+
+        return read_committed(output, read)
 
     def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
         """Make ``new`` the output's state (see the module docstring)."""
@@ -106,15 +123,15 @@ class Committer:
             "seed_history": bool(new.history and previous is not None and not previous.history and not overwrite),
         }
         write_sources_table(self.output, new)
-        self._done(f"write {new.sources_table_name}")
+        self.step(f"write {new.sources_table_name}")
         if new.pending["seed_history"]:  # the current versions, before step 3 replaces them in place
-            seed = staging_area(self.output, run_id).child_path(SEED_DIR)
+            seed = self.staging_area(run_id).child_path(SEED_DIR)
             self.fs.create_dir(seed, recursive=True)
             for name in sorted(self._previous_files(new.pending, data_only=True)):
                 self.fs.copy_file(self.output.child_path(name), f"{seed}/{name}")
-                self._done(f"copy {name} for {new.history}")
+                self.step(f"copy {name} for {new.history}")
         write_header(self.output, new)
-        self._done("write the header (commit point)")
+        self.step("write the header (commit point)")
         self.apply(new)
 
     def apply(self, manifest: Manifest) -> None:
@@ -123,7 +140,7 @@ class Committer:
         if not pending:
             return
         root, run_id = self.output.path, pending["run_id"]
-        staging = staging_area(self.output, run_id)
+        staging = self.staging_area(run_id)
         self.fs.create_dir(f"{root}/{ERRORS_DIR}", recursive=True)  # readers of _errors/ find it, empty or not
         rows = manifest.sources.to_pylist()
         current = {name for row in rows for name in (row["file"], row["error_file"]) if name}
@@ -133,34 +150,34 @@ class Committer:
                 continue  # moved by an earlier pass
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
             self.fs.move(staged, target)  # replaces the source's previous file in one rename
-            self._done(f"move {name}")
+            self.step(f"move {name}")
         if manifest.history:
             self.fs.create_dir(f"{root}/{manifest.history}", recursive=True)
             for info in list_files(self.fs, staging.child_path(BLOCKS_DIR), ".parquet"):
                 self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-{posixpath.basename(info.path)}")
-                self._done(f"keep {posixpath.basename(info.path)} in {manifest.history}")
+                self.step(f"keep {posixpath.basename(info.path)} in {manifest.history}")
         if pending.get("seed_history"):
             seed = staging.child_path(SEED_DIR)
             for info in list_files(self.fs, seed, ".parquet"):
                 name = posixpath.basename(info.path)
                 self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-seed-{name}")
-                self._done(f"keep the previous {name} in {manifest.history}")
+                self.step(f"keep the previous {name} in {manifest.history}")
         for name in sorted(self._superseded(pending, current)):
             delete_file(self.fs, f"{root}/{name}")
-            self._done(f"delete {name}")
+            self.step(f"delete {name}")
         for info in list_files(self.fs, f"{root}/{SETUP_DIR}"):
             if f"{SETUP_DIR}/{posixpath.basename(info.path)}" != manifest.setup_artifact:
                 delete_file(self.fs, info.path)  # the state of features no longer in the output
-                self._done(f"delete {posixpath.basename(info.path)}")
+                self.step(f"delete {posixpath.basename(info.path)}")
         delete_tree(self.fs, staging.path)
-        self._done("delete the staging area")
+        self.step("delete the staging area")
         for info in list_files(self.fs, f"{root}/{LOG_DIR}"):
             if not info.path.endswith(manifest.sources_table_name):
                 delete_file(self.fs, info.path)
-                self._done(f"delete {posixpath.basename(info.path)}")
+                self.step(f"delete {posixpath.basename(info.path)}")
         manifest.pending = None
         write_header(self.output, manifest)
-        self._done("write the header (done)")
+        self.step("write the header (done)")
 
     def _superseded(self, pending: dict, current: set[str]) -> set[str]:
         """Files of the previous state that the new one does not name."""
@@ -182,7 +199,7 @@ class Committer:
         return {n for column in table.columns for n in column.to_pylist() if n}
 
 
-def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False) -> Manifest | None:
+def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False, fault: Fault | None = None) -> Manifest | None:
     """Called by a run holding the lease: finish a dead run's commit, delete dead runs' staging.
 
     Returns the output's (recovered) manifest. ``tolerate_unreadable`` (``--overwrite``)
@@ -196,7 +213,7 @@ def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False)
         manifest = None
     if manifest is not None and manifest.pending:
         log.warning("finishing the commit of run %s, which died while committing", manifest.pending["run_id"])
-        Committer(output).apply(manifest)
+        ParquetFolder(output, fault).apply(manifest)
     fs = output.filesystem()
     staging_root = output.child_path(STAGING_DIR)
     if exists(fs, staging_root):
@@ -220,7 +237,7 @@ def committed_files(output: Location, manifest: Manifest) -> list[str]:
     Existence checks only for the committing run's sources; nothing is opened.
     """
     fs, pending = output.filesystem(), manifest.pending
-    staging = staging_area(output, pending["run_id"]) if pending else None
+    staging = ParquetFolder(output).staging_area(pending["run_id"]) if pending else None
     paths = []
     for name, run_id in zip(manifest.sources.column("file").to_pylist(), manifest.sources.column("run_id").to_pylist()):
         if not name:
@@ -271,22 +288,3 @@ def read_committed(output: Location, read: Callable[[list[str] | None], T]) -> T
     if error is not None:
         raise error
     raise ConfigError(f"{output.uri} was committed to during each of {READ_ATTEMPTS} reads; read it again later")
-
-
-def read_output(uri: str, *, columns: list[str] | None = None, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The feature rows of a fungi output, exactly as one committed state has them (never a mix).
-
-    The bare directory (``pyarrow.parquet.read_table(OUT)``) is the same table except
-    right after a run was killed in its commit; this read is correct then too. Raises
-    ConfigError when ``uri`` is not a fungi output.
-    """
-    output = Location(uri, storage_options or {})
-
-    def read(paths: list[str] | None) -> pa.Table:
-        if paths is None:
-            raise ConfigError(f"{uri} is not a fungi output (no {MANIFEST_NAME})")
-        if not paths:
-            return pa.table({})
-        return pads.dataset(paths, filesystem=output.filesystem(), format="parquet").to_table(columns=columns)
-
-    return read_committed(output, read)

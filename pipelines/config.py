@@ -1,0 +1,110 @@
+"""The settings of a featurization run: what the CLI flags map onto, and their own checks.
+
+:class:`FeaturizeConfig` is the whole input of :func:`pipelines.job.run_featurize`; its
+:meth:`~FeaturizeConfig.validate` refuses contradictory flags before anything is read, and
+:func:`spec_settings` is the part of it that determines the features (what the manifest
+records, so that a night with nothing to read can reuse the recorded spec).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fungi_ops.errors import ConfigError
+from pipelines.stages import HASH_COLUMN, ID_COLUMN, TIME_COLUMN
+
+DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
+DEFAULT_LEASE_TIMEOUT_S = 600.0
+
+
+@dataclass
+class FeaturizeConfig:
+    """Everything a run needs; the CLI flags map one to one onto these fields."""
+
+    input: str
+    output: str
+    modality: str
+    model: str
+    objectives: str = "kl"
+    weights: str | None = None
+    target_layer: str | None = None
+    pooling: str | None = None
+    id_column: str = "id"
+    data_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    event_time_column: str | None = None
+    setup_from: str | None = None
+    support_from: str | None = None
+    seed: int = 0
+    projection_dim: int | None = None
+    precision: str = "auto"
+    batch_size: int = 16
+    actors: tuple[int, int] | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    incremental: bool = False
+    overwrite: bool = False
+    prune: bool = False
+    retry_failed: bool = False
+    history: bool = False
+    max_error_fraction: float = 0.01
+    max_image_pixels: int | None = None  # None: fungi_ops.adapters.DEFAULT_MAX_IMAGE_PIXELS
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S
+    break_lease: bool = False
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    catalog: str | None = None  # the Iceberg catalog of iceberg: addresses (pipelines.formats.address.load_catalog)
+    address: str | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        """Checks of the flags alone (no data, no model, no storage); ConfigError names the flag."""
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ConfigError("--max-error-fraction must be within [0, 1]")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError("--max-image-pixels must be >= 1")
+        if self.incremental and self.overwrite:
+            raise ConfigError("--incremental and --overwrite contradict each other")
+        if (self.prune or self.retry_failed) and not self.incremental:
+            raise ConfigError("--prune and --retry-failed apply to --incremental runs")
+        reserved = {ID_COLUMN, HASH_COLUMN, TIME_COLUMN}  # the features' own: FeaturizeJob.validate_spec
+        clash = sorted(c for c in self.keep_columns if c in reserved or c.startswith("__fungi"))
+        if clash:
+            raise ConfigError(f"--keep-columns {', '.join(clash)} would clash with output columns")
+        if self.setup_from and self.support_from and self.setup_from != self.support_from:
+            raise ConfigError("--setup-from and --support-from name the same data (the setup rows); give one")
+
+    @property
+    def data_column_name(self) -> str:
+        """The payload column: ``--data-column``, else the modality's default."""
+        return self.data_column or DEFAULT_DATA_COLUMNS.get(self.modality, "data")
+
+
+def spec_settings(config: FeaturizeConfig) -> dict[str, Any]:
+    """The settings that determine the spec, as recorded in the manifest.
+
+    A night whose settings equal the recorded ones and that has no input file to read
+    reuses the recorded spec instead of loading the model to resolve it again (a local
+    weights file counts by size and modification time). Only such a night: any night that
+    featurizes resolves the spec from the model and refuses a different one.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        library = version("fungi")
+    except PackageNotFoundError:
+        library = None
+    settings: dict[str, Any] = {
+        name: getattr(config, name)
+        for name in ("model", "modality", "weights", "target_layer", "pooling", "objectives", "seed", "projection_dim",
+                     "precision", "trust_remote_code")
+    }
+    if config.weights and os.path.isfile(config.weights):
+        stat = os.stat(config.weights)
+        settings["weights_file"] = [stat.st_size, stat.st_mtime_ns]
+    settings["fungi"] = library
+    return settings
+

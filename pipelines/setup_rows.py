@@ -1,0 +1,209 @@
+"""The setup state of a run: SimCLR's negatives, or a dense spec's support index.
+
+Drawn from ``--setup-from`` (``--support-from``; by default the input) with a seeded hash
+of the ids, whatever the file layout, decoded in a Ray task and encoded in Ray tasks that
+overlap the actors' start; the actors take the state's ``ObjectRef``. An incremental night
+reuses the state its output was featurized with, so a spec's features never change from
+night to night; other runs save theirs under a name of their own, committed with them.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from fungi_ops.errors import ConfigError
+from pipelines.config import FeaturizeConfig
+from pipelines.formats.base import SETUP_DIR
+from pipelines.inputs import InputColumns, check_schemas, list_parquet, read_footers
+from pipelines.manifest import Manifest
+from pipelines.spec_resolution import ResolvedSpec
+from pipelines.storage import Location, read_bytes, write_atomic
+
+
+class SetupStage:
+    """The setup state of one run (nothing to do for a spec without setup rows).
+
+    ``actor_resources`` is the job's (pool size, GPUs per actor, CPUs per actor): the rows
+    are encoded in one part per CPU actor, or on one accelerator.
+    """
+
+    def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_location: Location,
+                 root: Location, run_id: str, actor_resources: tuple[Any, float, float]) -> None:
+        self.config, self.spec, self.columns, self.input = config, spec, columns, input_location
+        self.root, self.run_id, self.actor_resources = root, run_id, actor_resources
+        self.setup_draw: tuple[Any, Any, str] | None = None  # ObjectRefs of the draw's order and skipped rows, source
+
+    def start(self, previous: Manifest | None) -> tuple[Any, str | None]:
+        """The setup state for this spec: the output's own, or a Ray task computing it.
+
+        An incremental night keeps the state its output was featurized with (the features
+        of a spec must not change from night to night, even if the training split did);
+        another run computes it afresh under a name of its own, committed with it.
+
+        A fresh state is returned as the ``ObjectRef`` of a Ray task and saved by
+        :meth:`save` once the stream has run: the actors take the reference, so their
+        start (worker processes, model loading) and the read and decode stages overlap the
+        selection, decoding and encoding of the setup rows instead of waiting for them.
+        """
+        count = self.spec.setup_rows
+        if not count:
+            return None, None
+        fs = self.root.filesystem()
+        if self.config.incremental and previous is not None and previous.setup_artifact:
+            from safetensors.numpy import load
+
+            return load(read_bytes(fs, self.root.child_path(previous.setup_artifact))), previous.setup_artifact
+        chosen = self.config.support_from or self.config.setup_from
+        source = Location(chosen, self.config.storage_options) if chosen else self.input
+        if not chosen:
+            flag = "--support-from" if self.spec.dense else "--setup-from"
+            print(f"fungi: {self.what} drawn from the input (pass {flag} to use a training split)")
+        files = list_parquet(source, "setup data")
+        setup_columns = InputColumns(self.columns.id, self.columns.data)
+        check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
+        return self._start_tasks(source, [f.path for f in files], count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
+
+    def check_draw(self) -> None:
+        """ConfigError (exit 2) when no setup row decodes; waits for the draw started by :meth:`start`.
+
+        Rows that do not decode are reported here, on the driver, in one line (the task
+        that found them logs nothing: Ray would forward one stderr line per row).
+        """
+        import ray
+
+        if self.setup_draw is None:
+            return
+        order_ref, skipped_ref, source = self.setup_draw
+        order, skipped = ray.get([order_ref, skipped_ref])
+        examples = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        if not order:
+            raise ConfigError(
+                f"no decodable rows in {source} to compute the setup state ({self.what}) from: "
+                f"{len(skipped)} drawn, e.g. {examples}"
+            )
+        if skipped:
+            print(f"fungi: {len(skipped)} of {len(skipped) + len(order)} rows drawn for {self.what} "
+                  f"do not decode and are left out: {examples}")
+
+    @property
+    def what(self) -> str:
+        """What the setup rows are for, in messages."""
+        return "the dense support" if self.spec.dense else "simclr negatives"
+
+    def save(self, state: Any, relative: str | None) -> None:
+        """Write a freshly computed setup state beside the output (a loaded one is already there)."""
+        import ray
+        from safetensors.numpy import save
+
+        if not isinstance(state, ray.ObjectRef):
+            return
+        blob = save(ray.get(state), metadata={"fungi.spec_hash": self.spec.hash})
+        fs = self.root.filesystem()
+        fs.create_dir(self.root.child_path(SETUP_DIR), recursive=True)
+        write_atomic(fs, self.root.child_path(relative), blob)
+
+    def _start_tasks(self, source: Location, paths: list[str], count: int) -> Any:
+        """Draw and decode the setup rows (a Ray task, waited for), then start encoding them.
+
+        Returns the ObjectRef of the setup state. On CPUs the rows are encoded in as many parts
+        as there are CPU actors, one task each with its share of the cores (measured on 2 cores:
+        64 negatives x 49 views in 56.8 s as 2 one-thread tasks, 67.1 s as one two-thread task),
+        cut at encoding-chunk boundaries so that the state is bit-identical to one task's. The
+        tasks reserve no CPU: the actors wait for their result while they start, so they have
+        the cores mostly to themselves, and the read and decode tasks are not held back. With
+        accelerators one task encodes everything on an actor's accelerator.
+        """
+        import ray
+
+        concurrency, gpus, _ = self.actor_resources
+        parts = 1 if gpus or not self.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
+        chunk = max(1, self.config.batch_size // 4)
+        select = ray.remote(num_cpus=0.25, num_returns=parts + 2)(select_setup_rows)
+        refs = select.remote(self.spec.json, self.spec.decoder, source, paths, self.columns.id, self.columns.data, count, parts, chunk)
+        order_ref, skipped_ref, part_refs = refs[0], refs[1], refs[2:]
+        self.setup_draw = (order_ref, skipped_ref, source.uri)  # checked by check_draw before the stream
+        cores = int(ray.cluster_resources().get("CPU", 1))
+        encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
+        threads = None if gpus else max(1, cores // parts)
+        encoded = [encode.remote(self.spec.json, part, chunk, threads) for part in part_refs]
+        if not self.spec.setup_splits:  # one part, in draw order: images keep it (a dense support is no row table)
+            return encoded[0]
+        return ray.remote(num_cpus=0)(merge_setup_parts).remote(order_ref, *encoded)
+
+
+def select_setup_rows(spec_json: str, decoder: bytes, source: Location, paths: list[str], id_column: str,
+                      data_column: str, count: int, parts: int, chunk: int) -> tuple[list, ...]:
+    """Ray task: the ``count`` setup rows, decoded, in ``parts`` parts to encode.
+
+    The rows are the ``count`` with the smallest seeded hash of their id, whatever the file
+    layout (:func:`fungi_ops.seeding.setup_order`); rows that do not decode are left out
+    and returned as ``"id: reason"`` lines, for the driver to report.
+    ``decoder`` is the job's (:attr:`ResolvedSpec.decoder`): a dense spec's support images
+    get the view its features are computed on. Returns the rows' encoding order
+    (:func:`fungi_ops.featurizer.setup_encoding_order`, for :func:`merge_setup_parts`),
+    the skipped rows, then the parts: ``(keys, samples)`` in that order, cut at multiples of
+    ``chunk`` rows, so that the parts encode the chunks one process would.
+    """
+    from fungi_ops.featurizer import setup_encoding_order
+    from fungi_ops.seeding import setup_order
+    from fungi_ops.spec import FeaturizerSpec
+
+    spec = FeaturizerSpec.from_json(spec_json)
+    dataset = pads.dataset(paths, filesystem=source.filesystem(), format="parquet")
+    ids = [str(v) for v in dataset.to_table(columns=[id_column]).column(0).to_pylist() if v is not None]
+    chosen = [ids[i] for i in setup_order(spec.seed, ids)[:count]]
+    id_type = dataset.schema.field(id_column).type
+    table = dataset.to_table(columns=[id_column, data_column], filter=pc.field(id_column).isin(pa.array(chosen).cast(id_type)))
+    decode = pickle.loads(decoder).decode
+    samples, keys, skipped = [], [], []
+    for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+        try:
+            samples.append(decode(payload))
+            keys.append(str(row_id))
+        except Exception as exc:  # noqa: BLE001 - a bad setup row is left out, not fatal
+            skipped.append(f"{row_id}: {exc}")
+    drawn = setup_order(spec.seed, keys)
+    keys, samples = [keys[i] for i in drawn], [samples[i] for i in drawn]
+    order = setup_encoding_order(samples)
+    keys, samples = [keys[i] for i in order], [samples[i] for i in order]
+    step = -(-(-(-len(keys) // parts)) // chunk) * chunk  # rows per part, a multiple of chunk
+    cuts = [(start, start + step) for start in range(0, step * parts, step)] if keys else [(0, 0)] * parts
+    return (order, skipped, *((keys[a:b], samples[a:b]) for a, b in cuts))
+
+
+def encode_setup_rows(spec_json: str, part: tuple[list[str], list], chunk: int, threads: int | None) -> dict:
+    """Ray task: the setup state of one part of the decoded setup rows (SimCLR negatives, or the
+    dense support index and latents), as numpy arrays by name: what ``safetensors.numpy``
+    saves as the artifact and what the actors' featurizer's ``load_setup_state`` takes.
+    """
+    import torch
+
+    from fungi_ops import FeaturizerSpec, make_featurizer
+
+    keys, samples = part
+    featurizer = make_featurizer(FeaturizerSpec.from_json(spec_json))
+    if threads and featurizer.device.type == "cpu":
+        torch.set_num_threads(threads)
+    if not keys:
+        return {}
+    featurizer.setup(samples, keys, batch_size=chunk)
+    return {k: v.numpy() for k, v in featurizer.setup_state().items()}
+
+
+def merge_setup_parts(order: list[int], *parts: dict) -> dict:
+    """Ray task: the setup state of the whole, rows in draw order, from its parts in encoding ``order``."""
+    import numpy as np
+
+    parts = tuple(p for p in parts if p)
+    if not parts:  # no setup row decoded: the job stops before anything waits for this
+        return {}
+    inverse = np.argsort(np.asarray(order))
+    merged = {}
+    for key in parts[0]:
+        encoded = np.concatenate([part[key] for part in parts])  # each sample's views are consecutive rows
+        merged[key] = encoded.reshape(len(order), -1, encoded.shape[-1])[inverse].reshape(encoded.shape)
+    return merged
