@@ -8,7 +8,7 @@ writes into a Feast repository directory:
 
   - an entity ``<name>`` on the ``id`` column;
   - a ``FileSource`` on the output's Parquet files, ``timestamp_field="event_time"``:
-    the folder ``OUT/_fungi_history`` (every row version, append-only) when the job ran
+    the folder ``OUT.history`` beside the output (every row version, append-only) when the job ran
     with ``--history``, else the glob ``OUT/*.parquet`` of the current files (then
     point-in-time joins are correct only for rows never changed; a glob because Feast's
     file offline store reads a folder recursively, ``_errors/`` included). Local paths are
@@ -54,6 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
+from pipelines.formats.folder import history_path
 from pipelines.manifest import MANIFEST_NAME, read_manifest
 from pipelines.storage import Location, exists
 
@@ -124,11 +125,11 @@ class FeatureOutput:
     def source_path(self) -> str:
         """The FileSource path: the history folder, else a glob of the top-level files.
 
-        The folder itself would not do without history: Feast's file offline store reads a
-        folder recursively, ``_errors/`` and ``_fungi_history/`` included.
+        The glob, not the folder: Feast's file offline store (Dask) on a folder also takes
+        every ``*.parquet`` below it, and Polars refuses a folder of mixed files.
         """
         if self.history:
-            return posixpath.join(self.root, self.history)
+            return history_path(self.root, self.history)
         return posixpath.join(self.root, "*.parquet")
 
     def filesystem(self) -> pafs.FileSystem:
@@ -172,7 +173,7 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
     history = manifest.get("history") or None
     history_files: tuple[pafs.FileInfo, ...] = ()
     if history:
-        history_files = tuple(_parquet_files(fs, posixpath.join(root, history)))
+        history_files = tuple(_parquet_files(fs, history_path(root, history)))
         if not history_files:
             raise ConfigError(f"{uri}: the manifest names the history folder {history!r}, which holds no Parquet files")
     schema = _read_schema(fs, data_files[0].path)
@@ -669,7 +670,7 @@ def _vector_field(name: str, dim: int, indexed: bool, description: str) -> str:
 
 def _source_description(kind: str) -> str:
     if kind == "history":
-        return "every row version fungi featurize wrote (_fungi_history): point-in-time correct"
+        return "every row version fungi featurize wrote (--history): point-in-time correct"
     return "the current rows (no --history): point-in-time correct only for rows never changed"
 
 

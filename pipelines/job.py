@@ -39,7 +39,7 @@ import pyarrow as pa
 from fungi_ops.errors import ConfigError
 from pipelines.config import FeaturizeConfig, spec_settings
 from pipelines.formats import open_output
-from pipelines.formats.folder import HISTORY_DIR
+from pipelines.formats.folder import history_location, history_name
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, list_parquet, read_footers
 from pipelines.lease import OutputLease
 from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
@@ -79,6 +79,9 @@ class FeaturizeJob:
                 f"--output {self.table.uri} and --input {self.input.uri} overlap (one is the other or inside it): "
                 "the output would be read back as input or the input deleted; use a separate output"
             )
+        if self.config.history and self.input.overlaps(history_location(self.output)):
+            raise ConfigError(f"--input {self.input.uri} overlaps the output's history folder "
+                              f"{history_location(self.output).uri}; use a separate output")
         info = self.output.filesystem().get_file_info(self.output.path)
         if info.type.name == "File":
             raise ConfigError(f"--output {self.table.uri} is a file; it must be a directory (existing or not)")
@@ -192,7 +195,7 @@ class FeaturizeJob:
             sources=table,
             version=previous.version if previous else 0,
             setup_artifact=setup_artifact,
-            history=HISTORY_DIR if self.config.history else (previous.history if previous else None),
+            history=history_name(self.output) if self.config.history else (previous.history if previous else None),
             runs=list(previous.runs) if previous else [],
         )
 

@@ -5,7 +5,7 @@ An output's state is two objects:
 * ``_fungi_manifest.json``, the small header: spec, input settings, totals, the run
   records, the setup artifact, and the name of the current sources table. Replacing it
   (one atomic write) is the commit point of a run;
-* ``_fungi_log/sources-v<version>.parquet``, the **sources table**: one row per input
+* ``_fungi_log/sources-v<version>.pqt``, the **sources table**: one row per input
   file ever featurized (its relative path and identity, the data file and error file
   that hold its rows, row counts, the min and max id for pruning id look-ups, whether it
   is still in the input). Output rows are grouped by the input file they came from
@@ -34,8 +34,13 @@ from pipelines.storage import Location, exists, read_bytes, write_atomic
 
 MANIFEST_NAME = "_fungi_manifest.json"
 LOG_DIR = "_fungi_log"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
 ERRORS_DIR = "_errors"
+INTERNAL_SUFFIX = ".pqt"
+"""The suffix of every Parquet file fungi keeps inside an output for itself (sources tables,
+error files, staged blocks): not ``.parquet``, so that a reader of the bare folder that
+descends into ``_``-folders (Dask's ``read_parquet(OUT)``, Feast's file offline store) reads
+only feature rows. pyarrow, Spark and DuckDB skip ``_``-folders anyway."""
 
 
 @dataclass
@@ -127,7 +132,7 @@ class Manifest:
     @property
     def sources_table_name(self) -> str:
         """Relative path of this version's sources table."""
-        return f"{LOG_DIR}/sources-v{self.version:08d}.parquet"
+        return f"{LOG_DIR}/sources-v{self.version:08d}{INTERNAL_SUFFIX}"
 
     @property
     def rows(self) -> int:

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
-from pipelines.manifest import Manifest
+from pipelines.manifest import INTERNAL_SUFFIX, Manifest
 from pipelines.storage import InputFile, Location, list_files
 
 ID_BUCKET_ROWS = 2_000_000
@@ -145,7 +145,7 @@ def _scatter(ids: pa.Array, tag: int, buckets: int, directory: Location, name: s
     for bucket in np.unique(assignment):
         chosen = valid.filter(pa.array(assignment == bucket))
         table = pa.table({"id": chosen, "tag": pa.array(np.full(len(chosen), tag, dtype=np.int32))})
-        path = directory.child_path(f"b{bucket:05d}", f"{name}.parquet")
+        path = directory.child_path(f"b{bucket:05d}", f"{name}{INTERNAL_SUFFIX}")
         fs.create_dir(posixpath.dirname(path), recursive=True)
         pq.write_table(table, path, filesystem=fs)
 
@@ -181,7 +181,7 @@ def _check_bucket(directory: Location, bucket: int, examples: int) -> tuple[int,
     fs = directory.filesystem()
 
     def load(kind: str) -> pa.Table | None:
-        files = list_files(fs, directory.child_path(kind, f"b{bucket:05d}"), ".parquet")
+        files = list_files(fs, directory.child_path(kind, f"b{bucket:05d}"), INTERNAL_SUFFIX)
         return pa.concat_tables([pq.read_table(f.path, filesystem=fs) for f in files]) if files else None
 
     new = load("new")

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from fungi_ops.errors import SampleError
 
 from pipelines.inputs import InputColumns, InputSchema
-from pipelines.manifest import ERRORS_DIR
+from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX
 from pipelines.storage import Location, fsync_file, write_whole
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ ERROR_SCHEMA = pa.schema(
 )
 BLOCKS_DIR = "blocks"
 FINAL_DIR = "final"
+STAGED_SUFFIX = ".staged"  # a final file waiting in the staging area: no reader of the folder takes it for data
 
 
 def content_hash(payload: Any) -> str:
@@ -105,6 +106,16 @@ def data_file_name(source: str, run_id: str | None = None) -> str:
     stem = re.sub(r"[^A-Za-z0-9=_.-]+", "_", source.removesuffix(".parquet").replace("/", "."))[-80:].lstrip("._")
     version = f"-{run_id}" if run_id else ""
     return f"{stem or 'part'}-{source_tag(source)}{version}.parquet"
+
+
+def error_file_name(data_name: str) -> str:
+    """Name of the error file (under ``_errors/``) beside the data file ``data_name``."""
+    return posixpath.basename(data_name).removesuffix(".parquet") + INTERNAL_SUFFIX
+
+
+def staged_final_path(staging: Location, name: str) -> str:
+    """Where a run stages the new version of the committed file ``name`` until its commit moves it in."""
+    return staging.child_path(FINAL_DIR, name + STAGED_SUFFIX)
 
 
 def pack(modality: str, canonical: Any) -> tuple[bytes, list[int]]:
@@ -433,7 +444,7 @@ def _block_name(source: str, ids: Sequence[str | None]) -> str:
     for row_id in ids:
         digest.update(b"\x01" if row_id is None else row_id.encode("utf-8"))
         digest.update(b"\x00")
-    return f"{source_tag(source)}-{digest.hexdigest()}.parquet"
+    return f"{source_tag(source)}-{digest.hexdigest()}{INTERNAL_SUFFIX}"
 
 
 def spec_metadata(spec_json: str, spec_hash: str) -> dict[bytes, bytes]:
@@ -712,8 +723,8 @@ def finalize_source(
             data_name = new_name
             parts = [old_ids.filter(keep_ok_mask)] if kept_old else []
             data_ids = pa.concat_tables([*parts, *([staged_ok] if counts["written"] else [])]).column(ID_COLUMN)
-            fs.create_dir(posixpath.dirname(staging.child_path(FINAL_DIR, data_name)), recursive=True)
-            final = _FinalFile(fs, staging.child_path(FINAL_DIR, data_name), metadata, dense)
+            fs.create_dir(posixpath.dirname(staged_final_path(staging, data_name)), recursive=True)
+            final = _FinalFile(fs, staged_final_path(staging, data_name), metadata, dense)
             if kept_old:
                 final.write_file(output.child_path(old["file"]), pc.fill_null(keep_ok_mask, False).to_numpy(zero_copy_only=False))
             offsets = np.cumsum([0, *(t.num_rows for t in staged_ids)])
@@ -729,7 +740,7 @@ def finalize_source(
         error_name = None
         if parts:
             table = pa.concat_tables([p.cast(ERROR_SCHEMA) for p in parts]).replace_schema_metadata(metadata)
-            error_name, error_ids = f"{ERRORS_DIR}/{posixpath.basename(new_name)}", table.column(ID_COLUMN)
+            error_name, error_ids = f"{ERRORS_DIR}/{error_file_name(new_name)}", table.column(ID_COLUMN)
             _write_final(fs, staging, error_name, table)
             counts["rewritten"] += 1
     all_ids = pa.chunked_array(
@@ -763,7 +774,7 @@ def finalize_source(
 
 
 def _write_final(fs: Any, staging: Location, name: str, table: pa.Table) -> None:
-    path = staging.child_path(FINAL_DIR, name)
+    path = staged_final_path(staging, name)
     fs.create_dir(staging.child_path(FINAL_DIR, ERRORS_DIR), recursive=True)
     pq.write_table(table, path, filesystem=fs)
     fsync_file(fs, path)

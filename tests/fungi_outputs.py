@@ -1,7 +1,7 @@
 """Synthetic FUNGI feature outputs, written directly with pyarrow, as `fungi featurize` lays them out.
 
 The layout is the job's output contract: current rows as ``OUT/*.parquet`` (one row per
-id), every row version ever written in ``OUT/_fungi_history/*.parquet`` (append-only, with
+id), every row version ever written in ``OUT.history/*.parquet`` (beside the output) (append-only, with
 ``--history``), ``OUT/_fungi_manifest.json``, ``fungi.spec`` / ``fungi.spec_hash`` in every
 file's metadata, and bookkeeping folders (``_errors/``) that readers must skip. Vectors are
 clustered like real features (a label per row, a centroid per label and block, noise),
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.formats.folder import history_name
 from pipelines.manifest import Manifest, RunRecord, sources_schema, write_header, write_sources_table
 from pipelines.storage import Location
 
@@ -93,8 +94,9 @@ class SyntheticOutput:
         metadata = {b"fungi.spec": json.dumps(self.spec, sort_keys=True).encode(), b"fungi.spec_hash": self.hash.encode()}
         fresh = fresh.replace_schema_metadata(metadata)
         if self.history:
-            (self.root / "_fungi_history").mkdir(parents=True, exist_ok=True)
-            pq.write_table(fresh, self.root / "_fungi_history" / f"run-{index:05d}.parquet")
+            history = self.root.parent / f"{self.root.name}.history"
+            history.mkdir(parents=True, exist_ok=True)
+            pq.write_table(fresh, history / f"run-{index:05d}.parquet")
         self.root.mkdir(parents=True, exist_ok=True)
         if self.current is None:
             self.current = fresh
@@ -110,9 +112,9 @@ class SyntheticOutput:
             self.current = pa.concat_tables([kept, fresh]).replace_schema_metadata(metadata)
         self.versions.append(fresh)
         (self.root / "_errors").mkdir(exist_ok=True)
-        for stale in (self.root / "_errors").glob("*.parquet"):
+        for stale in (self.root / "_errors").glob("*.pqt"):
             stale.unlink()
-        error_file = f"_errors/errors-{index:05d}.parquet"
+        error_file = f"_errors/errors-{index:05d}.pqt"
         pq.write_table(
             pa.table({"id": ["broken"], "content_hash": ["x"], "stage": ["decode"], "error": ["text is empty"]}),
             self.root / error_file,
@@ -130,12 +132,12 @@ class SyntheticOutput:
              "errors": 1 if i == 0 else 0, "id_min": None, "id_max": None, "orphans": 0, "present": True, "run_id": run_id}
             for i, f in enumerate(files)
         ]
+        location = Location(str(self.root))
         manifest = Manifest(
             spec=self.spec, spec_hash=self.hash, input={"id_column": "id", "id_type": "string"},
             sources=pa.Table.from_pylist(sources, schema=sources_schema(pa.string())), version=index + 1,
-            history="_fungi_history" if self.history else None, runs=list(self.runs),
+            history=history_name(location) if self.history else None, runs=list(self.runs),
         )
-        location = Location(str(self.root))
         write_sources_table(location, manifest)
         write_header(location, manifest)
         return fresh

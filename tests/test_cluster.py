@@ -575,12 +575,12 @@ def test_actor_crash_and_node_loss_mid_dataset(cluster, reference, text_input, m
                 time.sleep(0.1)
             # then, once that actor has written a block
             while not staged and proc.poll() is None and time.monotonic() < deadline:
-                staged = len(list(output.glob("_staging/*/blocks/*.parquet")))
+                staged = len(list(output.glob("_staging/*/blocks/*.pqt")))
                 time.sleep(0.02)
             assert victim is not None and staged and proc.poll() is None, (
                 f"no featurize actor mid-dataset to disturb:\n{log_path.read_text()}"
             )
-            staged_rows = sum(pq.read_metadata(p).num_rows for p in output.glob("_staging/*/blocks/*.parquet"))
+            staged_rows = sum(pq.read_metadata(p).num_rows for p in output.glob("_staging/*/blocks/*.pqt"))
             victim.kill()
             assert not victim.processes()
             code = proc.wait(timeout=JOB_TIMEOUT + 60)

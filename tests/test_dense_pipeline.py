@@ -163,7 +163,7 @@ def test_incremental_night_featurizes_only_the_changed_image(lake, tmp_path) -> 
     row = after.filter(pc.equal(after.column("id"), changed))
     for name in ("embedding", "grad_dense"):
         np.testing.assert_allclose(patches(row, name)[0], expected.features[name][0], atol=ATOL, rtol=0)
-    assert len(list(output.glob("_errors/*.parquet"))) == 1
+    assert len(list(output.glob("_errors/*.pqt"))) == 1
 
 
 def test_support_from_is_refused_without_the_dense_objective(lake, tmp_path, capsys) -> None:

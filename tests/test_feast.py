@@ -139,7 +139,7 @@ def test_feast_apply_registers_the_entity_and_typed_tagged_views(served):
     assert (fields["embedding"].vector_index, fields["embedding"].vector_length) == (True, 32)
     assert fields["embedding"].vector_search_metric == "COSINE" and not fields["grad_kl"].vector_index
     assert fields["label"].dtype == String
-    assert view.batch_source.path == str(served.output.root / "_fungi_history")
+    assert view.batch_source.path == str(served.output.root.parent / f"{served.output.root.name}.history")
     assert view.batch_source.timestamp_field == "event_time"
     assert view.tags["fungi.spec_hash"] == spec_hash(spec) and view.tags["fungi.model"] == spec["model"]
     assert view.tags["fungi.objectives"] == "kl,simclr" and json.loads(view.tags["fungi.spec"]) == spec
@@ -317,9 +317,10 @@ def test_an_s3_output_is_served_with_its_endpoint(s3_endpoint, tmp_path):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("lake")
     fs.put(str(output.root), "lake/fungi/texts", recursive=True)
+    fs.put(f"{output.root}.history", "lake/fungi/texts.history", recursive=True)
     repo = tmp_path / "repo"
     update = write_feast_repo("s3://lake/fungi/texts", repo)
-    assert update.source == "s3://lake/fungi/texts/_fungi_history"
+    assert update.source == "s3://lake/fungi/texts.history"
     assert f"s3_endpoint_override={s3_endpoint!r}" in update.definitions.read_text()
     assert "testing" not in update.definitions.read_text()  # credentials stay in the environment
     store = FeatureStore(repo_path=str(repo))
@@ -363,7 +364,7 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, case, message):
     elif case == "missing":
         args[1] = str(tmp_path / "nothing")
     elif case in ("no_event_time", "event_time_text"):
-        for path in [*output.root.glob("*.parquet"), *output.root.glob("_fungi_history/*.parquet")]:
+        for path in [*output.root.glob("*.parquet"), *output.root.parent.glob(f"{output.root.name}.history/*.parquet")]:
             table = pq.read_table(path)
             index = table.schema.get_field_index("event_time")
             table = table.remove_column(index) if case == "no_event_time" else table.set_column(

@@ -24,6 +24,7 @@ from fungi_ops.eval import load_feature_table
 from pipelines.commands.evaluate import read_table_files
 from pipelines.formats import read_output
 from pipelines.formats.folder import ParquetFolder, read_committed, recover
+from pipelines.stages import STAGED_SUFFIX
 from pipelines.job import FeaturizeJob, run_featurize
 from pipelines.lease import LEASE_NAME, LeaseHeld, OutputLease
 from pipelines.manifest import read_manifest
@@ -227,7 +228,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
                 if staged and not reads:
                     reads.append("moved")
                     for path in staged:  # what apply does meanwhile, the header still pending
-                        shutil.move(path, moving / Path(path).name)
+                        shutil.move(path, moving / Path(path).name.removesuffix(STAGED_SUFFIX))
                 return pa.concat_tables(pq.read_table(p) for p in paths).sort_by("id")
 
             reads.clear()

@@ -45,14 +45,38 @@ import pyarrow.parquet as pq
 from fungi_ops.errors import ConfigError
 from pipelines.formats.base import SETUP_DIR, STAGING_DIR, Fault, OutputTable
 from pipelines.manifest import (
-    ERRORS_DIR, LOG_DIR, MANIFEST_NAME, Manifest, read_header, read_manifest, write_header, write_sources_table,
+    ERRORS_DIR, INTERNAL_SUFFIX, LOG_DIR, MANIFEST_NAME, Manifest, read_header, read_manifest, write_header, write_sources_table,
 )
-from pipelines.stages import BLOCKS_DIR, FINAL_DIR
+from pipelines.stages import BLOCKS_DIR, STAGED_SUFFIX, staged_final_path
 from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
 
 log = logging.getLogger(__name__)
-HISTORY_DIR = "_fungi_history"
 SEED_DIR = "seed"  # under a run's staging area: the versions --history starts from
+
+
+def history_name(output: Location) -> str:
+    """Where ``--history`` keeps every row version, relative to the output: ``../<OUT>.history``.
+
+    Beside the output, not inside it: a reader of the output folder that descends into its
+    ``_``-folders (Dask, Feast's file offline store) would read every old version as current
+    rows, and Feast reads the history folder itself with Dask, which takes ``*.parquet``
+    files only.
+    """
+    return f"../{posixpath.basename(output.path.rstrip('/'))}.history"
+
+
+def history_location(output: Location) -> Location:
+    """The history folder of ``output`` (:func:`history_name`) as a location."""
+    return Location(output.uri.rstrip("/") + ".history", output.storage_options)
+
+
+def history_path(root: str, history: str) -> str:
+    """The path of the history folder ``history`` (as the manifest names it) of the output at ``root``.
+
+    ``root`` is a filesystem path (``bucket/prefix`` on S3) or a URI (``s3://bucket/prefix``).
+    """
+    scheme, separator, path = root.rpartition("://")
+    return f"{scheme}{separator}{posixpath.normpath(posixpath.join(path, history))}"
 
 
 class ParquetFolder(OutputTable):
@@ -128,7 +152,7 @@ class ParquetFolder(OutputTable):
             seed = self.staging_area(run_id).child_path(SEED_DIR)
             self.fs.create_dir(seed, recursive=True)
             for name in sorted(self._previous_files(new.pending, data_only=True)):
-                self.fs.copy_file(self.output.child_path(name), f"{seed}/{name}")
+                self.fs.copy_file(self.output.child_path(name), f"{seed}/{name}{STAGED_SUFFIX}")
                 self.step(f"copy {name} for {new.history}")
         write_header(self.output, new)
         self.step("write the header (commit point)")
@@ -145,22 +169,24 @@ class ParquetFolder(OutputTable):
         rows = manifest.sources.to_pylist()
         current = {name for row in rows for name in (row["file"], row["error_file"]) if name}
         for name in sorted(n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
-            staged, target = staging.child_path(FINAL_DIR, name), f"{root}/{name}"
+            staged, target = staged_final_path(staging, name), f"{root}/{name}"
             if not exists(self.fs, staged):
                 continue  # moved by an earlier pass
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
             self.fs.move(staged, target)  # replaces the source's previous file in one rename
             self.step(f"move {name}")
         if manifest.history:
-            self.fs.create_dir(f"{root}/{manifest.history}", recursive=True)
-            for info in list_files(self.fs, staging.child_path(BLOCKS_DIR), ".parquet"):
-                self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-{posixpath.basename(info.path)}")
-                self.step(f"keep {posixpath.basename(info.path)} in {manifest.history}")
+            history = history_path(root, manifest.history)
+            self.fs.create_dir(history, recursive=True)
+            for info in list_files(self.fs, staging.child_path(BLOCKS_DIR), INTERNAL_SUFFIX):
+                block = posixpath.basename(info.path).removesuffix(INTERNAL_SUFFIX)
+                self.fs.move(info.path, f"{history}/{run_id}-{block}.parquet")
+                self.step(f"keep {block} in {manifest.history}")
         if pending.get("seed_history"):
             seed = staging.child_path(SEED_DIR)
-            for info in list_files(self.fs, seed, ".parquet"):
-                name = posixpath.basename(info.path)
-                self.fs.move(info.path, f"{root}/{manifest.history}/{run_id}-seed-{name}")
+            for info in list_files(self.fs, seed, STAGED_SUFFIX):
+                name = posixpath.basename(info.path).removesuffix(STAGED_SUFFIX)
+                self.fs.move(info.path, f"{history}/{run_id}-seed-{name}")
                 self.step(f"keep the previous {name} in {manifest.history}")
         for name in sorted(self._superseded(pending, current)):
             delete_file(self.fs, f"{root}/{name}")
@@ -184,7 +210,7 @@ class ParquetFolder(OutputTable):
         root = self.output.path
         if pending.get("overwrite"):
             stale = {info.path[len(root) + 1 :] for info in list_files(self.fs, root, ".parquet")}
-            stale |= {info.path[len(root) + 1 :] for info in list_files(self.fs, f"{root}/{ERRORS_DIR}", ".parquet")}
+            stale |= {info.path[len(root) + 1 :] for info in list_files(self.fs, f"{root}/{ERRORS_DIR}", INTERNAL_SUFFIX)}
             return stale - current
         return self._previous_files(pending) - current
 
@@ -242,8 +268,8 @@ def committed_files(output: Location, manifest: Manifest) -> list[str]:
     for name, run_id in zip(manifest.sources.column("file").to_pylist(), manifest.sources.column("run_id").to_pylist()):
         if not name:
             continue
-        if staging is not None and run_id == pending["run_id"] and exists(fs, staging.child_path(FINAL_DIR, name)):
-            paths.append(staging.child_path(FINAL_DIR, name))
+        if staging is not None and run_id == pending["run_id"] and exists(fs, staged_final_path(staging, name)):
+            paths.append(staged_final_path(staging, name))
         else:
             paths.append(output.child_path(name))
     return paths
