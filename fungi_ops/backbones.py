@@ -255,7 +255,7 @@ def load_backbone(
     if family == "timm":
         if modality != "image":
             raise ConfigError(f"timm models are image encoders; got modality '{modality}'")
-        backbone = _load_timm(name, weights, seed)
+        backbone = _load_timm(name, weights, seed, pooling)
     elif family == "hf":
         backbone = _load_hf(name, modality, weights, seed, pooling, trust_remote_code)
     else:
@@ -270,14 +270,38 @@ def _weights_hash(weights: str | None) -> str | None:
     return file_sha256(weights)
 
 
-def _load_timm(name: str, weights: str | None, seed: int) -> Backbone:
+CLIP_PROJECTION = "proj"
+
+
+def _clip_projection_classes(name: str) -> int:
+    """Width of a timm CLIP / EVA-CLIP image tower's image-text projection (its head).
+
+    Only a tower as contrastively trained has one: a fine-tuned tag's head is a classifier.
+    """
+    from timm.models import get_pretrained_cfg
+
+    architecture, _, tag = name.partition(".")
+    cfg = get_pretrained_cfg(name) if tag else None
+    if "_clip_" not in architecture or cfg is None or "ft_" in tag or not cfg.num_classes:
+        raise ConfigError(
+            f"--pooling {CLIP_PROJECTION} (the CLIP image embedding) needs a timm CLIP image tower "
+            f"with its pretrained tag, e.g. vit_base_patch16_clip_224.openai; '{name}' has no projection head"
+        )
+    return int(cfg.num_classes)
+
+
+def _load_timm(name: str, weights: str | None, seed: int, pooling: str | None = None) -> Backbone:
     import timm
 
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm model '{name}'")
+    if pooling not in (None, CLIP_PROJECTION):
+        raise ConfigError(f"timm models take no --pooling but '{CLIP_PROJECTION}' (CLIP image towers); got '{pooling}'")
+    # heads are dropped (the pooled embedding), but a CLIP tower's projection is kept on request
+    num_classes = _clip_projection_classes(name) if pooling == CLIP_PROJECTION else 0
 
     def build(pretrained: bool) -> nn.Module:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
 
     if weights == RANDOM_WEIGHTS:
         model = _random_init(lambda: build(False), seed)
@@ -315,6 +339,7 @@ def _load_timm(name: str, weights: str | None, seed: int) -> Backbone:
         model_id=f"timm:{name}",
         weights=weights,
         weights_sha256=_weights_hash(weights),
+        pooling=pooling,
         patch_tokens=_timm_patch_tokens(model),
     )
 

@@ -22,8 +22,8 @@ from conftest import png_bytes, wav_bytes
 from timm.layers import LayerScale
 from torch import nn
 
-from fungi_ops import Featurizer, FeaturizerSpec, parse_objectives
-from fungi_ops.backbones import default_target_layer
+from fungi_ops import ConfigError, Featurizer, FeaturizerSpec, parse_objectives
+from fungi_ops.backbones import default_target_layer, load_backbone
 
 OBJECTIVES = {
     "image": "kl,dino:local_crops_number=2,simclr:num_negatives=3",
@@ -284,3 +284,20 @@ def test_hf_ast_family_featurizes_with_the_audio_objectives(tiny_ast_dir: str) -
     with torch.no_grad():
         hidden = featurizer.backbone.model(input_values=spectrogram).last_hidden_state
     torch.testing.assert_close(featurizer.backbone.embed(spectrogram), (hidden[:, 0] + hidden[:, 1]) / 2)
+
+
+def test_clip_projection_is_kept_on_request_and_refused_elsewhere(shrunk_timm) -> None:
+    """``--pooling proj``: the CLIP image embedding the paper used (timm's 512-d head kept)."""
+    plain = load_backbone("timm:vit_base_patch16_clip_224.openai", "image", weights="random")
+    projected = load_backbone("timm:vit_base_patch16_clip_224.openai", "image", weights="random", pooling="proj")
+    assert (plain.embed_dim, plain.pooling, projected.embed_dim, projected.pooling) == (SHRUNK_WIDTH, None, 512, "proj")
+    assert projected.default_target == plain.default_target == "blocks.1.attn.proj"
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(projected.embed(pixels), projected.model.head(projected.model.forward_head(
+            projected.model.forward_features(pixels), pre_logits=True)))
+    for name in ("vit_base_patch16_clip_224.openai_ft_in1k", "vit_base_patch16_224.augreg_in1k"):
+        with pytest.raises(ConfigError, match="no projection head"):
+            load_backbone(f"timm:{name}", "image", weights="random", pooling="proj")
+    with pytest.raises(ConfigError, match="no --pooling but 'proj'"):
+        load_backbone("timm:vit_base_patch16_224.augreg_in1k", "image", weights="random", pooling="mean")
