@@ -32,12 +32,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_WEIGHTS = "random"
 
-# Attention output projections of transformer blocks, across model families.
+# Attention output projections of transformer blocks, across model families: timm ViT / EVA
+# (attn.proj), BERT / RoBERTa / DeBERTa / ELECTRA (attention.output.dense), HF ViT / DINOv2 /
+# AST / CLIP (o_proj, out_proj), DistilBERT (out_lin), MPNet (attention.attn.o), ModernBERT
+# (attn.Wo) and the T5 encoder (block.N.layer.0.SelfAttention.o).
 _TARGET_PATTERN = re.compile(
-    r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\."
-    r"(?:attn\.proj|attention\.output\.dense|(?:self_attn|attention|attn)\.(?:out_proj|o_proj))$"
+    r"(?:^|\.)(?:blocks|block|layer|layers)\.(\d+)\."
+    r"(?:attn\.proj|attention\.output\.dense|(?:self_attn|attention|attn)\.(?:out_proj|o_proj)"
+    r"|attention\.out_lin|attention\.attn\.o|attn\.Wo|layer\.0\.SelfAttention\.o)$"
 )
 _HF_POOLER_TYPES = {"dinov2", "clip_vision_model", "siglip_vision_model", "audio-spectrogram-transformer"}
+# Hugging Face families whose AutoModel is not the bare encoder: T5's is the encoder-decoder
+# (it needs decoder inputs), CLIP's the two-tower model (its vision tower is the image encoder).
+_HF_ENCODER_CLASSES = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "clip_vision_model": "CLIPVisionModel",
+}
 
 
 @dataclass(frozen=True)
@@ -243,7 +255,7 @@ def load_backbone(
     if family == "timm":
         if modality != "image":
             raise ConfigError(f"timm models are image encoders; got modality '{modality}'")
-        backbone = _load_timm(name, weights, seed)
+        backbone = _load_timm(name, weights, seed, pooling)
     elif family == "hf":
         backbone = _load_hf(name, modality, weights, seed, pooling, trust_remote_code)
     else:
@@ -258,14 +270,38 @@ def _weights_hash(weights: str | None) -> str | None:
     return file_sha256(weights)
 
 
-def _load_timm(name: str, weights: str | None, seed: int) -> Backbone:
+CLIP_PROJECTION = "proj"
+
+
+def _clip_projection_classes(name: str) -> int:
+    """Width of a timm CLIP / EVA-CLIP image tower's image-text projection (its head).
+
+    Only a tower as contrastively trained has one: a fine-tuned tag's head is a classifier.
+    """
+    from timm.models import get_pretrained_cfg
+
+    architecture, _, tag = name.partition(".")
+    cfg = get_pretrained_cfg(name) if tag else None
+    if "_clip_" not in architecture or cfg is None or "ft_" in tag or not cfg.num_classes:
+        raise ConfigError(
+            f"--pooling {CLIP_PROJECTION} (the CLIP image embedding) needs a timm CLIP image tower "
+            f"with its pretrained tag, e.g. vit_base_patch16_clip_224.openai; '{name}' has no projection head"
+        )
+    return int(cfg.num_classes)
+
+
+def _load_timm(name: str, weights: str | None, seed: int, pooling: str | None = None) -> Backbone:
     import timm
 
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm model '{name}'")
+    if pooling not in (None, CLIP_PROJECTION):
+        raise ConfigError(f"timm models take no --pooling but '{CLIP_PROJECTION}' (CLIP image towers); got '{pooling}'")
+    # heads are dropped (the pooled embedding), but a CLIP tower's projection is kept on request
+    num_classes = _clip_projection_classes(name) if pooling == CLIP_PROJECTION else 0
 
     def build(pretrained: bool) -> nn.Module:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
 
     if weights == RANDOM_WEIGHTS:
         model = _random_init(lambda: build(False), seed)
@@ -303,6 +339,7 @@ def _load_timm(name: str, weights: str | None, seed: int) -> Backbone:
         model_id=f"timm:{name}",
         weights=weights,
         weights_sha256=_weights_hash(weights),
+        pooling=pooling,
         patch_tokens=_timm_patch_tokens(model),
     )
 
@@ -357,15 +394,20 @@ def _load_hf(
         raise ConfigError(f"cannot load Hugging Face config for '{name}': {exc}") from exc
     if getattr(config, "model_type", "") == "clip":
         config = config.vision_config
-    model_cls = AutoModel
-    if getattr(config, "model_type", "") == "clip_vision_model":
-        model_cls = transformers.CLIPVisionModel
+    model_type = getattr(config, "model_type", "")
+    model_cls = getattr(transformers, _HF_ENCODER_CLASSES[model_type]) if model_type in _HF_ENCODER_CLASSES else AutoModel
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if getattr(config, "model_type", "") in {"vit", "bert", "roberta"}:
+    if model_type in {"vit", "bert", "roberta"}:
         kwargs["add_pooling_layer"] = False
 
+    def from_config() -> nn.Module:
+        if model_cls is AutoModel:
+            return AutoModel.from_config(config, **kwargs)
+        # what AutoModel.from_config calls on the class it picks; concrete classes have no from_config
+        return model_cls._from_config(config)
+
     if weights == RANDOM_WEIGHTS:
-        model = _random_init(lambda: model_cls.from_config(config, **kwargs), seed)
+        model = _random_init(from_config, seed)
     elif weights is None:
         try:
             # quiet: the loading report lists the unused pooler/classifier weights we drop on purpose
@@ -378,14 +420,13 @@ def _load_hf(
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"cannot load Hugging Face model '{name}': {exc}") from exc
     else:
-        model = model_cls.from_config(config, **kwargs)
+        model = from_config()
         _load_into(model, load_state_dict_file(weights), str(weights))
     model = _freeze(model)
     local_dir = Path(name) if Path(name).is_dir() else None
     weights_sha = _weights_hash(weights)
     if weights is None and local_dir is not None:
         weights_sha = _directory_sha256(local_dir)
-    model_type = getattr(config, "model_type", "")
 
     common = dict(
         model=model,
@@ -457,9 +498,10 @@ def _hf_image(name, config, model_type, common) -> Backbone:
     except Exception:  # noqa: BLE001 - no processor shipped: ImageNet defaults
         pass
     use_pooler = model_type in _HF_POOLER_TYPES
+    forward_kwargs = _mae_masking_off(common["model"]) if model_type == "vit_mae" else (lambda pixels: {})
 
     def embed(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        output = model(pixel_values=pixels)
+        output = model(pixel_values=pixels, **forward_kwargs(pixels))
         if use_pooler and getattr(output, "pooler_output", None) is not None:
             return output.pooler_output
         return output.last_hidden_state[:, 0]
@@ -474,6 +516,25 @@ def _hf_image(name, config, model_type, common) -> Backbone:
         pooling="pooler" if use_pooler else "cls",
         patch_tokens=_hf_patch_tokens(config, model_type),
     )
+
+
+def _mae_masking_off(model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Make a Hugging Face ViTMAE encoder see every patch, in order, as an encoder for features must.
+
+    ViTMAEModel masks ``config.mask_ratio`` (0.75) of the patches in every forward, eval
+    included, after shuffling them by fresh random noise. A ratio of 0 keeps all patches;
+    the returned forward kwargs pass an increasing ``noise`` so that the shuffle is the
+    identity (tokens stay in image order, no global random draw).
+    """
+    model.config.mask_ratio = 0.0  # the embeddings module reads this same config object
+
+    def forward_kwargs(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        side = model.config.patch_size if isinstance(model.config.patch_size, int) else model.config.patch_size[0]
+        patches = (pixels.shape[-2] // side) * (pixels.shape[-1] // side)
+        noise = torch.arange(patches, device=pixels.device, dtype=torch.float32).expand(pixels.shape[0], patches)
+        return {"noise": noise}
+
+    return forward_kwargs
 
 
 def _hf_patch_tokens(config: Any, model_type: str) -> PatchTokens | None:

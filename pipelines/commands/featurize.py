@@ -61,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local .safetensors / PyTorch checkpoint (loaded with weights_only), or 'random' for a seeded random init",
     )
     model.add_argument("--target-layer", help="dotted path of the nn.Linear (default: last block's attention output projection)")
-    model.add_argument("--pooling", choices=["cls", "mean"], help="text pooling (default: the model's own, else cls)")
+    model.add_argument(
+        "--pooling", choices=["cls", "mean", "proj"],
+        help="text pooling (default: the model's own, else cls); proj: a timm CLIP image tower's projected embedding",
+    )
     model.add_argument(
         "--objectives",
         default="kl",
