@@ -14,6 +14,9 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from fungi_ops.eval import (
     EvalInputError,
+    cluster_accuracy,
+    clustering_scores,
+    kmeans,
     EvalWarning,
     FeatureTable,
     evaluate,
@@ -124,7 +127,7 @@ def test_weighted_vote_trusts_close_neighbours_majority_counts_them():
     assert knn_vote(np.array([[0.5, 0.9]], dtype=np.float32), np.array([[0, 1]]), 2, vote="majority")[0] == 1
 
 
-@pytest.mark.parametrize("task", ["knn", "linear", "retrieval"])
+@pytest.mark.parametrize("task", ["knn", "linear", "retrieval", "clustering"])
 def test_separated_classes_score_perfectly(task):
     report = evaluate(make_split(0), make_split(1), task=task, c_grid=(0.1, 1.0), device="cpu")
     assert [r.name for r in report.results] == [
@@ -260,6 +263,84 @@ def test_retrieval_skips_queries_without_relevant_gallery_rows():
     assert (found.mean_average_precision, found.n_queries, found.n_skipped) == (1.0, 1, 1)
     with pytest.raises(EvalInputError, match="no retrieval query"):
         retrieval_metrics(gallery[:1], np.array([9]), gallery, np.array([0, 1, 2]), device="cpu")
+
+
+# --- clustering -------------------------------------------------------------------------
+
+
+def test_clustering_scores_on_a_hand_computed_case():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    clusters = np.array([7, 7, 3, 3, 3, 3])  # contingency: class 0 -> {7: 2, 3: 1}, class 1 -> {3: 3}
+    scores = clustering_scores(labels, clusters)
+    # ARI: pairs within cells 1+0+3 = 4, within classes 3+3 = 6, within clusters 6+1 = 7, of 15.
+    expected_pairs = 6 * 7 / 15
+    assert scores.ari == pytest.approx((4 - expected_pairs) / ((6 + 7) / 2 - expected_pairs))  # = 12/37
+    mutual_information = np.log(2) / 6 + np.log(1.5) / 2
+    class_entropy = np.log(2)
+    cluster_entropy = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))
+    assert scores.nmi == pytest.approx(mutual_information / ((class_entropy + cluster_entropy) / 2))
+    assert scores.accuracy == pytest.approx(5 / 6)  # cluster 7 -> class 0 (2 rows), cluster 3 -> class 1 (3)
+    renamed = clustering_scores(labels, np.array([0, 0, 5, 5, 5, 5]))
+    assert renamed == scores
+
+
+def test_cluster_accuracy_maps_clusters_to_classes_one_to_one():
+    labels = np.array(list("AAAAABBCCC"))
+    # x = {A, A, A}, y = {A, A, B}, z = {B, C, C, C}: purity (each cluster's majority) would
+    # credit A twice (3 + 2 + 3 = 8/10); the best one-to-one matching is x->A, y->B, z->C.
+    clusters = np.array([2, 2, 2, 0, 0, 0, 1, 1, 1, 1])
+    assert cluster_accuracy(labels, clusters) == pytest.approx(0.7)
+    permuted = np.array([5, 9, 4])[clusters]
+    assert cluster_accuracy(labels, permuted) == pytest.approx(0.7)
+    assert cluster_accuracy(labels, np.searchsorted(np.unique(labels), labels)) == 1.0
+
+
+def test_clustering_with_shuffled_labels_scores_chance():
+    train, test = make_split(0, n_per_class=50), make_split(1, n_per_class=50)
+    shuffled = np.random.default_rng(3).permutation(test.labels)
+    test = FeatureTable(ids=test.ids, features=test.features, labels=shuffled, source="shuffled", label_column="label")
+    report = evaluate(train, test, task="clustering", features=["embedding"], seeds=2, device="cpu")
+    metrics = report.results[0].metrics
+    assert metrics["NMI"].mean < 0.05 and abs(metrics["ARI"].mean) < 0.03
+    assert metrics["accuracy"].mean == pytest.approx(0.25, abs=0.1)
+    original = evaluate(train, make_split(1, n_per_class=50), task="clustering", features=["embedding"], seeds=2, device="cpu")
+    assert original.results[0].metrics["NMI"].mean == pytest.approx(1.0)
+
+
+def test_kmeans_seeds_are_reproducible_and_matter():
+    x = np.random.default_rng(8).uniform(size=(300, 4)).astype(np.float32)  # no cluster structure
+    first = [kmeans(x, 6, seed=seed) for seed in range(3)]
+    np.testing.assert_array_equal(first[0], kmeans(x, 6, seed=0))
+    assert any(clustering_scores(first[0], other).ari < 0.99 for other in first[1:])
+    assert sorted(np.unique(first[0])) == list(range(6))
+    # Through the protocol: the same numbers on every call, a spread over seeds.
+    table = FeatureTable(ids=np.arange(300), features={"embedding": x}, labels=first[0], source="uniform")
+    runs = [evaluate(table, table, task="clustering", seeds=3, device="cpu").results[0].metrics for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0]["ARI"].std > 0
+
+
+def test_clustering_reports_seeds_and_needs_no_train_labels():
+    train = make_split(0)
+    unlabelled = FeatureTable(ids=train.ids, features=train.features, source="unlabelled")
+    report = evaluate(unlabelled, make_split(1), task="clustering", features=["embedding", "grad_kl"], pca=5, device="cpu")
+    result = report.result("embedding+grad_kl")
+    assert len(result.metrics["NMI"].values) == 5 and result.dim == 5
+    assert report.settings["seeds"] == [0, 1, 2, 3, 4] and report.settings["n_clusters"] == 4
+    assert report.settings["clustered_split"] == "test"
+
+
+def test_clustering_rejects_one_class_too_few_rows_and_shots():
+    test = make_split(1)
+    one_class = FeatureTable(ids=test.ids, features=test.features, labels=np.full(test.n_rows, "cat"), source="mono")
+    with pytest.raises(EvalInputError, match=r"at least 2 classes .*: mono has only class 'cat'"):
+        evaluate(make_split(0), one_class, task="clustering")
+    tiny = make_split(1, n_per_class=1)  # 4 rows, 4 classes: every row would be its own cluster
+    with pytest.raises(EvalInputError, match="more rows than classes .*: split1 has 4 rows for 4 classes"):
+        evaluate(make_split(0), tiny, task="clustering")
+    with pytest.raises(EvalInputError, match="clustering takes no --shots"):
+        evaluate(make_split(0), test, task="clustering", shots=2)
+    with pytest.raises(EvalInputError, match="more rows than clusters: 3 rows for 5 clusters"):
+        kmeans(np.eye(3, dtype=np.float32), 5, seed=0)
 
 
 # --- loading and bad input ----------------------------------------------------------------

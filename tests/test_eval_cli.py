@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fungi_ops.eval import FEATURE_COLUMNS, TASKS, knn, segmentation
+from fungi_ops.eval import FEATURE_COLUMNS, TASKS, clustering, knn, segmentation
 from fungi_ops.eval.linear import DEFAULT_C_GRID
 from fungi_ops.neighbours import INDEX_KINDS
 from pipelines import cli
@@ -69,6 +69,25 @@ def test_eval_linear_with_pca_and_feature_selection(tmp_path, capsys):
     assert "| grad_kl | 2 |" in captured.out and "embedding" not in captured.out.split("|---")[-1]
 
 
+def test_eval_clustering_scores_the_test_table_without_train_labels(tmp_path, capsys):
+    write_split(tmp_path / "train", 0, with_label=False)
+    write_split(tmp_path / "test", 1)
+    out = tmp_path / "report"
+    code = cli.main([
+        "eval", "--task", "clustering", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+        "--pca", "4", "--device", "cpu", "--out", str(out),
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| features | dim | NMI (%) | ARI (%) | accuracy (%) |" in captured.out
+    assert "| embedding+grad_kl | 4 | 100.00 ± 0.00 | 100.00 ± 0.00 | 100.00 ± 0.00 |" in captured.out
+    assert "k-means on the test split, k=3 (its classes); PCA 4 fitted on the train split; mean ± std over 5 seeds" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["seeds"] == [0, 1, 2, 3, 4] and report["settings"]["clustered_split"] == "test"
+    assert len(report["results"][0]["metrics"]["ARI"]["values"]) == 5
+    assert (out / "report.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
@@ -78,6 +97,10 @@ def test_eval_linear_with_pca_and_feature_selection(tmp_path, capsys):
         (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--shots", "9"], "'cat' (8)"),
         (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--seeds", "3"], "set shots"),
         (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--device", "bogus"], "unknown torch device"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "test"), "--task", "clustering", "--shots", "2"],
+         "clustering takes no --shots"),
+        (lambda d: ["--train", str(d / "train"), "--test", str(d / "nolabel"), "--task", "clustering"],
+         "label column 'label' not found in"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_error(tmp_path, capsys, make_args, message):
@@ -100,7 +123,8 @@ def test_cli_constants_match_the_library():
     parser = cli.build_parser()
     args = parser.parse_args(["eval", "--train", "a", "--test", "b"])
     assert tuple(args.c_grid) == DEFAULT_C_GRID
-    assert (args.k, args.vote, args.temperature, args.task) == (None, "weighted", None, "knn")
+    assert (args.k, args.vote, args.temperature, args.task, args.seeds) == (None, "weighted", None, "knn", None)
+    assert eval_command._CLUSTERING_SEEDS == clustering.DEFAULT_SEEDS
     assert eval_command.task_defaults("knn") == (knn.DEFAULT_K, knn.DEFAULT_TEMPERATURE) == (20, 0.07)
     assert eval_command.task_defaults("segmentation") == (segmentation.DEFAULT_K, segmentation.DEFAULT_TEMPERATURE)
     assert args.memory_size == segmentation.DEFAULT_MEMORY_SIZE

@@ -1,4 +1,4 @@
-"""Evaluation of FUNGI features: k-NN, linear probe, few-shot and retrieval, as in the paper.
+"""Evaluation of FUNGI features: k-NN, linear probe, few-shot, retrieval and clustering, as in the paper.
 
 Pure numpy / torch / scikit-learn / matplotlib (no Ray), usable from notebooks::
 
@@ -21,6 +21,8 @@ Protocol summary (details in each module):
 * linear probe: standardised features, logistic regression, C chosen on held-out train rows;
 * few-shot: ``shots`` rows per class, seeds ``0..seeds-1``, mean and population std;
 * retrieval: test queries against the train gallery, mAP and mAP@R;
+* clustering: k-means (k = the test split's classes) on the test rows, seeds ``0..seeds-1``
+  (5 by default), NMI, ARI and Hungarian-matched cluster accuracy, mean and population std;
 * combinations: each column alone, then embedding + gradients added one at a time;
 * segmentation (dense tables, :func:`evaluate_segmentation`): HummingBird's memory bank
   of train patches and cross-attention label transfer, mIoU.
@@ -34,6 +36,10 @@ from fungi_ops._lazy import lazy_exports
 # fungi_ops.eval.io and .dense_io alone; importing every task here (scikit-learn, matplotlib,
 # scipy) cost each write worker 155 MiB and 2 s (measured).
 _EXPORTS = {
+    "ClusteringScores": "fungi_ops.eval.clustering",
+    "cluster_accuracy": "fungi_ops.eval.clustering",
+    "clustering_scores": "fungi_ops.eval.clustering",
+    "kmeans": "fungi_ops.eval.clustering",
     "PreparedFeatures": "fungi_ops.eval.combinations",
     "feature_combinations": "fungi_ops.eval.combinations",
     "prepare_features": "fungi_ops.eval.combinations",

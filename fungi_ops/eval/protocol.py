@@ -1,10 +1,18 @@
-"""The evaluation protocol: every feature combination x every few-shot draw x one task.
+"""The evaluation protocol: every feature combination x every few-shot draw (or k-means seed) x one task.
 
 This is the single entry point behind ``fungi eval`` and notebooks: it checks that the
 two splits are comparable, encodes labels, draws the few-shot samples once (the same
 rows for every combination, so combinations are compared on identical data), prepares
 each combination's matrices (PCA fitted on the whole train split, labels unused), and
-runs k-NN, the linear probe or retrieval on each draw.
+runs k-NN, the linear probe, retrieval or clustering on each draw.
+
+Clustering clusters the **test** split, the split every other task scores, so all tasks'
+numbers describe the same rows: k-means, with k = the test split's number of classes, is
+run on the test rows of each combination once per seed; the train split only fits the PCA
+(``pca``) and needs no labels. Test labels only score the partition. Clustering the rows
+that are scored is the usual practice for clustering frozen features (no centroid learnt
+on other rows stands between the features and the score), and the test split is the
+smaller one, which keeps k-means, ``O(rows x k x dim)`` per iteration, affordable.
 
 Test rows whose label never occurs in the train split can never be predicted
 correctly: they count as errors for k-NN and the linear probe and are left out of the
@@ -20,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fungi_ops.eval import clustering
 from fungi_ops.eval.combinations import (
     PreparedFeatures,
     combination_name,
@@ -48,6 +57,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "knn": ("accuracy",),
     "linear": ("accuracy",),
     "retrieval": ("mAP", "mAP@R"),
+    "clustering": ("NMI", "ARI", "accuracy"),
     "segmentation": ("mIoU",),
 }
 TASKS: tuple[str, ...] = tuple(TASK_METRICS)
@@ -61,7 +71,7 @@ def evaluate(
     features: Sequence[str] | None = None,
     pca: int | None = None,
     shots: int | None = None,
-    seeds: int = 1,
+    seeds: int | None = None,
     k: int = DEFAULT_K,
     vote: str = "weighted",
     temperature: float = DEFAULT_TEMPERATURE,
@@ -75,14 +85,19 @@ def evaluate(
 
     Args:
         train, test: labelled splits (see :func:`~fungi_ops.eval.io.load_feature_table`).
-        task: ``"knn"`` (accuracy), ``"linear"`` (accuracy) or ``"retrieval"``
-            (mAP and mAP@R, test rows query the train rows); ``"segmentation"`` is
-            :func:`~fungi_ops.eval.segmentation.evaluate_segmentation`, on dense tables.
+        task: ``"knn"`` (accuracy), ``"linear"`` (accuracy), ``"retrieval"``
+            (mAP and mAP@R, test rows query the train rows) or ``"clustering"`` (NMI, ARI
+            and cluster accuracy of k-means on the test rows, see the module doc);
+            ``"segmentation"`` is :func:`~fungi_ops.eval.segmentation.evaluate_segmentation`,
+            on dense tables.
         features: restrict to these feature columns; ``None`` uses all common ones.
         pca: reduce every combination to this dimension with a PCA fitted on the train
             split (clamped, with a warning, to what the data allows); ``None`` keeps all.
-        shots: train examples per class for few-shot evaluation; ``None`` uses all rows.
-        seeds: number of few-shot draws (seeds ``0 .. seeds-1``); needs ``shots``.
+        shots: train examples per class for few-shot evaluation; ``None`` uses all rows
+            (clustering takes none).
+        seeds: number of few-shot draws, or of k-means runs for clustering (seeds
+            ``0 .. seeds-1``); more than one needs ``shots`` except for clustering.
+            ``None``: :data:`~fungi_ops.eval.clustering.DEFAULT_SEEDS` for clustering, else 1.
         k, vote, temperature: k-NN settings (see :mod:`fungi_ops.eval.knn`); ``k`` is
             clamped to the train size with a warning.
         c_grid, val_fraction: linear-probe C grid and held-out share of train rows.
@@ -92,18 +107,25 @@ def evaluate(
     Raises:
         EvalInputError: unusable input or options; the message says what and where.
     """
+    seeds = default_seeds(task) if seeds is None else seeds
     check_options(task=task, pca=pca, shots=shots, seeds=seeds, k=k, vote=vote, temperature=temperature)
     if task == "segmentation":
         raise EvalInputError("segmentation reads dense tables: use fungi_ops.eval.evaluate_segmentation")
     dev = resolve_device(device)
-    for table in (train, test):
+    labelled = (test,) if task == "clustering" else (train, test)  # clustering: test labels only score
+    for table in labelled:
         if table.labels is None:
             raise EvalInputError(f"{table.source} has no labels; load it with a label column")
     columns = resolve_columns(train, test, features)
-    classes, train_codes, test_codes = _encode_labels(train, test)
+    if task == "clustering":
+        classes, test_codes = _cluster_classes(test)
+    else:
+        classes, train_codes, test_codes = _encode_labels(train, test)
 
+    # Without shots there is one run per seed on all rows: one for k-NN, linear and
+    # retrieval (check_options allows no more), one per k-means seed for clustering.
     draws = (
-        [None]
+        [None] * seeds
         if shots is None
         else [few_shot_indices(train.labels, shots, seed, source=train.source) for seed in range(seeds)]
     )
@@ -111,6 +133,10 @@ def evaluate(
     effective_k = clamp_k(k, n_fit) if task == "knn" else k
 
     def run_task(prepared: PreparedFeatures, draw: np.ndarray | None, seed: int) -> dict[str, Any]:
+        if task == "clustering":
+            clusters = clustering.kmeans(prepared.test, len(classes), seed=seed)
+            scores = clustering.clustering_scores(test_codes, clusters)
+            return {"NMI": scores.nmi, "ARI": scores.ari, "accuracy": scores.accuracy}
         fit_x = prepared.train if draw is None else prepared.train[draw]
         fit_y = train_codes if draw is None else train_codes[draw]
         if task == "knn":
@@ -150,16 +176,19 @@ def evaluate(
     settings: dict[str, Any] = {
         "train": _split_settings(train),
         "test": _split_settings(test),
-        "label_column": train.label_column,
+        "label_column": test.label_column,
         "n_classes": int(len(classes)),
-        "test_rows_unseen_label": int(np.sum(test_codes < 0)),
         "features": columns,
         "pca": pca,
         "pca_fit_rows": train.n_rows if pca is not None else None,
         "shots": shots,
-        "seeds": list(range(seeds)) if shots is not None else [],
+        "seeds": list(range(seeds)) if shots is not None or task == "clustering" else [],
         "device": str(dev),
     }
+    if task == "clustering":
+        settings.update(clustered_split="test", n_clusters=int(len(classes)))
+    else:
+        settings["test_rows_unseen_label"] = int(np.sum(test_codes < 0))
     if task == "knn":
         settings.update(k=effective_k, k_requested=k, vote=vote, temperature=temperature)
     elif task == "linear":
@@ -175,20 +204,48 @@ def check_options(
         raise EvalInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if task == "segmentation" and (pca is not None or shots is not None):
         raise EvalInputError("segmentation takes no --pca or --shots (the HummingBird protocol uses every train image)")
+    if task == "clustering" and shots is not None:
+        raise EvalInputError("clustering takes no --shots (k-means clusters every test row; --seeds sets the k-means runs)")
     if pca is not None and pca < 1:
         raise EvalInputError(f"PCA dimension must be positive, got {pca}")
     if shots is not None and shots < 1:
         raise EvalInputError(f"shots must be positive, got {shots}")
     if seeds < 1:
         raise EvalInputError(f"seeds must be positive, got {seeds}")
-    if seeds > 1 and shots is None:
-        raise EvalInputError("several seeds only make sense for few-shot evaluation; set shots")
+    if seeds > 1 and shots is None and task != "clustering":
+        raise EvalInputError("several seeds only make sense for few-shot evaluation or clustering; set shots")
     if k < 1:
         raise EvalInputError(f"k must be positive, got {k}")
     if vote not in VOTE_RULES:
         raise EvalInputError(f"vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
     if temperature <= 0:
         raise EvalInputError(f"temperature must be positive, got {temperature}")
+
+
+def default_seeds(task: str) -> int:
+    """Runs averaged when no seed count is given: several k-means seeds for clustering, else one."""
+    return clustering.DEFAULT_SEEDS if task == "clustering" else 1
+
+
+def _cluster_classes(test: FeatureTable) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's classes and each row's class index; rejects a split k-means cannot score."""
+    try:
+        classes, codes = np.unique(test.labels, return_inverse=True)
+    except TypeError as exc:
+        raise EvalInputError(f"labels of {test.source} ({test.labels.dtype}) cannot be compared: {exc}") from exc
+    column = repr(test.label_column or "labels")
+    # One cluster, or one row per cluster, scores the same whatever the features (see clustering.kmeans).
+    if len(classes) < 2:
+        raise EvalInputError(
+            f"clustering needs at least 2 classes (k = the number of classes): {test.source} has only "
+            f"class {quote(classes[0])} in column {column}"
+        )
+    if test.n_rows <= len(classes):
+        raise EvalInputError(
+            f"clustering needs more rows than classes (k = the number of classes): {test.source} has "
+            f"{test.n_rows} rows for {len(classes)} classes in column {column}"
+        )
+    return classes, codes.astype(np.int64)
 
 
 def _encode_labels(train: FeatureTable, test: FeatureTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Metrics are stored as fractions in ``[0, 1]`` (JSON keeps them so, unrounded);
 markdown and the chart show percentages. The spread is the population standard
-deviation (``numpy.std``, ``ddof=0``) over few-shot seeds; it is 0 for a single run.
+deviation (``numpy.std``, ``ddof=0``) over few-shot or k-means seeds; it is 0 for a single run.
 The chart is drawn on a bare :class:`~matplotlib.figure.Figure` (Agg), so writing a
 report never changes the pyplot backend of a notebook.
 """
@@ -17,7 +17,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 REPORT_FILES: dict[str, str] = {"markdown": "report.md", "json": "report.json", "png": "report.png"}
-_TASK_TITLES = {"knn": "k-NN", "linear": "linear probe", "retrieval": "retrieval", "segmentation": "segmentation (HummingBird)"}
+_TASK_TITLES = {
+    "knn": "k-NN",
+    "linear": "linear probe",
+    "retrieval": "retrieval",
+    "clustering": "clustering (k-means)",
+    "segmentation": "segmentation (HummingBird)",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class EvalReport:
     """Result of :func:`fungi_ops.eval.evaluate`: the settings and one row per combination.
 
     Attributes:
-        task: ``"knn"``, ``"linear"`` or ``"retrieval"``.
+        task: ``"knn"``, ``"linear"``, ``"retrieval"``, ``"clustering"`` or ``"segmentation"``.
         metric_names: metrics of the task, in display order.
         settings: everything needed to reproduce or read the numbers (sources, row and
             class counts, spec hash, effective ``k``, PCA, shots, seeds, ...).
@@ -146,7 +152,8 @@ def plot_report(report: EvalReport) -> Figure:
         axes.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
     axes.set_xticks(x, [name.replace("+", "+\n") for name in names], fontsize=8)
     axes.set_ylabel("%")
-    axes.set_ylim(0, 105)
+    lowest = min(100 * (r.metrics[m].mean - r.metrics[m].std) for r in report.results for m in report.metric_names)
+    axes.set_ylim(min(0.0, lowest - 5), 105)  # ARI below chance is negative
     axes.set_title(f"FUNGI {_TASK_TITLES.get(report.task, report.task)}: {_protocol_line(report)}", fontsize=9)
     if n_metrics > 1:
         axes.legend(fontsize=8)
@@ -182,6 +189,10 @@ def _protocol_line(report: EvalReport) -> str:
             f"k={s['k']}, cross-attention T={s['temperature']}, {s['index']} search; "
             f"mIoU over {len(s['class_ids'])} classes, ignore index {s['ignore_index']}"
         )
+    if report.task == "clustering":
+        runs = f"mean ± std over {len(s['seeds'])} seeds" if len(s["seeds"]) > 1 else "seed 0"
+        pca = f"PCA {s['pca']} fitted on the train split" if s["pca"] is not None else "no PCA"
+        return f"k-means on the test split, k={s['n_clusters']} (its classes); {pca}; {runs}"
     parts = []
     if report.task == "knn":
         parts.append(f"k={s['k']} ({s['vote']} vote" + (f", T={s['temperature']})" if s["vote"] == "weighted" else ")"))

@@ -21,6 +21,10 @@ Tasks:
              held-out part of the train table (--c-grid), accuracy on the test table.
   retrieval  test rows query the train rows; a train row is relevant when its label is
              equal; reports mAP and mAP@R.
+  clustering k-means (scikit-learn, k-means++) with k = the number of classes of the
+             test table, on the test rows; the train table only fits the PCA (--pca) and
+             needs no label column. One run per seed (--seeds, default 5), NMI, ARI and
+             cluster accuracy (Hungarian matching of clusters to classes), mean ± std.
 
   segmentation
              in-context segmentation of dense (per-patch) tables, the HummingBird
@@ -38,13 +42,15 @@ draws (seeds 0..S-1) and reports mean ± std over the draws.
 The markdown table is printed to stdout; with --out DIR, report.md, report.json (every
 number, as fractions in [0, 1]) and report.png (bar chart with the spread) are written.
 Bad input (missing label or feature column, different specs or dimensions, NaN
-features, a class with fewer than N examples for N-shot) exits with status 2 and a
+features, a class with fewer than N examples for N-shot, a test table of one class or
+with no more rows than classes for clustering) exits with status 2 and a
 one-line "error: ..." message.
 
 Examples:
   fungi eval --train out/train --test out/test --label-column label --out eval_report
   fungi eval --train s3://bucket/feats/train --test s3://bucket/feats/test \\
       --features embedding,grad_kl --pca 768 --shots 5 --seeds 3 --task knn
+  fungi eval --task clustering --train out/train --test out/test --pca 256 --seeds 10
   fungi eval --task segmentation --train dense/train --test dense/test --mask-column mask --out seg_report
 """
 from __future__ import annotations
@@ -54,16 +60,17 @@ import sys
 import warnings
 from typing import Any, Callable
 
-HELP = "evaluate feature tables (k-NN, linear probe, retrieval, segmentation; few-shot, PCA) and write a report"
+HELP = "evaluate feature tables (k-NN, linear probe, retrieval, clustering, segmentation; few-shot, PCA) and write a report"
 
 # Copies of fungi_ops.eval constants, so that `fungi --help` does not import torch
 # (tests/test_eval_cli.py checks that they agree).
-_TASKS = ("knn", "linear", "retrieval", "segmentation")
+_TASKS = ("knn", "linear", "retrieval", "clustering", "segmentation")
 _VOTES = ("weighted", "majority")
 _FEATURES = ("embedding", "grad_kl", "grad_dino", "grad_simclr", "grad_dense")
 _C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 _TASK_DEFAULTS = {"segmentation": (30, 0.02)}  # (k, temperature); every other task: _KNN_DEFAULTS
 _KNN_DEFAULTS = (20, 0.07)
+_CLUSTERING_SEEDS = 5  # --seeds default of --task clustering (k-means runs), for --help; every other task: 1
 _MEMORY_SIZE = 102400
 _INDEXES = ("auto", "flat", "ivf", "ivf-sq8")
 
@@ -74,9 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--train", required=True, metavar="PATH",
         help="train feature table (Parquet file or directory, local or s3://): k-NN neighbours, "
-        "probe training rows, retrieval gallery; the PCA is fitted on it",
+        "probe training rows, retrieval gallery; the PCA is fitted on it (clustering uses it for nothing else)",
     )
-    data.add_argument("--test", required=True, metavar="PATH", help="test feature table, same format and spec as --train")
+    data.add_argument(
+        "--test", required=True, metavar="PATH",
+        help="test feature table, same format and spec as --train: scored by every task, clustered by clustering",
+    )
     data.add_argument(
         "--label-column", default="label", metavar="NAME", help="column holding the class labels (default: %(default)s)"
     )
@@ -96,8 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shots", type=_positive_int, metavar="N", help="few-shot: use N train rows per class (default: all rows)"
     )
     protocol.add_argument(
-        "--seeds", type=_positive_int, default=1, metavar="S",
-        help="few-shot: number of random draws (seeds 0..S-1) averaged, with their std (default: %(default)s)",
+        "--seeds", type=_positive_int, metavar="S",
+        help="few-shot: number of random draws, clustering: of k-means runs (seeds 0..S-1), averaged, with "
+        f"their std (default: 1; {_CLUSTERING_SEEDS} for clustering)",
     )
     protocol.add_argument(
         "--k", type=_positive_int, help="neighbours per query (default: 20; 30 for segmentation)"
@@ -153,16 +164,17 @@ def run(args: argparse.Namespace) -> int:
     """Load both tables, evaluate, print the table and write the report; 0 on success, 2 on bad input."""
     from fungi_ops.eval import EvalInputError, evaluate, evaluate_segmentation, load_feature_table, write_report
     from fungi_ops.eval.device import resolve_device
-    from fungi_ops.eval.protocol import check_options
+    from fungi_ops.eval.protocol import check_options, default_seeds
 
     k, temperature = task_defaults(args.task)
     k = args.k if args.k is not None else k
     temperature = args.temperature if args.temperature is not None else temperature
+    seeds = args.seeds if args.seeds is not None else default_seeds(args.task)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             check_options(
-                task=args.task, pca=args.pca, shots=args.shots, seeds=args.seeds, k=k,
+                task=args.task, pca=args.pca, shots=args.shots, seeds=seeds, k=k,
                 vote=args.vote, temperature=temperature,
             )
             resolve_device(args.device)
@@ -177,14 +189,16 @@ def run(args: argparse.Namespace) -> int:
                     index=args.knn_index, seed=args.seed,
                 )
             else:
+                # Clustering scores the test rows alone: the train table needs no label column.
+                train_labels = None if args.task == "clustering" else args.label_column
                 tables = [
-                    read_table_files(path, lambda files, path=path: load_feature_table(
-                        path, label_column=args.label_column, features=args.features, files=files))
-                    for path in (args.train, args.test)
+                    read_table_files(path, lambda files, path=path, labels=labels: load_feature_table(
+                        path, label_column=labels, features=args.features, files=files))
+                    for path, labels in ((args.train, train_labels), (args.test, args.label_column))
                 ]
                 report = evaluate(
                     *tables, task=args.task, features=args.features, pca=args.pca, shots=args.shots,
-                    seeds=args.seeds, k=k, vote=args.vote, temperature=temperature,
+                    seeds=seeds, k=k, vote=args.vote, temperature=temperature,
                     c_grid=args.c_grid, device=args.device,
                 )
         except EvalInputError as exc:
