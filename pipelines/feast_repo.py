@@ -129,7 +129,7 @@ class FeatureOutput:
         every ``*.parquet`` below it, and Polars refuses a folder of mixed files.
         """
         if self.history:
-            return history_path(self.root, self.history)
+            return history_path(self.root)
         return posixpath.join(self.root, "*.parquet")
 
     def filesystem(self) -> pafs.FileSystem:
@@ -173,9 +173,9 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
     history = manifest.get("history") or None
     history_files: tuple[pafs.FileInfo, ...] = ()
     if history:
-        history_files = tuple(_parquet_files(fs, history_path(root, history)))
+        history_files = tuple(_parquet_files(fs, history_path(root)))
         if not history_files:
-            raise ConfigError(f"{uri}: the manifest names the history folder {history!r}, which holds no Parquet files")
+            raise ConfigError(f"{uri}: it was featurized with --history, but its history folder {history_path(uri)} holds no Parquet files (copy it beside the output)")
     schema = _read_schema(fs, data_files[0].path)
     output = FeatureOutput(
         uri=uri, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash), schema=schema,

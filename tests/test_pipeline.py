@@ -81,7 +81,7 @@ def in_process_features(output: Path, payloads: list, ids: list[str]) -> dict[st
 
 def test_text_job_writes_features_errors_manifest_and_matches_in_process(minilm_dir, text_input, tmp_path):
     output = tmp_path / "text_out"
-    summary = run_featurize(text_config(minilm_dir, text_input, output))
+    summary = run_featurize(text_config(minilm_dir, text_input, output, history=True))
     assert (summary.rows_in, summary.rows_written, summary.rows_failed) == (10, 9, 1)
 
     table = read_output(output)
@@ -108,6 +108,29 @@ def test_text_job_writes_features_errors_manifest_and_matches_in_process(minilm_
     for name in ("embedding", "grad_kl", "grad_simclr"):
         got = np.asarray(table.column(name).to_pylist(), dtype=np.float32)
         np.testing.assert_allclose(got, expected[name], atol=1e-5)
+    assert_readers_see_feature_rows_only(output, ids, table.column_names)
+
+
+def assert_readers_see_feature_rows_only(output: Path, ids: list[str], columns: list[str]) -> None:
+    """Every reader of the folder that installs here gets the feature rows, none of fungi's own files.
+
+    Dask (Feast's file offline store) descends into ``_``-folders and takes ``*.parquet``;
+    Polars and DuckDB read the documented glob; the history folder beside the output is
+    read whole by Feast.
+    """
+    import dask.dataframe as dd
+    import duckdb
+    import polars as pl
+
+    frames = {
+        "dask": dd.read_parquet(str(output)).compute(),
+        "polars": pl.read_parquet(f"{output}/*.parquet").to_pandas(),
+        "duckdb": duckdb.sql(f"SELECT * FROM read_parquet('{output}/*.parquet')").df(),
+        "dask history": dd.read_parquet(f"{output}.history").compute(),
+    }
+    for reader, frame in frames.items():
+        assert sorted(frame.columns) == sorted(columns), reader
+        assert sorted(frame["id"]) == sorted(ids), reader
 
 
 def test_throughput_tells_start_up_from_the_steady_rate():

@@ -12,7 +12,7 @@ From OUTPUT's manifest and fungi.spec, writes into --repo (created if needed):
   feature_store.yaml   only when missing: local provider, file offline store, SQLite online
                        store with sqlite-vec vector search (never rewritten).
 
-Feast reads OUTPUT/_fungi_history/ (every row version) when the job ran with --history, else
+Feast reads OUTPUT.history/ (every row version, beside the output) when the job ran with --history, else
 the current files (then point-in-time joins are correct only for rows never changed). Run it
 again after each `fungi featurize` night, then `feast materialize-incremental`. Another spec
 (model, seed, ...) lives in another output: run it for that output too (another --name if the

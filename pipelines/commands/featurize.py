@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace the output, whatever it holds (another spec too)")
     run.add_argument(
         "--history", action="store_true",
-        help="also keep every row version written under OUTPUT/_fungi_history/ (point-in-time joins, e.g. Feast)",
+        help="also keep every row version written in OUTPUT.history/, beside the output (point-in-time joins, e.g. Feast)",
     )
     run.add_argument(
         "--max-error-fraction", type=float, default=0.01,

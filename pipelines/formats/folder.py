@@ -54,29 +54,32 @@ log = logging.getLogger(__name__)
 SEED_DIR = "seed"  # under a run's staging area: the versions --history starts from
 
 
+HISTORY_SUFFIX = ".history"
+
+
 def history_name(output: Location) -> str:
-    """Where ``--history`` keeps every row version, relative to the output: ``../<OUT>.history``.
+    """The name the manifest records for ``--history``: the folder ``<OUT>.history`` beside the output.
 
     Beside the output, not inside it: a reader of the output folder that descends into its
     ``_``-folders (Dask, Feast's file offline store) would read every old version as current
     rows, and Feast reads the history folder itself with Dask, which takes ``*.parquet``
-    files only.
+    files only. The name is for people; readers find the folder with :func:`history_path`.
     """
-    return f"../{posixpath.basename(output.path.rstrip('/'))}.history"
+    return posixpath.basename(output.path.rstrip("/")) + HISTORY_SUFFIX
 
 
 def history_location(output: Location) -> Location:
-    """The history folder of ``output`` (:func:`history_name`) as a location."""
-    return Location(output.uri.rstrip("/") + ".history", output.storage_options)
+    """The history folder of ``output`` as a location."""
+    return Location(output.uri.rstrip("/") + HISTORY_SUFFIX, output.storage_options)
 
 
-def history_path(root: str, history: str) -> str:
-    """The path of the history folder ``history`` (as the manifest names it) of the output at ``root``.
+def history_path(root: str) -> str:
+    """The path of the history folder of the output at ``root`` (a path, ``bucket/prefix`` on S3, or a URI).
 
-    ``root`` is a filesystem path (``bucket/prefix`` on S3) or a URI (``s3://bucket/prefix``).
+    Derived from where the output is now, never from the name it was written under: an
+    output copied with its history folder (a local run uploaded to S3) still finds it.
     """
-    scheme, separator, path = root.rpartition("://")
-    return f"{scheme}{separator}{posixpath.normpath(posixpath.join(path, history))}"
+    return root.rstrip("/") + HISTORY_SUFFIX
 
 
 class ParquetFolder(OutputTable):
@@ -176,7 +179,7 @@ class ParquetFolder(OutputTable):
             self.fs.move(staged, target)  # replaces the source's previous file in one rename
             self.step(f"move {name}")
         if manifest.history:
-            history = history_path(root, manifest.history)
+            history = history_path(root)
             self.fs.create_dir(history, recursive=True)
             for info in list_files(self.fs, staging.child_path(BLOCKS_DIR), INTERNAL_SUFFIX):
                 block = posixpath.basename(info.path).removesuffix(INTERNAL_SUFFIX)
