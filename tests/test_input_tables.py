@@ -189,3 +189,45 @@ def test_a_delta_input_on_s3_after_a_delete(tiny_text_dir, s3_endpoint):
     written = read_manifest(Location("s3://lake/out", settings["storage_options"]))
     assert (summary.rows_written, summary.ok) == (7, True) and len(live) == 7 and "b-001" not in live
     assert written.input["table_version"] == 2
+
+
+Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+
+
+def inline_deletion_vector(positions: list[int]) -> dict:
+    """A Delta deletion vector stored inline (deltalake does not write them): a RoaringBitmapArray
+    of one 32-bit bitmap with one array container, Z85-encoded, as the Delta protocol spells it."""
+    import struct
+
+    values = sorted(positions)
+    bitmap = (struct.pack("<II", 12346, 1) + struct.pack("<HH", 0, len(values) - 1) + struct.pack("<I", 16)
+              + b"".join(struct.pack("<H", v) for v in values))
+    data = struct.pack("<iqI", 1681511377, 1, 0) + bitmap
+    assert len(data) % 4 == 0  # Z85 encodes 4-byte groups
+    text = []
+    for start in range(0, len(data), 4):
+        value, group = int.from_bytes(data[start:start + 4], "big"), []
+        for _ in range(5):
+            value, digit = divmod(value, 85)
+            group.append(Z85[digit])
+        text.extend(reversed(group))
+    return {"storageType": "i", "pathOrInlineDv": "".join(text), "sizeInBytes": len(data), "cardinality": len(values)}
+
+
+def test_a_delta_input_with_deletion_vectors_is_refused(tmp_path):
+    from deltalake import DeltaTable, write_deltalake
+
+    lake = tmp_path / "lake"
+    write_deltalake(str(lake), rows("a", 10), configuration={"delta.enableDeletionVectors": "true"})
+    assert len(list_sources(f"delta:{lake}", {}, None).files) == 1  # enabled but unused: read as it is
+    log = [json.loads(line) for line in (lake / "_delta_log" / f"{0:020d}.json").read_text().splitlines()]
+    add = next(entry["add"] for entry in log if "add" in entry)
+    commit = [
+        {"commitInfo": {"timestamp": 1, "operation": "DELETE", "operationParameters": {}}},
+        {"remove": {"path": add["path"], "dataChange": True, "deletionTimestamp": 1, "size": add["size"]}},
+        {"add": {**add, "deletionVector": inline_deletion_vector([2, 5])}},
+    ]
+    (lake / "_delta_log" / f"{1:020d}.json").write_text("\n".join(json.dumps(entry) for entry in commit) + "\n")
+    assert len(pa.RecordBatchReader.from_stream(DeltaTable(str(lake)).scan()).read_all()) == 8  # a real vector
+    with pytest.raises(ConfigError, match="has deletion vectors.*PURGE"):
+        list_sources(f"delta:{lake}", {}, None)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
@@ -67,7 +67,6 @@ class InputListing:
     files: list[InputFile]
     version: int | None = None  # Delta version / Iceberg snapshot id; None for a Parquet folder
     schema: pa.Schema | None = None  # a table's schema (its data files' columns); None: each file's footer
-    partition_columns: tuple[str, ...] = field(default=())
 
     def settings(self) -> dict[str, Any]:
         """What the output's manifest records of the input (and each run record, its version)."""
@@ -148,7 +147,7 @@ def _list_delta(address: TableAddress, storage_options: dict[str, Any], what: st
     partitions = tuple(metadata.partition_columns)
     schema = pa.schema(table.schema().to_arrow())
     schema = pa.schema([f for f in schema if f.name not in partitions])  # values in the log, not the files
-    return InputListing(address, location, sorted(files, key=lambda f: f.relpath), table.version(), schema, partitions)
+    return InputListing(address, location, sorted(files, key=lambda f: f.relpath), table.version(), schema)
 
 
 def _refuse_delta_features(table: Any, address: TableAddress) -> None:
