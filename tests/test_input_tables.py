@@ -231,3 +231,20 @@ def test_a_delta_input_with_deletion_vectors_is_refused(tmp_path):
     assert len(pa.RecordBatchReader.from_stream(DeltaTable(str(lake)).scan()).read_all()) == 8  # a real vector
     with pytest.raises(ConfigError, match="has deletion vectors.*PURGE"):
         list_sources(f"delta:{lake}", {}, None)
+
+
+def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
+    """--setup-from delta:PATH: the draw (the job's task, run as a plain function) sees no deleted row."""
+    from deltalake import DeltaTable, write_deltalake
+
+    from pipelines.setup_rows import select_setup_rows
+    from pipelines.spec_resolution import resolve_spec_here
+
+    write_deltalake(str(tmp_path / "train"), rows("t", 6))
+    DeltaTable(str(tmp_path / "train")).delete("id = 't-003'")
+    settings = config(tiny_text_dir, tmp_path / "unused", tmp_path / "out", objectives="kl,simclr:num_negatives=8;text_views=2")
+    spec = resolve_spec_here(settings)
+    listing = list_sources(f"delta:{tmp_path / 'train'}", {}, None, what="setup data", flag="--setup-from")
+    order, skipped, (keys, samples) = select_setup_rows(spec.json, spec.decoder, listing.location, listing.files, "id",
+                                                        "text", spec.setup_rows, 1, 2)
+    assert sorted(keys) == [f"t-{i:03d}" for i in range(6) if i != 3] and not skipped and len(samples) == 5
