@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
+from pipelines.formats.address import refuse_table_folder
 from pipelines.storage import InputFile, Location, exists, list_input
 
 FOOTER_THREADS = 16
@@ -122,7 +123,7 @@ def read_footers(location: Location, files: Sequence[InputFile]) -> list[pq.File
 def check_schemas(
     location: Location,
     files: Sequence[InputFile],
-    footers: Sequence[pq.FileMetaData],
+    schemas: Sequence[pa.Schema],
     columns: InputColumns,
     modality: str,
     recorded_id_type: pa.DataType | None = None,
@@ -133,8 +134,7 @@ def check_schemas(
     switch ids from strings to integers, or its ids would no longer match.
     """
     chosen: dict[str, tuple[pa.DataType, InputFile]] = {}
-    for info, footer in zip(files, footers):
-        schema = footer.schema.to_arrow_schema()
+    for info, schema in zip(files, schemas):
         missing = [name for name in columns.names if name not in schema.names]
         if missing:
             roles = {columns.id: "id", columns.data: "data", columns.event_time: "event time"}
@@ -175,11 +175,13 @@ def _uri(location: Location, info: InputFile) -> str:
     return f"s3://{info.path}" if location.is_s3 else info.path
 
 
-def list_parquet(location: Location, what: str) -> list[InputFile]:
-    """The Parquet data files of an input; ConfigError when there is none."""
+def list_parquet(location: Location, what: str, flag: str = "--input") -> list[InputFile]:
+    """The Parquet data files of a folder; ConfigError when there is none, or when the folder
+    is a Delta or Iceberg table's own (its files hold rows the table deleted)."""
     fs = location.filesystem()
     if not exists(fs, location.path):
         raise ConfigError(f"{what} {location.uri} does not exist")
+    refuse_table_folder(fs, location.path, location.uri, flag)
     files = list_input(location)
     if not files:
         raise ConfigError(f"{what} {location.uri} holds no Parquet files")

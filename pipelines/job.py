@@ -40,13 +40,14 @@ from fungi_ops.errors import ConfigError
 from pipelines.config import FeaturizeConfig, spec_settings
 from pipelines.formats import open_output
 from pipelines.formats.folder import history_location, history_name
-from pipelines.inputs import InputColumns, InputSchema, check_schemas, list_parquet, read_footers
+from pipelines.formats.input_tables import InputListing, file_schemas, input_location, list_sources, live_row_counts
+from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
 from pipelines.lease import OutputLease
 from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
 from pipelines.plan import NightPlan, check_ids, plan_night
 from pipelines.setup_rows import SetupStage
 from pipelines.spec_resolution import ResolvedSpec, SpecResolver
-from pipelines.storage import InputFile, Location, delete_tree
+from pipelines.storage import InputFile, delete_tree
 from pipelines.stream import Stream
 from pipelines.summary import RunIdentity, RunSummary, summarize
 
@@ -58,7 +59,8 @@ class FeaturizeJob:
         self.config = config
         self.columns = InputColumns(config.id_column, config.data_column_name, tuple(config.keep_columns),
                                     config.event_time_column)
-        self.input = Location(config.input, config.storage_options)
+        self.input = input_location(config.input, config.storage_options)  # None until listed: an Iceberg table's
+        self.listing: InputListing | None = None  # the input's sources (and table version), listed by run()
         self.table = open_output(config.output, config.storage_options, catalog=config.catalog)
         self.output = self.table.root
         self.run_id = "r" + uuid.uuid4().hex[:12]
@@ -74,6 +76,14 @@ class FeaturizeJob:
                 f"--history keeps row versions of a Parquet folder; {self.table.uri} is a {self.table.kind} table, "
                 "whose versions are kept by the table itself (fungi eval --version, time travel)"
             )
+        info = self.output.filesystem().get_file_info(self.output.path)
+        if info.type.name == "File":
+            raise ConfigError(f"--output {self.table.uri} is a file; it must be a directory (existing or not)")
+        if self.input is not None:
+            self.check_overlap()
+
+    def check_overlap(self) -> None:
+        """ConfigError when the input and the output folders overlap (an Iceberg input: once listed)."""
         if self.input.overlaps(self.output):
             raise ConfigError(
                 f"--output {self.table.uri} and --input {self.input.uri} overlap (one is the other or inside it): "
@@ -82,9 +92,6 @@ class FeaturizeJob:
         if self.config.history and self.input.overlaps(history_location(self.output)):
             raise ConfigError(f"--input {self.input.uri} overlaps the output's history folder "
                               f"{history_location(self.output).uri}; use a separate output")
-        info = self.output.filesystem().get_file_info(self.output.path)
-        if info.type.name == "File":
-            raise ConfigError(f"--output {self.table.uri} is a file; it must be a directory (existing or not)")
 
     def recorded_spec(self, listing: list[InputFile]) -> ResolvedSpec | None:
         """The output's recorded spec when this night can do without the model, else None.
@@ -154,6 +161,7 @@ class FeaturizeJob:
             "keep_columns": list(self.columns.keep),
             "event_time_column": self.columns.event_time,
             "spec_settings": spec_settings(self.config),
+            **(self.listing.settings() if self.listing else {}),
         }
         if schema is not None:
             settings["id_type"] = type_name(schema.type_of(self.columns.id))
@@ -162,12 +170,13 @@ class FeaturizeJob:
 
     # -- 3. the night's input -------------------------------------------------------------
     def read_schema(self, plan: NightPlan, previous: Manifest | None) -> tuple[InputSchema, dict[str, int]]:
-        """The input schema (checked in every footer read) and the row count of each file to read."""
+        """The input schema (checked in every footer read, or a table's) and each file's row count in its footer."""
         read_files = [work.input for work in plan.to_read]
         footers = read_footers(self.input, read_files)
         if read_files:
             recorded_id_type = previous.id_type if previous else None
-            schema = check_schemas(self.input, read_files, footers, self.columns, self.config.modality, recorded_id_type)
+            schemas = file_schemas(self.listing, footers)
+            schema = check_schemas(self.input, read_files, schemas, self.columns, self.config.modality, recorded_id_type)
         elif previous is not None:
             schema = InputSchema(pa.schema([(n, parse_type(t)) for n, t in previous.input["types"].items()]))
         else:
@@ -213,7 +222,9 @@ class FeaturizeJob:
 
         config = self.config
         self.validate_settings()
-        listing = list_parquet(self.input, "input")
+        self.listing = list_sources(config.input, config.storage_options, config.catalog)
+        self.input, listing = self.listing.location, self.listing.files
+        self.check_overlap()
         recorded = self.recorded_spec(listing)
         resolving = None if recorded else SpecResolver(config)
         if resolving:
@@ -232,6 +243,7 @@ class FeaturizeJob:
             schema, input_rows = self.read_schema(plan, previous)
             if plan.work:
                 init_ray(config.address)
+                input_rows = live_row_counts(self.input, [work.input for work in plan.to_read], input_rows)
             try:
                 summary = self.featurize_and_commit(plan, previous, schema, input_rows, listing, lease)
             except Exception:
@@ -247,7 +259,7 @@ class FeaturizeJob:
                         self.started, versioned_names=self.table.versioned_names, data_dir=self.table.data_dir)
         id_type = schema.type_of(self.columns.id)
         reads = plan.to_read
-        setup = SetupStage(self.config, self.spec, self.columns, self.input, self.output, self.run_id,
+        setup = SetupStage(self.config, self.spec, self.columns, self.listing, self.output, self.run_id,
                            stream.resources if reads else None)
         setup_state, setup_artifact = (  # drawn and encoded while the ids are checked
             setup.start(previous) if reads else (None, previous.setup_artifact if previous else None)
@@ -262,6 +274,7 @@ class FeaturizeJob:
         results = stream.finalize(plan, stats, input_rows, id_type)
         manifest = self.next_manifest(previous, plan, results, schema, setup_artifact)
         summary, record = summarize(self.identity, manifest, plan, results, stats, listing, id_check)
+        record.input_version = self.listing.version
         manifest.runs.append(record)
         lease.check()
         self.table.commit(manifest, previous, self.run_id, overwrite=self.config.overwrite)

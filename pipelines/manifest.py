@@ -54,7 +54,8 @@ class RunRecord:
     retried and failed again, ``rows_removed_failed`` old features removed because the
     changed row failed, ``rows_deleted`` removed by ``--prune``, ``rows_moved`` whose id
     now comes from another input file. Files: input files read, skipped unchanged and
-    failed to read (named), output files opened and rewritten.
+    failed to read (named), output files opened and rewritten. ``input_version``: the
+    version of an input table the run read.
     """
 
     run_id: str
@@ -77,6 +78,7 @@ class RunRecord:
     output_files_opened: int = 0
     output_files_written: int = 0
     input_fingerprint: str = ""
+    input_version: int | None = None  # the input table's version read (Delta version, Iceberg snapshot id)
     # seconds from the start to the first staged file, and rows/s from then on: start-up
     # (model loading, setup, Ray Data start) and steady throughput, told apart
     first_write_s: float | None = None

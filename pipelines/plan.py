@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
+from pipelines.formats.input_tables import read_columns
 from pipelines.manifest import INTERNAL_SUFFIX, Manifest
 from pipelines.storage import InputFile, Location, list_files
 
@@ -154,7 +155,7 @@ def _scan_new(location: Location, work: SourceWork, id_column: str, id_type: pa.
               buckets: int, directory: Location) -> tuple[Any, Any, int, str | None]:
     """Ray task: an input file's id range and null count, its ids scattered to buckets; or why it cannot be read."""
     try:
-        table = pq.read_table(work.input.path, columns=[id_column], filesystem=location.filesystem())
+        table = read_columns(location, work.input, [id_column])
     except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone
         return None, None, 0, f"cannot read input file {work.source}: {type(exc).__name__}: {exc}"
     ids = table.column(0).combine_chunks().cast(id_type)

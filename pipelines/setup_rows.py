@@ -13,15 +13,17 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from fungi_ops.errors import ConfigError
 from pipelines.config import FeaturizeConfig
 from pipelines.formats.base import SETUP_DIR
-from pipelines.inputs import InputColumns, check_schemas, list_parquet, read_footers
+from pipelines.formats.input_tables import InputListing, file_schemas, list_sources, read_batches, read_columns
+from pipelines.inputs import InputColumns, check_schemas, read_footers
 from pipelines.manifest import Manifest
 from pipelines.spec_resolution import ResolvedSpec
-from pipelines.storage import Location, read_bytes, write_atomic
+from pipelines.storage import InputFile, Location, read_bytes, write_atomic
+
+SETUP_READ_ROWS = 4096  # rows per batch while the drawn rows are picked out of the files
 
 
 class SetupStage:
@@ -31,9 +33,9 @@ class SetupStage:
     are encoded in one part per CPU actor, or on one accelerator.
     """
 
-    def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_location: Location,
+    def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_listing: InputListing,
                  root: Location, run_id: str, actor_resources: tuple[Any, float, float]) -> None:
-        self.config, self.spec, self.columns, self.input = config, spec, columns, input_location
+        self.config, self.spec, self.columns, self.input = config, spec, columns, input_listing
         self.root, self.run_id, self.actor_resources = root, run_id, actor_resources
         self.setup_draw: tuple[Any, Any, str] | None = None  # ObjectRefs of the draw's order and skipped rows, source
 
@@ -58,14 +60,16 @@ class SetupStage:
 
             return load(read_bytes(fs, self.root.child_path(previous.setup_artifact))), previous.setup_artifact
         chosen = self.config.support_from or self.config.setup_from
-        source = Location(chosen, self.config.storage_options) if chosen else self.input
-        if not chosen:
-            flag = "--support-from" if self.spec.dense else "--setup-from"
+        flag = "--support-from" if self.spec.dense else "--setup-from"
+        if chosen:
+            listing = list_sources(chosen, self.config.storage_options, self.config.catalog, what="setup data", flag=flag)
+        else:
+            listing = self.input
             print(f"fungi: {self.what} drawn from the input (pass {flag} to use a training split)")
-        files = list_parquet(source, "setup data")
+        source, files = listing.location, listing.files
         setup_columns = InputColumns(self.columns.id, self.columns.data)
-        check_schemas(source, files, read_footers(source, files), setup_columns, self.spec.modality)
-        return self._start_tasks(source, [f.path for f in files], count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
+        check_schemas(source, files, file_schemas(listing, read_footers(source, files)), setup_columns, self.spec.modality)
+        return self._start_tasks(source, files, count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
 
     def check_draw(self) -> None:
         """ConfigError (exit 2) when no setup row decodes; waits for the draw started by :meth:`start`.
@@ -106,7 +110,7 @@ class SetupStage:
         fs.create_dir(self.root.child_path(SETUP_DIR), recursive=True)
         write_atomic(fs, self.root.child_path(relative), blob)
 
-    def _start_tasks(self, source: Location, paths: list[str], count: int) -> Any:
+    def _start_tasks(self, source: Location, files: list[InputFile], count: int) -> Any:
         """Draw and decode the setup rows (a Ray task, waited for), then start encoding them.
 
         Returns the ObjectRef of the setup state. On CPUs the rows are encoded in as many parts
@@ -123,7 +127,7 @@ class SetupStage:
         parts = 1 if gpus or not self.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
         chunk = max(1, self.config.batch_size // 4)
         select = ray.remote(num_cpus=0.25, num_returns=parts + 2)(select_setup_rows)
-        refs = select.remote(self.spec.json, self.spec.decoder, source, paths, self.columns.id, self.columns.data, count, parts, chunk)
+        refs = select.remote(self.spec.json, self.spec.decoder, source, files, self.columns.id, self.columns.data, count, parts, chunk)
         order_ref, skipped_ref, part_refs = refs[0], refs[1], refs[2:]
         self.setup_draw = (order_ref, skipped_ref, source.uri)  # checked by check_draw before the stream
         cores = int(ray.cluster_resources().get("CPU", 1))
@@ -135,7 +139,7 @@ class SetupStage:
         return ray.remote(num_cpus=0)(merge_setup_parts).remote(order_ref, *encoded)
 
 
-def select_setup_rows(spec_json: str, decoder: bytes, source: Location, paths: list[str], id_column: str,
+def select_setup_rows(spec_json: str, decoder: bytes, source: Location, files: list[InputFile], id_column: str,
                       data_column: str, count: int, parts: int, chunk: int) -> tuple[list, ...]:
     """Ray task: the ``count`` setup rows, decoded, in ``parts`` parts to encode.
 
@@ -153,19 +157,21 @@ def select_setup_rows(spec_json: str, decoder: bytes, source: Location, paths: l
     from fungi_ops.spec import FeaturizerSpec
 
     spec = FeaturizerSpec.from_json(spec_json)
-    dataset = pads.dataset(paths, filesystem=source.filesystem(), format="parquet")
-    ids = [str(v) for v in dataset.to_table(columns=[id_column]).column(0).to_pylist() if v is not None]
-    chosen = [ids[i] for i in setup_order(spec.seed, ids)[:count]]
-    id_type = dataset.schema.field(id_column).type
-    table = dataset.to_table(columns=[id_column, data_column], filter=pc.field(id_column).isin(pa.array(chosen).cast(id_type)))
+    ids = [str(v) for f in files for v in read_columns(source, f, [id_column]).column(0).to_pylist() if v is not None]
+    chosen = pa.array([ids[i] for i in setup_order(spec.seed, ids)[:count]])
+    picked = [
+        batch.filter(pc.is_in(pc.cast(batch.column(0), pa.string()), value_set=chosen))
+        for f in files for batch in read_batches(source, f, [id_column, data_column], SETUP_READ_ROWS)
+    ] if len(chosen) else []
     decode = pickle.loads(decoder).decode
     samples, keys, skipped = [], [], []
-    for row_id, payload in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-        try:
-            samples.append(decode(payload))
-            keys.append(str(row_id))
-        except Exception as exc:  # noqa: BLE001 - a bad setup row is left out, not fatal
-            skipped.append(f"{row_id}: {exc}")
+    for batch in picked:
+        for row_id, payload in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            try:
+                samples.append(decode(payload))
+                keys.append(str(row_id))
+            except Exception as exc:  # noqa: BLE001 - a bad setup row is left out, not fatal
+                skipped.append(f"{row_id}: {exc}")
     drawn = setup_order(spec.seed, keys)
     keys, samples = [keys[i] for i in drawn], [samples[i] for i in drawn]
     order = setup_encoding_order(samples)

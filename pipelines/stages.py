@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import posixpath
 import re
 import time
@@ -46,6 +47,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import SampleError
 
+from pipelines.formats.input_tables import read_batches, read_columns
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX
 from pipelines.storage import Location, fsync_file, write_whole
@@ -238,26 +240,27 @@ def read_sources(
     rows_per_block: int,
     retry_failed: bool,
 ) -> Iterator[pa.Table]:
-    """Ray Data generator UDF over the sources to read (``source``, ``path``, previous files).
+    """Ray Data generator UDF over the sources to read (``source``, ``path``, the pickled
+    :class:`~pipelines.storage.InputFile`, previous files): each source's live rows
+    (:func:`~pipelines.formats.input_tables.read_batches`: a table's deletes applied).
 
     Memory: one record batch of ``rows_per_block`` rows, plus the (id, hash) pairs of
     the source's previous output when it had one.
     """
-    fs = input_location.filesystem()
     for item in items.to_pylist():
         source = item["source"]
         known = _known_rows(output, item["old_file"], item["old_error_file"])
         first_row = 0
         try:
-            with fs.open_input_file(item["path"]) as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows_per_block, columns=columns.names):
-                    block = _read_block(
-                        pa.Table.from_batches([batch]), source=source, first_row=first_row, columns=columns,
-                        schema=schema, event_time=event_time, known=known, retry_failed=retry_failed,
-                    )
-                    first_row += batch.num_rows
-                    if block.num_rows:
-                        yield block
+            input_file = pickle.loads(item["input"])
+            for batch in read_batches(input_location, input_file, columns.names, rows_per_block):
+                block = _read_block(
+                    pa.Table.from_batches([batch]), source=source, first_row=first_row, columns=columns,
+                    schema=schema, event_time=event_time, known=known, retry_failed=retry_failed,
+                )
+                first_row += batch.num_rows
+                if block.num_rows:
+                    yield block
         except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone, the job goes on
             log.warning("cannot read input file %s: %s", item["path"], exc)
             yield _read_failure(
@@ -666,8 +669,8 @@ def finalize_source(
     ).drop_null()
     moved = work["moved_ids"].cast(pa.string()) if work["moved_ids"] is not None else pa.array([], pa.string())
     current = None
-    if work["input_path"] and (prune or work["kind"] != "new"):
-        ids = pq.read_table(work["input_path"], columns=[id_column], filesystem=input_location.filesystem()).column(0)
+    if work["input_file"] and (prune or work["kind"] != "new"):
+        ids = read_columns(input_location, work["input_file"], [id_column]).column(0)
         current = ids.cast(pa.string()).combine_chunks().drop_null()
 
     def previous(name: str | None, columns: list[str] | None = None) -> pa.Table | None:

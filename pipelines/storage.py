@@ -96,12 +96,16 @@ class InputFile:
     ``identity`` changes whenever the file is rewritten: the modification time in
     nanoseconds on a local or shared disk, the ETag on S3 (a content digest; S3's
     modification time has one-second resolution and would miss two writes in a second).
+    A table's data file is immutable: its identity is what else decides its live rows (an
+    Iceberg file's delete files), and ``read`` says how to read them
+    (:class:`pipelines.formats.input_tables.IcebergRead`; None: the file as it is).
     """
 
     path: str
     relpath: str
     size: int
     identity: str
+    read: Any = field(default=None, compare=False, repr=False)
 
 
 def list_input(location: Location) -> list[InputFile]:

@@ -10,6 +10,7 @@ stats row per staged block and one sources-table row per touched source.
 from __future__ import annotations
 
 import functools
+import pickle
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -97,6 +98,7 @@ class Stream:
             {
                 "source": work.source,
                 "path": work.input.path,
+                "input": pickle.dumps(work.input),
                 "old_file": work.old["file"] if work.old else None,
                 "old_error_file": work.old["error_file"] if work.old else None,
             }
@@ -168,7 +170,7 @@ class Stream:
                 "kind": work.kind,
                 "old": work.old,
                 "input": {"size": work.input.size, "identity": work.input.identity} if work.input else None,
-                "input_path": work.input.path if work.input else None,
+                "input_file": work.input,
                 "input_rows": input_rows.get(work.source),
                 "listed": work.source in plan.listed,
                 "reads_payloads": work.reads_payloads,

@@ -313,12 +313,13 @@ def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, pa
     from pipelines.job import FeaturizeConfig
     from pipelines.setup_rows import encode_setup_rows, merge_setup_parts, select_setup_rows
     from pipelines.spec_resolution import resolve_spec_here
+    from pipelines.storage import list_input
 
     config = FeaturizeConfig(input=str(text_input), output="unused", modality="text", model=f"hf:{minilm_dir}",
                              objectives="kl,simclr:num_negatives=7;text_views=3")
     spec = resolve_spec_here(config)
-    paths = sorted(str(p) for p in text_input.glob("*.parquet"))
-    order, skipped, *split = select_setup_rows(spec.json, spec.decoder, Location(str(text_input)), paths, "id", "text",
+    files = list_input(Location(str(text_input)))
+    order, skipped, *split = select_setup_rows(spec.json, spec.decoder, Location(str(text_input)), files, "id", "text",
                                                spec.setup_rows, parts, 2)
     assert len(order) + len(skipped) == spec.setup_rows  # every drawn row: encoded, or reported to the driver
     merged = merge_setup_parts(order, *(encode_setup_rows(spec.json, part, 2, 1) for part in split))

@@ -40,7 +40,16 @@ def _actors(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
-    io.add_argument("--input", required=True, help="Parquet file or directory, local or s3://bucket/prefix")
+    io.add_argument(
+        "--input", required=True,
+        help="Parquet file or directory (local or s3://bucket/prefix), a Delta table (delta:PATH) or an Iceberg "
+        "table (iceberg:NAMESPACE.TABLE, see --catalog); a table is read at its current version, deletes applied",
+    )
+    io.add_argument(
+        "--catalog",
+        help="Iceberg catalog of iceberg: addresses: a pyiceberg catalog name, or a JSON object of catalog "
+        "properties (default: a SQL catalog on SQLite in $FUNGI_WAREHOUSE, ./fungi_warehouse)",
+    )
     io.add_argument("--output", required=True, help="output directory, local or s3://bucket/prefix")
     io.add_argument("--modality", required=True, choices=["image", "text", "audio"])
     io.add_argument("--id-column", default="id", help="unique row id column (default: id)")
@@ -76,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--seed", type=int, default=0, help="run seed: projection, heads, negatives and views derive from it")
     model.add_argument(
         "--setup-from",
-        help="Parquet of a training split to draw SimCLR negatives (or the dense support) from (default: the input)",
+        help="Parquet folder or table (delta:PATH, iceberg:NS.TABLE) of a training split to draw SimCLR negatives "
+        "(or the dense support) from (default: the input)",
     )
     model.add_argument(
         "--support-from",
@@ -158,6 +168,7 @@ def config_from_args(args: argparse.Namespace):
         lease_timeout=FeaturizeConfig.lease_timeout if args.lease_timeout is None else args.lease_timeout,
         break_lease=args.break_lease,
         storage_options=parse_storage_options(args.storage_options),
+        catalog=args.catalog,
         address=args.address,
         trust_remote_code=args.trust_remote_code,
     )

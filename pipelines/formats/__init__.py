@@ -4,7 +4,8 @@
 ``delta:PATH``, ``iceberg:NAMESPACE.TABLE``); :mod:`pipelines.formats.base` is the one
 interface (:class:`~pipelines.formats.base.OutputTable`) the job commits through and readers
 read through; :mod:`~pipelines.formats.folder`, :mod:`~pipelines.formats.delta` and
-:mod:`~pipelines.formats.iceberg` implement it.
+:mod:`~pipelines.formats.iceberg` implement it. :mod:`~pipelines.formats.input_tables` lists
+and reads the three as input (a table's data files, its deletes applied).
 """
 from __future__ import annotations
 

@@ -1,0 +1,339 @@
+"""Input sources: a Parquet folder's files, a Delta version's or an Iceberg snapshot's data files.
+
+A job's unit of input is a **source**: one data file, with lineage (its output rows live in
+one output file). :func:`list_sources` lists them for any ``--input`` / ``--setup-from`` /
+``--support-from`` address, with no data file opened:
+
+* a Parquet folder: its files, identity = modification time (ETag on S3), as before; a
+  folder that is a table's own folder is refused (its files include deleted rows);
+* ``delta:PATH``: the add actions of the table's current version (``deltalake``). Data files
+  are immutable: a delete, update, merge or compaction removes files and adds new ones, so a
+  removed file is a source gone from the input (``--prune`` removes its rows), ids now in a
+  new file have moved, and a new file is a new source;
+* ``iceberg:NS.TABLE``: the current snapshot's file scan tasks (pyiceberg), one source per
+  data file; the positional delete files that apply to it are part of its identity (a new
+  delete file makes the source changed) and are applied wherever its rows are read.
+
+:func:`read_batches` / :func:`read_columns` are the one reader of a source's live rows for
+every stage that reads input rows (the stream's read stage, the id checks, the setup-row
+draw, finalize's prune, the row counts of files with deletes).
+
+Refused, with the fix named: Delta deletion vectors (``deltalake`` exposes them only as whole
+in-memory keep masks, not per file in its add actions, so a file's identity could not tell a
+new vector from the old one) and column mapping (physical column names differ from the
+table's); Iceberg equality deletes (pyiceberg cannot apply them).
+"""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fungi_ops.errors import ConfigError
+from pipelines.formats.address import DELTA, ICEBERG, TableAddress, load_catalog, parse_address
+from pipelines.inputs import list_parquet
+from pipelines.storage import InputFile, Location
+
+FIELD_ID_KEY = b"PARQUET:field_id"
+
+
+@dataclass(frozen=True)
+class IcebergRead:
+    """How to read one Iceberg data file's live rows (travels to Ray workers with its :class:`InputFile`).
+
+    ``data_uri`` is the file's path as the table's delete files name it; ``deletes`` the
+    positional delete files that apply to it (paths on the input's filesystem);
+    ``field_ids`` the table's column names and Iceberg field ids, so that a file written
+    before a column was renamed is read by field id, not by its old name.
+    """
+
+    data_uri: str
+    deletes: tuple[str, ...]
+    field_ids: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class InputListing:
+    """What an input address holds now: its sources and, for a table, the version they are of."""
+
+    address: TableAddress
+    location: Location  # the folder, or the table's root: where the sources' paths are
+    files: list[InputFile]
+    version: int | None = None  # Delta version / Iceberg snapshot id; None for a Parquet folder
+    schema: pa.Schema | None = None  # a table's schema (its data files' columns); None: each file's footer
+
+    def settings(self) -> dict[str, Any]:
+        """What the output's manifest records of the input (and each run record, its version)."""
+        return {"format": self.address.kind, "table_version": self.version}
+
+
+def input_location(text: str, storage_options: dict[str, Any], flag: str = "--input") -> Location | None:
+    """The folder an address reads from, when known without a catalog (None for Iceberg)."""
+    address = parse_address(text, flag)
+    return None if address.kind == ICEBERG else Location(address.target, storage_options)
+
+
+def list_sources(text: str, storage_options: dict[str, Any], catalog: str | None, *, what: str = "input",
+                 flag: str = "--input") -> InputListing:
+    """The sources of the address ``text`` (see the module docstring); ConfigError when there is none."""
+    address = parse_address(text, flag)
+    if address.kind == DELTA:
+        listing = _list_delta(address, storage_options, what)
+    elif address.kind == ICEBERG:
+        listing = _list_iceberg(address, storage_options, catalog, what)
+    else:
+        location = Location(address.target, storage_options)
+        listing = InputListing(address, location, list_parquet(location, what, flag))
+    if not listing.files:
+        raise ConfigError(f"{what} {address} holds no data files")
+    return listing
+
+
+def file_schemas(listing: InputListing, footers: Sequence[pq.FileMetaData]) -> list[pa.Schema]:
+    """The schema each listed file's rows are read with: the table's for a table, else the file's footer."""
+    if listing.schema is not None:
+        return [listing.schema] * len(footers)
+    return [footer.schema.to_arrow_schema() for footer in footers]
+
+
+# -- Delta -----------------------------------------------------------------------------------
+
+
+def delta_storage_options(location: Location) -> dict[str, str]:
+    """``deltalake``'s storage options for a location: its endpoint and keys (s3fs spelling) mapped."""
+    if not location.is_s3:
+        return {}
+    import os
+
+    options = location.storage_options
+    endpoint = options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    mapped = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": options.get("key"),
+              "AWS_SECRET_ACCESS_KEY": options.get("secret"), "AWS_REGION": options.get("client_kwargs", {}).get("region_name")}
+    if endpoint and endpoint.startswith("http://"):
+        mapped["AWS_ALLOW_HTTP"] = "true"
+    return {key: str(value) for key, value in mapped.items() if value}
+
+
+def _list_delta(address: TableAddress, storage_options: dict[str, Any], what: str) -> InputListing:
+    """The add actions of a Delta table's current version, one source each."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    location = Location(address.target, storage_options)
+    table_uri = f"s3://{location.path}" if location.is_s3 else location.path
+    try:
+        table = DeltaTable(table_uri, storage_options=delta_storage_options(location))
+    except TableNotFoundError:
+        raise ConfigError(f"{what} {address} is not a Delta table (no _delta_log/ at {location.uri})") from None
+    _refuse_delta_features(table, address)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    files = []
+    for path, size, modified in zip(*(actions.column(n).to_pylist() for n in ("path", "size_bytes", "modification_time"))):
+        if "://" in path:
+            full = _filesystem_path(path)
+            relpath = posixpath.relpath(full, location.path) if full.startswith(location.path + "/") else full
+        else:
+            relpath = unquote(path)
+            full = location.child_path(relpath)
+        files.append(InputFile(full, relpath, int(size), f"delta:{modified}"))
+    metadata = table.metadata()
+    partitions = tuple(metadata.partition_columns)
+    schema = pa.schema(table.schema().to_arrow())
+    schema = pa.schema([f for f in schema if f.name not in partitions])  # values in the log, not the files
+    return InputListing(address, location, sorted(files, key=lambda f: f.relpath), table.version(), schema)
+
+
+def _refuse_delta_features(table: Any, address: TableAddress) -> None:
+    """ConfigError for a Delta table whose files' rows are not their live rows as plain Parquet reads them."""
+    configuration = table.metadata().configuration
+    if configuration.get("delta.columnMapping.mode", "none") != "none":
+        raise ConfigError(
+            f"--input {address} uses column mapping (delta.columnMapping.mode="
+            f"{configuration['delta.columnMapping.mode']}): its files' column names are not the table's, and fungi "
+            "reads data files by name; rewrite the table without column mapping"
+        )
+    features = table.protocol().reader_features or []
+    if "deletionVectors" in features and _has_deletion_vectors(table):
+        raise ConfigError(
+            f"--input {address} has deletion vectors (rows deleted inside data files), which fungi cannot track per "
+            "file; purge them (Spark: REORG TABLE ... APPLY (PURGE)) and disable them "
+            "(ALTER TABLE ... SET TBLPROPERTIES ('delta.enableDeletionVectors' = false)), then run again"
+        )
+
+
+def _has_deletion_vectors(table: Any) -> bool:
+    """Whether any file of the table's version has a deletion vector (only files with one are listed)."""
+    reader = pa.RecordBatchReader.from_stream(table.deletion_vectors())
+    return any(batch.num_rows for batch in reader)
+
+
+# -- Iceberg ---------------------------------------------------------------------------------
+
+
+def _list_iceberg(address: TableAddress, storage_options: dict[str, Any], catalog: str | None, what: str) -> InputListing:
+    """The data files of an Iceberg table's current snapshot, each with its positional deletes."""
+    from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+    try:
+        table = load_catalog(catalog).load_table(address.target)
+    except (NoSuchTableError, NoSuchNamespaceError):
+        raise ConfigError(f"{what} {address} does not exist in the Iceberg catalog (--catalog)") from None
+    location = Location(_location_uri(table.metadata.location), storage_options)
+    snapshot = table.current_snapshot()
+    if snapshot is None:
+        return InputListing(address, location, [], None, table.schema().as_arrow())
+    try:
+        tasks = list(table.scan(snapshot_id=snapshot.snapshot_id).plan_files())
+    except ValueError as exc:
+        if "equality deletes" not in str(exc):
+            raise
+        raise ConfigError(_equality_message(address)) from None
+    field_ids = tuple((f.name, f.field_id) for f in table.schema().fields)
+    files = [iceberg_source(task, location, field_ids, address) for task in tasks]
+    return InputListing(address, location, sorted(files, key=lambda f: f.relpath), snapshot.snapshot_id,
+                        table.schema().as_arrow())
+
+
+def iceberg_source(task: Any, location: Location, field_ids: tuple[tuple[str, int], ...],
+                   address: TableAddress) -> InputFile:
+    """One file scan task as a source: identity = its delete files; equality deletes refused."""
+    from pyiceberg.manifest import DataFileContent
+
+    deletes = sorted(task.delete_files, key=lambda d: d.file_path)
+    if any(d.content != DataFileContent.POSITION_DELETES for d in deletes):
+        raise ConfigError(_equality_message(address))
+    path = _filesystem_path(task.file.file_path)
+    relpath = posixpath.relpath(path, location.path) if path.startswith(location.path + "/") else path
+    identity = hashlib.sha256("\n".join(d.file_path for d in deletes).encode()).hexdigest()[:16] if deletes else "-"
+    read = IcebergRead(task.file.file_path, tuple(_filesystem_path(d.file_path) for d in deletes), field_ids)
+    return InputFile(path, relpath, int(task.file.file_size_in_bytes), f"iceberg:{identity}", read)
+
+
+def _equality_message(address: TableAddress) -> str:
+    return (
+        f"--input {address} has equality delete files, which pyiceberg cannot apply: compact the table "
+        "(Spark: CALL system.rewrite_data_files(..., options => map('delete-file-threshold','1'))) so that "
+        "no equality deletes remain, then run again"
+    )
+
+
+def _location_uri(uri: str) -> str:
+    """A table location as a :class:`Location` URI (``file://`` URIs as local paths)."""
+    return unquote(urlparse(uri).path) if uri.startswith("file:") else uri
+
+
+def _filesystem_path(uri: str) -> str:
+    """A data file's URI as a path on its location's filesystem (``bucket/key`` on S3)."""
+    if uri.startswith("file:"):
+        return unquote(urlparse(uri).path)
+    if "://" in uri:
+        return uri.split("://", 1)[1]
+    return uri
+
+
+# -- reading a source's live rows ------------------------------------------------------------
+
+
+def read_batches(location: Location, source: InputFile, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The live rows of one source, ``columns`` only, in record batches of at most ``batch_size`` rows.
+
+    A Parquet folder's or Delta table's file is read as it is; an Iceberg file by field id,
+    without the rows its positional delete files delete (a column the file predates is null).
+    View types (``deltalake`` writes ``string_view``) come as plain strings and binaries: not
+    every compute kernel takes views.
+    """
+    for batch in _live_batches(location, source, columns, batch_size):
+        views = [i for i, f in enumerate(batch.schema) if f.type in _VIEW_TYPES]
+        for index in views:
+            batch = batch.set_column(index, batch.schema.field(index).name,
+                                     batch.column(index).cast(_VIEW_TYPES[batch.schema.field(index).type]))
+        yield batch
+
+
+_VIEW_TYPES = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+
+
+def _live_batches(location: Location, source: InputFile, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+    """:func:`read_batches` before its view types are made plain."""
+    fs = location.filesystem()
+    with fs.open_input_file(source.path) as handle:
+        parquet = pq.ParquetFile(handle)
+        read = source.read
+        if read is None:
+            yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+            return
+        physical = _physical_names(parquet.schema_arrow, read, columns)
+        deleted = _deleted_positions(fs, read)
+        start = 0
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=sorted({p for p in physical if p})):
+            rows = batch.num_rows
+            arrays = [batch.column(name) if name else pa.nulls(rows) for name in physical]
+            batch = pa.RecordBatch.from_arrays(arrays, names=columns)
+            if len(deleted):
+                positions = np.arange(start, start + rows)
+                batch = batch.filter(pa.array(~np.isin(positions, deleted, assume_unique=True)))
+            start += rows
+            yield batch
+
+
+def read_columns(location: Location, source: InputFile, columns: list[str]) -> pa.Table:
+    """The live rows of one source, ``columns`` only, as one table."""
+    batches = list(read_batches(location, source, columns, 1 << 16))
+    if not batches:
+        return pa.table({column: pa.nulls(0) for column in columns})
+    return pa.Table.from_batches(batches)
+
+
+def count_live_rows(location: Location, source: InputFile) -> int:
+    """Ray task: a source's live rows (its footer's count less what its delete files delete)."""
+    with location.filesystem().open_input_file(source.path) as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    if source.read is None or not source.read.deletes:
+        return rows
+    return rows - len(_deleted_positions(location.filesystem(), source.read))
+
+
+def live_row_counts(location: Location, sources: Sequence[InputFile], footer_rows: dict[str, int]) -> dict[str, int]:
+    """Live rows per source: ``footer_rows``, but a Ray task's count for a file with deletes (off the driver)."""
+    counts = dict(footer_rows)
+    with_deletes = [source for source in sources if source.read is not None and source.read.deletes]
+    if with_deletes:
+        import ray
+
+        task = ray.remote(num_cpus=0.25)(count_live_rows)
+        for source, rows in zip(with_deletes, ray.get([task.remote(location, s) for s in with_deletes])):
+            counts[source.relpath] = rows
+    return counts
+
+
+def _physical_names(file_schema: pa.Schema, read: IcebergRead, columns: list[str]) -> list[str | None]:
+    """The file's column for each wanted table column: by Iceberg field id, else by name; None if absent."""
+    by_id = {
+        int(f.metadata[FIELD_ID_KEY]): f.name for f in file_schema if f.metadata and FIELD_ID_KEY in f.metadata
+    }
+    ids = dict(read.field_ids)
+    names = []
+    for column in columns:
+        if by_id and column in ids:
+            names.append(by_id.get(ids[column]))
+        else:
+            names.append(column if column in file_schema.names else None)
+    return names
+
+
+def _deleted_positions(fs: Any, read: IcebergRead) -> np.ndarray:
+    """Sorted row positions of one data file that its positional delete files delete."""
+    parts = [
+        pq.read_table(path, columns=["pos"], filters=[("file_path", "=", read.data_uri)], filesystem=fs).column(0)
+        for path in read.deletes
+    ]
+    if not parts:
+        return np.empty(0, dtype=np.int64)
+    return np.unique(np.concatenate([part.to_numpy() for part in parts]).astype(np.int64))
