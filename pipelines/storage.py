@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
+from fungi_ops.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Location:
@@ -142,17 +144,20 @@ def list_input(location: Location) -> list[InputFile]:
     )
 
 
+def parse_json_object(text: str, flag: str) -> dict[str, Any]:
+    """The JSON object a flag's value spells; ConfigError naming ``flag`` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object")
+    return value
+
+
 def parse_storage_options(text: str | None) -> dict[str, Any]:
     """``--storage-options`` is a JSON object passed to s3fs (e.g. endpoint_url, anon)."""
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--storage-options is not valid JSON: {exc}") from exc
-    if not isinstance(options, dict):
-        raise ValueError("--storage-options must be a JSON object")
-    return options
+    return parse_json_object(text, "--storage-options") if text else {}
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

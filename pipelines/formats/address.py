@@ -16,12 +16,12 @@ the table has deleted.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from fungi_ops.errors import ConfigError
+from pipelines.storage import parse_json_object
 
 PARQUET, DELTA, ICEBERG = "parquet", "delta", "iceberg"
 WAREHOUSE_ENV = "FUNGI_WAREHOUSE"
@@ -95,12 +95,7 @@ def catalog_properties(catalog: str | None) -> tuple[str, dict[str, str]]:
             "warehouse": f"file://{warehouse}",
         }
     if catalog.lstrip().startswith("{"):
-        try:
-            properties = json.loads(catalog)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--catalog is not valid JSON: {exc}") from None
-        if not isinstance(properties, dict):
-            raise ConfigError("--catalog must be a catalog name or a JSON object of catalog properties")
+        properties = parse_json_object(catalog, "--catalog (a catalog name or a JSON object of catalog properties)")
         return str(properties.pop("name", DEFAULT_CATALOG_NAME)), {k: str(v) for k, v in properties.items()}
     return catalog, {}
 
