@@ -217,7 +217,8 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
         committed = state.version == captured["previous"].version + 1
         # through the manifest, before anything recovers: exactly the old or exactly the new rows
         assert read_output(str(output)).sort_by("id").equals(new if committed else old), dry.operations[step - 1]
-        evaluated = read_table_files(str(output), lambda files: load_feature_table(output, label_column=None, files=files))
+        evaluated = read_table_files(str(output), lambda source, files, fs: load_feature_table(
+            source, label_column=None, files=files, filesystem=fs))
         assert sorted(evaluated.ids) == ids_of(new if committed else old)
         if committed and not (tmp_path / "moving").exists():  # the commit point: a reader races apply's moves
             moving = tmp_path / "moving"

@@ -88,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="test feature table, same format and spec as --train: scored by every task, clustered by clustering",
     )
     data.add_argument(
+        "--version", type=int, metavar="N",
+        help="read both tables as of this Delta version or Iceberg snapshot id (time travel; default: current)",
+    )
+    data.add_argument(
+        "--catalog", metavar="NAME|JSON",
+        help="the pyiceberg catalog of iceberg:NAMESPACE.TABLE tables (as for fungi featurize)",
+    )
+    data.add_argument(
         "--label-column", default="label", metavar="NAME", help="column holding the class labels (default: %(default)s)"
     )
     data.add_argument(
@@ -181,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
             if args.task == "segmentation":
                 from fungi_ops.eval.dense_io import DenseReader
 
-                train, test = (read_table_files(path, lambda files, path=path: DenseReader(path, files=files))
-                               for path in (args.train, args.test))
+                train, test = (read_table_files(path, lambda source, files, fs: DenseReader(
+                    source, files=files, filesystem=fs), version=args.version, catalog=args.catalog)
+                    for path in (args.train, args.test))
                 report = evaluate_segmentation(
                     train, test, mask_column=args.mask_column, image_column=args.image_column,
                     features=args.features, memory_size=args.memory_size, k=k, temperature=temperature,
@@ -192,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
                 # Clustering scores the test rows alone: the train table needs no label column.
                 train_labels = None if args.task == "clustering" else args.label_column
                 tables = [
-                    read_table_files(path, lambda files, path=path, labels=labels: load_feature_table(
-                        path, label_column=labels, features=args.features, files=files))
+                    read_table_files(path, lambda source, files, fs, labels=labels: load_feature_table(
+                        source, label_column=labels, features=args.features, files=files, filesystem=fs),
+                        version=args.version, catalog=args.catalog)
                     for path, labels in ((args.train, train_labels), (args.test, args.label_column))
                 ]
                 report = evaluate(
@@ -215,21 +225,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_table_files(path: str, read: Callable[[list[str] | None], Any]) -> Any:
-    """``read(files)`` of a feature table: a fungi output's committed files (exactly one committed
-    state, even right after a run was killed in its commit), else every file under ``path``.
+def read_table_files(path: str, read: Callable[[str, list[str] | None, Any], Any], *, version: int | None = None,
+                     catalog: str | None = None) -> Any:
+    """``read(source, files, filesystem)`` of a feature table: a fungi output's data files of exactly
+    one committed state (the current one, or ``version`` of a Delta / Iceberg table; even right
+    after a run was killed in its commit), else (``files`` None) every Parquet file under ``path``.
 
-    A URI with pyarrow options (``?endpoint_override=...``) is read as a plain table.
+    ``path`` is a folder, ``delta:PATH`` or ``iceberg:NAMESPACE.TABLE``. A URI with pyarrow
+    options (``?endpoint_override=...``) is read as a plain table.
     """
     from fungi_ops.eval import EvalInputError
     from fungi_ops.errors import FungiError
-    from pipelines.formats.folder import read_committed
-    from pipelines.storage import Location
+    from pipelines.formats import open_output
 
     if "?" in path:
-        return read(None)
+        if version is not None:
+            raise EvalInputError(f"--version needs a Delta or Iceberg table; {path} is read as a plain Parquet table")
+        return read(path, None, None)
     try:
-        return read_committed(Location(path), read)
+        table = open_output(path, catalog=catalog)
+        root = table.root
+        return table.read_files(lambda files: read(root.uri if files is not None else path, files,
+                                                   root.filesystem() if files is not None else None), version)
     except EvalInputError:
         raise
     except (FungiError, OSError, ValueError) as exc:

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 
@@ -45,6 +45,7 @@ RUN_PROPERTY = "fungi.run_id"
 MANIFEST_PROPERTY = "fungi.manifest"  # the fungi manifest header of a table version, relative to the root
 
 Fault = Callable[[int, str], None]
+T = TypeVar("T")
 
 
 def crash_from_env() -> Fault | None:
@@ -131,6 +132,17 @@ class OutputTable(ABC):
             self.fault(len(self.operations), what)
 
     # -- readers --------------------------------------------------------------------------
+    @abstractmethod
+    def read_files(self, read: Callable[[list[str] | None], T], version: int | None = None) -> T:
+        """``read(paths)`` over the data files of exactly one committed state (the current one,
+        or ``version``), as paths on :attr:`root`'s filesystem; ``paths`` is None when the
+        output holds nothing of fungi's (``read`` may then read it as a plain table).
+
+        The files are fungi's own Parquet files: fixed-size vectors and the ``fungi.spec``
+        metadata in every one, whatever the table's schema says. ``fungi eval`` reads
+        through this.
+        """
+
     @abstractmethod
     def read(self, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """The feature rows of exactly one committed state (the current one, or ``version``),

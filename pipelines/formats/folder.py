@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -43,7 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.base import SETUP_DIR, STAGING_DIR, Fault, OutputTable
+from pipelines.formats.base import SETUP_DIR, STAGING_DIR, Fault, OutputTable, T
 from pipelines.manifest import (
     ERRORS_DIR, INTERNAL_SUFFIX, LOG_DIR, MANIFEST_NAME, Manifest, read_header, read_manifest, write_header, write_sources_table,
 )
@@ -117,17 +117,24 @@ class ParquetFolder(OutputTable):
         """Finish a dead run's commit, delete dead runs' staging (see :func:`recover`)."""
         return recover(self.output, run_id, tolerate_unreadable=tolerate_unreadable, fault=self.fault)
 
+    def read_files(self, read: Callable[[list[str] | None], T], version: int | None = None) -> T:
+        """``read(paths)`` over exactly one committed state (:func:`read_committed`)."""
+        self._refuse_version(version)
+        return read_committed(self.output, read)
+
+    def _refuse_version(self, version: int | None) -> None:
+        if version is not None:
+            raise ConfigError(
+                f"{self.uri} is a Parquet folder, which keeps no versions to travel to; "
+                "featurize into a Delta or Iceberg table for time travel"
+            )
+
     def read(self, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Exactly one committed state, never a mix (:func:`read_committed`); a folder keeps no old versions.
 
         The bare directory (``pyarrow.parquet.read_table(OUT)``) is the same table except
         right after a run was killed in its commit; this read is correct then too.
         """
-        if version is not None:
-            raise ConfigError(
-                f"{self.uri} is a Parquet folder, which keeps no versions to travel to; "
-                "featurize into a Delta or Iceberg table for time travel"
-            )
         output = self.output
 
         def read(paths: list[str] | None) -> pa.Table:
@@ -137,7 +144,7 @@ class ParquetFolder(OutputTable):
                 return pa.table({})
             return pads.dataset(paths, filesystem=output.filesystem(), format="parquet").to_table(columns=columns)
 
-        return read_committed(output, read)
+        return self.read_files(read, version)
 
     def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
         """Make ``new`` the output's state (see the module docstring)."""
@@ -254,7 +261,6 @@ def recover(output: Location, run_id: str, *, tolerate_unreadable: bool = False,
 
 # -- reading exactly one committed state ----------------------------------------------------
 
-T = TypeVar("T")
 READ_ATTEMPTS = 5
 
 
