@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "eval": "pipelines.commands.evaluate",
     "submit": "pipelines.commands.submit",
     "feast": "pipelines.commands.feast",
+    "vacuum": "pipelines.commands.vacuum",
 }
 
 

@@ -1,0 +1,71 @@
+"""Remove the old versions of a Delta or Iceberg feature output: the files no kept version reads.
+
+A table output keeps every version it committed (time travel: `fungi eval --version`), so its
+folder grows by one set of rewritten data files a night. `fungi vacuum` keeps the versions
+committed within --retention-hours (and always the current one) and deletes what only older
+versions read:
+
+  delta:PATH              Delta's vacuum (data files removed from the log before the
+                          retention) and fungi's manifests and error files of those versions;
+  iceberg:NAMESPACE.TABLE expire the snapshots older than the retention, then delete the data,
+                          manifest and error files no remaining snapshot references.
+
+It takes the output's lease, like `fungi featurize`: it never runs beside a featurizing run
+of the same output. After it, time travel reaches back --retention-hours only. A Parquet
+folder keeps no old versions (with --history, its row versions are the point): refused.
+Exit status 2 with one `error:` line for bad input.
+
+Examples:
+  fungi vacuum delta:/lake/features --retention-hours 168
+  fungi vacuum iceberg:lake.features --catalog '{"type": "rest", "uri": "https://catalog.example"}'
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from pipelines.config import DEFAULT_LEASE_TIMEOUT_S
+
+HELP = "delete the files only old versions of a Delta or Iceberg output read (keeps --retention-hours of time travel)"
+DEFAULT_RETENTION_HOURS = 168.0  # a week: Delta's own default, and longer than any night's run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``fungi vacuum`` options."""
+    parser.add_argument("output", metavar="OUTPUT", help="a table output of `fungi featurize`: delta:PATH or iceberg:NS.TABLE")
+    parser.add_argument(
+        "--retention-hours", type=float, default=DEFAULT_RETENTION_HOURS, metavar="H",
+        help="keep every version committed in the last H hours (default: %(default)s)",
+    )
+    parser.add_argument("--catalog", metavar="NAME|JSON", help="the pyiceberg catalog of an iceberg: output")
+    parser.add_argument("--storage-options", metavar="JSON", help="JSON for the object store (as for fungi featurize)")
+    parser.add_argument(
+        "--lease-timeout", type=float, default=DEFAULT_LEASE_TIMEOUT_S, metavar="S",
+        help="a lease not renewed for S seconds is taken over, as for fungi featurize (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Vacuum the output under its lease; 0 on success, 2 on bad input or a held lease."""
+    from fungi_ops.errors import ConfigError, FungiError
+    from pipelines.formats import open_output
+    from pipelines.lease import OutputLease
+    from pipelines.storage import parse_storage_options
+
+    try:
+        if args.retention_hours < 0:
+            raise ConfigError(f"--retention-hours must be >= 0, got {args.retention_hours}")
+        table = open_output(args.output, parse_storage_options(args.storage_options), catalog=args.catalog)
+        if not table.versioned_names:
+            raise ConfigError(
+                f"{table.uri} is a Parquet folder: it keeps no old versions to vacuum (each night replaces a "
+                "source's file in place); vacuum is for delta: and iceberg: outputs"
+            )
+        with OutputLease(table.root, "vacuum-" + uuid.uuid4().hex[:8], timeout_s=args.lease_timeout):
+            removed = table.vacuum(args.retention_hours)
+    except (FungiError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"vacuumed {table.uri}: " + ", ".join(f"{what} {count}" for what, count in removed.items()))
+    return 0
