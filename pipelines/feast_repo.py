@@ -29,8 +29,14 @@ writes into a Feast repository directory:
     stays when the spec changes.
 
 * ``feature_store.yaml`` when the repository has none: the local provider, the file
-  offline store, and Feast's SQLite online store with vector search
-  (:mod:`pipelines.feast_online`); an existing one is never rewritten.
+  offline store (the ``duckdb`` one for a Delta output: Feast's file store reads Parquet
+  only), and Feast's SQLite online store with vector search (:mod:`pipelines.feast_online`);
+  an existing one is never rewritten.
+
+A Delta output (``delta:PATH``) is served from its current version: a ``FileSource`` with
+``file_format=DeltaFormat()`` on the table, read by Feast's duckdb offline store; its old
+versions are the table's (time travel), so point-in-time joins are correct for rows never
+changed, as for a folder without ``--history``.
 
 A second spec (another model or seed, featurized into another output) becomes another
 definitions file and feature views; re-running for the same output updates its file in
@@ -54,8 +60,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
+from pipelines.formats import open_output as open_table
+from pipelines.formats.address import DELTA, PARQUET, parse_address
 from pipelines.formats.folder import history_path
-from pipelines.manifest import MANIFEST_NAME, read_manifest
+from pipelines.manifest import MANIFEST_NAME
 from pipelines.storage import Location, exists
 
 ID_COLUMN = "id"
@@ -65,6 +73,7 @@ FUNGI_FEATURE = "fungi"
 DEFINITIONS_PREFIX = "fungi_"
 HEADER_MARK = "# fungi-feast: "
 STORE_TYPE = "pipelines.feast_online.FungiSqliteOnlineStore"
+DUCKDB_STORE = "duckdb"  # Feast's offline store that reads Delta (FileSource(file_format=DeltaFormat()))
 
 # Column names a FUNGI feature view cannot carry: what each collides with in Feast.
 RESERVED_NAMES = {
@@ -88,6 +97,7 @@ class FeatureOutput:
     data_files: tuple[pafs.FileInfo, ...]
     history_files: tuple[pafs.FileInfo, ...]
     history: str | None
+    kind: str = PARQUET  # the output's format: a Parquet folder or a Delta table
 
     @property
     def is_s3(self) -> bool:
@@ -128,6 +138,8 @@ class FeatureOutput:
         The glob, not the folder: Feast's file offline store (Dask) on a folder also takes
         every ``*.parquet`` below it, and Polars refuses a folder of mixed files.
         """
+        if self.kind == DELTA:
+            return self.root
         if self.history:
             return history_path(self.root)
         return posixpath.join(self.root, "*.parquet")
@@ -146,18 +158,25 @@ class FeatureOutput:
 def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> FeatureOutput:
     """Read an output's manifest, spec and schema; :class:`ConfigError` if it cannot feed Feast."""
     options = dict(storage_options or {})
-    location = Location(uri, options)
+    address = parse_address(uri)
+    if address.kind not in (PARQUET, DELTA):
+        raise ConfigError(
+            f"{uri}: fungi feast serves Parquet folders and Delta tables (Feast's offline stores read an Iceberg "
+            "table through IcebergSource with its catalog: define that source yourself)"
+        )
+    location = Location(address.target, options)
     fs = location.filesystem()
-    root = location.path
-    info = fs.get_file_info(root)
+    info = fs.get_file_info(location.path)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"output {uri} does not exist")
     if info.type != pafs.FileType.Directory:
         raise ConfigError(f"output {uri} is not a directory: pass the folder that `fungi featurize --output` wrote")
-    committed = read_manifest(location)
+    table = open_table(uri, options)
+    committed = table.read_manifest()
     if committed is None:
         raise ConfigError(
-            f"{uri} has no {MANIFEST_NAME}: not a fungi feature output, or its first `fungi featurize` run "
+            f"{uri} has no {MANIFEST_NAME if address.kind == PARQUET else 'fungi manifest'}: not a fungi feature "
+            "output, or its first `fungi featurize` run "
             "has not committed yet"
         )
     if committed.pending:
@@ -167,19 +186,24 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
             "finishes it first, then run this again"
         )
     manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
-    data_files = tuple(_parquet_files(fs, root))
+    if address.kind == DELTA:
+        paths = table.read_files(lambda files: files or [])
+        data_files = tuple(sorted(fs.get_file_info(paths), key=lambda i: i.path)) if paths else ()
+    else:
+        data_files = tuple(_parquet_files(fs, location.path))
     if not data_files:
-        raise ConfigError(f"{uri} holds no feature files yet (no *.parquet at its top level)")
+        raise ConfigError(f"{uri} holds no feature files yet")
     history = manifest.get("history") or None
     history_files: tuple[pafs.FileInfo, ...] = ()
     if history:
-        history_files = tuple(_parquet_files(fs, history_path(root)))
+        history_files = tuple(_parquet_files(fs, history_path(location.path)))
         if not history_files:
-            raise ConfigError(f"{uri}: it was featurized with --history, but its history folder {history_path(uri)} holds no Parquet files (copy it beside the output)")
+            raise ConfigError(f"{uri}: it was featurized with --history, but its history folder "
+                              f"{history_path(address.target)} holds no Parquet files (copy it beside the output)")
     schema = _read_schema(fs, data_files[0].path)
     output = FeatureOutput(
-        uri=uri, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash), schema=schema,
-        data_files=data_files, history_files=history_files, history=history,
+        uri=address.target, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash),
+        schema=schema, data_files=data_files, history_files=history_files, history=history, kind=address.kind,
     )
     check_output_schema(output)
     return output
@@ -343,7 +367,12 @@ def write_feast_repo(
         features=[*source.vector_columns, CONTENT_HASH_COLUMN, *(n for n, _ in kept)], skipped_columns=skipped,
         config_written=False,
     )
-    if not source.history:
+    if source.kind == DELTA:
+        update.notes.append(
+            f"{source.uri} is a Delta table: Feast reads its current version, so point-in-time joins are correct "
+            "only for rows that never changed (its older versions stay readable by time travel: fungi eval --version)"
+        )
+    elif not source.history:
         update.notes.append(
             f"{source.uri} was featurized without --history: Feast reads its current files, so point-in-time joins "
             "are correct only for rows that never changed (featurize with --history to keep every row version)"
@@ -351,7 +380,9 @@ def write_feast_repo(
     if skipped:
         update.notes.append(f"left out (no Feast type): {', '.join(skipped)}")
     repo_path.mkdir(parents=True, exist_ok=True)
-    update.config_written = _write_config(repo_path, project, update.notes)
+    update.config_written = _write_config(repo_path, project, update.notes, DUCKDB_STORE if source.kind == DELTA else "file")
+    if source.kind == DELTA:
+        _install_duckdb_delta(update.notes)
 
     vectors_root = repo_path / "data" / "fungi" / name
     mirror = vectors_root / source.spec_hash
@@ -518,7 +549,8 @@ def _read_header(definitions: Path) -> dict[str, Any] | None:
     raise ConfigError(f"{definitions} exists and was not written by `fungi feast`: pass --name to choose another name")
 
 
-def _write_config(repo: Path, project: str, notes: list[str]) -> bool:
+def _write_config(repo: Path, project: str, notes: list[str], offline_store: str) -> bool:
+    """Write ``feature_store.yaml`` when missing (True); an existing one is checked, never rewritten."""
     path = repo / "feature_store.yaml"
     if path.exists():
         import yaml
@@ -526,8 +558,14 @@ def _write_config(repo: Path, project: str, notes: list[str]) -> bool:
         try:
             config = yaml.safe_load(path.read_text()) or {}
             store = (config.get("online_store") or {}) if isinstance(config, dict) else {}
+            offline = (config.get("offline_store") or {}) if isinstance(config, dict) else {}
         except yaml.YAMLError:
-            store = {}
+            store = offline = {}
+        if offline_store == DUCKDB_STORE and (not isinstance(offline, dict) or offline.get("type") != DUCKDB_STORE):
+            raise ConfigError(
+                f"{path}: a Delta output needs Feast's duckdb offline store (the file store reads Parquet only); set "
+                f"offline_store: {{type: {DUCKDB_STORE}}} there (it reads this repository's Parquet sources too)"
+            )
         if not isinstance(store, dict) or store.get("type") != STORE_TYPE or not store.get("vector_enabled"):
             notes.append(
                 f"{path} is kept as it is; vector search with sqlite-vec needs its online_store to be "
@@ -541,7 +579,7 @@ def _write_config(repo: Path, project: str, notes: list[str]) -> bool:
         "provider: local\n"
         "registry: data/registry.db\n"
         "offline_store:\n"
-        "  type: file\n"
+        f"  type: {offline_store}\n"
         "online_store:\n"
         f"  type: {STORE_TYPE}\n"
         "  path: data/online.db\n"
@@ -549,6 +587,35 @@ def _write_config(repo: Path, project: str, notes: list[str]) -> bool:
         "entity_key_serialization_version: 3\n"
     )
     return True
+
+
+def _install_duckdb_delta(notes: list[str]) -> None:
+    """Make DuckDB's ``delta`` extension available offline, from the ``duckdb-extension-delta`` wheel.
+
+    Feast's duckdb offline store reads Delta through ibis, which asks DuckDB to ``INSTALL
+    delta`` (a download) unless the extension is installed already; installing it once from
+    the wheel's file means no node needs the extension server.
+    """
+    import duckdb
+
+    installed = duckdb.sql(
+        "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'delta'"
+    ).fetchone()
+    if installed and installed[0]:
+        return
+    try:
+        import duckdb_extension_delta
+    except ImportError:
+        notes.append("DuckDB's delta extension is not installed: Feast's first read downloads it "
+                     "(offline: pip install duckdb-extension-delta matching your duckdb version)")
+        return
+    folder = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    files = sorted(folder.glob("delta.duckdb_extension"))
+    if not files:
+        notes.append(f"duckdb-extension-delta has no extension for duckdb {duckdb.__version__}: install the matching "
+                     "version, or let Feast's first read download it")
+        return
+    duckdb.install_extension(str(files[0]))
 
 
 def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tuple[str, str]], mirror: Path) -> str:
@@ -577,6 +644,7 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         "from datetime import timedelta",
         "",
         "from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType",
+        *(["from feast.data_format import DeltaFormat"] if source.kind == DELTA else []),
         f"from feast.types import {', '.join(types)}",
         "",
         f"{name}_entity = Entity(",
@@ -591,6 +659,8 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         f"    path={source.source_path!r},",
         f"    timestamp_field={EVENT_TIME_COLUMN!r},",
     ]
+    if source.kind == DELTA:
+        lines.append("    file_format=DeltaFormat(),")
     if endpoint:
         lines.append(f"    s3_endpoint_override={endpoint!r},")
     lines += [
