@@ -116,6 +116,11 @@ class FeaturizeJob:
         clash = sorted(set(self.config.keep_columns) & set(self.spec.columns))
         if clash:
             raise ConfigError(f"--keep-columns {', '.join(clash)} would clash with output columns")
+        if self.spec.dense and self.table.list_vectors:
+            raise ConfigError(
+                f"--objectives dense writes per-patch features, which {self.table.kind} tables cannot hold as vectors "
+                "(no fixed-size lists): featurize a dense spec into a Parquet folder"
+            )
         if self.config.support_from and not self.spec.dense:
             raise ConfigError(
                 "--support-from is the dense objective's support index; this spec has none "
@@ -256,7 +261,8 @@ class FeaturizeJob:
                              input_rows: dict[str, int], listing: list[InputFile], lease: OutputLease) -> RunSummary:
         """Steps 3-6 under the lease: id checks, setup, stream, finalize, commit."""
         stream = Stream(self.config, self.spec, self.columns, self.input, self.output, self.staging, self.run_id,
-                        self.started, versioned_names=self.table.versioned_names, data_dir=self.table.data_dir)
+                        self.started, versioned_names=self.table.versioned_names, data_dir=self.table.data_dir,
+                        list_vectors=self.table.list_vectors)
         id_type = schema.type_of(self.columns.id)
         reads = plan.to_read
         setup = SetupStage(self.config, self.spec, self.columns, self.listing, self.output, self.run_id,

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import SampleError
 
+from pipelines.formats.base import as_lists
 from pipelines.formats.input_tables import read_batches, read_columns
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX
@@ -559,8 +560,8 @@ class _FinalFile:
     group, dense ones are written as :func:`~fungi_ops.dense_table.write_dense_parquet` does.
     """
 
-    def __init__(self, fs: Any, path: str, metadata: dict[bytes, bytes], dense: bool) -> None:
-        self.fs, self.path, self.metadata, self.dense = fs, path, metadata, dense
+    def __init__(self, fs: Any, path: str, metadata: dict[bytes, bytes], dense: bool, list_vectors: bool = False) -> None:
+        self.fs, self.path, self.metadata, self.dense, self.list_vectors = fs, path, metadata, dense, list_vectors
         self.flush_bytes = FINAL_BUFFER_BYTES
         if dense:
             from fungi_ops.dense_table import ROW_GROUP_BYTES
@@ -586,6 +587,8 @@ class _FinalFile:
     def write(self, table: pa.Table) -> None:
         """Append rows; they are written once :data:`FINAL_BUFFER_BYTES` (dense: a row group's worth) are gathered."""
         if table.num_rows:
+            if self.list_vectors:
+                table = as_lists(table)
             self.parts.append(table.replace_schema_metadata(self.metadata))
             self.buffered += table.nbytes
             if self.buffered >= self.flush_bytes:
@@ -635,6 +638,7 @@ def finalize_source(
     metadata: dict[bytes, bytes],
     dense: bool = False,
     data_name: str | None = None,
+    list_vectors: bool = False,
 ) -> dict[str, Any]:
     """Ray task: a source's new data and error file (in staging) and its new sources-table row.
 
@@ -642,7 +646,8 @@ def finalize_source(
     listed, its staged block files and the ids that moved to other files. Returns
     ``{"row": ..., "counts": {...}, "failed": message or None, "opened": names}``; a source
     that could not be read keeps its previous row. ``data_name`` is the name of its new data
-    file (the output format's: :func:`data_file_name` with the run id for tables). The decisions take the ids alone; the
+    file (the output format's: :func:`data_file_name` with the run id for tables); ``list_vectors``: its
+    vectors as ``list<float>`` (a table format's). The decisions take the ids alone; the
     data file is then streamed (:class:`_FinalFile`; ``dense``: a dense table's layout).
     """
     fs = output.filesystem()
@@ -727,7 +732,7 @@ def finalize_source(
             parts = [old_ids.filter(keep_ok_mask)] if kept_old else []
             data_ids = pa.concat_tables([*parts, *([staged_ok] if counts["written"] else [])]).column(ID_COLUMN)
             fs.create_dir(posixpath.dirname(staged_final_path(staging, data_name)), recursive=True)
-            final = _FinalFile(fs, staged_final_path(staging, data_name), metadata, dense)
+            final = _FinalFile(fs, staged_final_path(staging, data_name), metadata, dense, list_vectors)
             if kept_old:
                 final.write_file(output.child_path(old["file"]), pc.fill_null(keep_ok_mask, False).to_numpy(zero_copy_only=False))
             offsets = np.cumsum([0, *(t.num_rows for t in staged_ids)])

@@ -73,10 +73,10 @@ class Stream:
 
     def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_location: Location,
                  output: Location, staging: Location, run_id: str, started: float, *, versioned_names: bool = False,
-                 data_dir: str = "") -> None:
+                 data_dir: str = "", list_vectors: bool = False) -> None:
         self.config, self.spec, self.columns, self.input = config, spec, columns, input_location
         self.output, self.staging, self.run_id, self.started = output, staging, run_id, started
-        self.versioned_names, self.data_dir = versioned_names, data_dir
+        self.versioned_names, self.data_dir, self.list_vectors = versioned_names, data_dir, list_vectors
 
     @functools.cached_property
     def resources(self) -> ActorResources:
@@ -182,6 +182,6 @@ class Stream:
                 description, input_location=self.input, output=self.output, staging=self.staging,
                 id_column=self.columns.id, id_type=id_type, run_id=self.run_id, prune=self.config.prune,
                 metadata=metadata, dense=self.spec.dense, data_name=self.data_dir + stages.data_file_name(
-                    work.source, self.run_id if self.versioned_names else None),
+                    work.source, self.run_id if self.versioned_names else None), list_vectors=self.list_vectors,
             ))
         return ray.get(refs)

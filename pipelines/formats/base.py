@@ -73,6 +73,7 @@ class OutputTable(ABC):
     kind: str = ""
     versioned_names: bool = False  # data file names carry the run id: a committed file is never replaced
     data_dir: str = ""  # where the data files are below the root ("data/" in an Iceberg table)
+    list_vectors: bool = False  # data files hold vectors as list<float>: the table format has no fixed-size list
 
     def __init__(self, fault: Fault | None = None) -> None:
         self.fault = fault or crash_from_env()
@@ -138,9 +139,9 @@ class OutputTable(ABC):
         or ``version``), as paths on :attr:`root`'s filesystem; ``paths`` is None when the
         output holds nothing of fungi's (``read`` may then read it as a plain table).
 
-        The files are fungi's own Parquet files: fixed-size vectors and the ``fungi.spec``
-        metadata in every one, whatever the table's schema says. ``fungi eval`` reads
-        through this.
+        The files are fungi's own Parquet files, with the ``fungi.spec`` metadata in every
+        one; vectors are fixed-size lists in a folder, ``list<float>`` of one length in a
+        table (:attr:`list_vectors`). ``fungi eval`` reads through this.
         """
 
     @abstractmethod
@@ -166,17 +167,24 @@ def restore_vectors(table: pa.Table, dims: dict[str, int]) -> pa.Table:
     return table
 
 
-def vector_dims(schema: pa.Schema) -> dict[str, int]:
-    """{column: dimension} of the fixed-size list columns of a feature schema."""
-    return {f.name: f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type)}
+def manifest_dims(spec: dict[str, Any]) -> dict[str, int]:
+    """{column: dimension} of the vector columns a (global) spec writes: what a table's readers restore."""
+    dims = {"embedding": int(spec["embed_dim"])}
+    dims.update({f"grad_{o['name']}": int(spec["projection_dim"]) for o in spec.get("objectives", [])})
+    return dims
 
 
-def dims_property(schema: pa.Schema) -> str:
-    """:data:`DIMS_PROPERTY`'s value for a feature schema."""
-    return json.dumps(vector_dims(schema), sort_keys=True)
+def as_lists(table: pa.Table) -> pa.Table:
+    """``table`` with its fixed-size list columns as ``list<...>``: how a Delta or Iceberg file holds vectors."""
+    for index, column in enumerate(table.schema):
+        if pa.types.is_fixed_size_list(column.type):
+            target = pa.list_(pa.field("element", column.type.value_type))
+            table = table.set_column(index, pa.field(column.name, target, column.nullable),
+                                     table.column(index).cast(target))
+    return table
 
 
-def table_properties(manifest: Manifest, schema: pa.Schema, run_id: str) -> dict[str, Any]:
+def table_properties(manifest: Manifest, run_id: str) -> dict[str, Any]:
     """What a table version records of fungi: spec, spec hash, dimensions, run, row counts."""
     return {
         SPEC_PROPERTY: json.dumps(manifest.spec, sort_keys=True, separators=(",", ":")),
@@ -184,7 +192,7 @@ def table_properties(manifest: Manifest, schema: pa.Schema, run_id: str) -> dict
         "fungi.model": str(manifest.spec.get("model")),
         "fungi.objectives": ",".join(o["name"] for o in manifest.spec.get("objectives", [])),
         "fungi.projection_seed": str(manifest.spec.get("seed")),
-        DIMS_PROPERTY: dims_property(schema),
+        DIMS_PROPERTY: json.dumps(manifest_dims(manifest.spec), sort_keys=True),
         RUN_PROPERTY: run_id,
         "fungi.rows": str(manifest.rows),
         "fungi.errors": str(manifest.errors),
