@@ -62,7 +62,7 @@ from pipelines.formats.folder import committed_files  # noqa: E402
 from pipelines.job import FeaturizeConfig  # noqa: E402
 from pipelines.spec_resolution import resolve_spec_here  # noqa: E402
 from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
-from pipelines.stages import content_hash, data_file_name, spec_metadata, staged_final_path  # noqa: E402
+from pipelines.stages import content_hash, spec_metadata, staged_final_path  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
 
 FRACTION = 0.0005
@@ -116,7 +116,7 @@ def build_lake(root: Path, rows: int, rows_per_file: int, model: str, ids_kind: 
         path = source / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"id": ids, "text": texts}), path)
-        name = table_format.data_dir + data_file_name(relpath, run_id if table_format.versioned_names else None)
+        name = table_format.data_name(relpath, run_id)
         table = pa.table({
             "id": pa.array(ids),
             "content_hash": pa.array([content_hash(t) for t in texts]),

@@ -260,9 +260,8 @@ class FeaturizeJob:
     def featurize_and_commit(self, plan: NightPlan, previous: Manifest | None, schema: InputSchema,
                              input_rows: dict[str, int], listing: list[InputFile], lease: OutputLease) -> RunSummary:
         """Steps 3-6 under the lease: id checks, setup, stream, finalize, commit."""
-        stream = Stream(self.config, self.spec, self.columns, self.input, self.output, self.staging, self.run_id,
-                        self.started, versioned_names=self.table.versioned_names, data_dir=self.table.data_dir,
-                        list_vectors=self.table.list_vectors)
+        stream = Stream(self.config, self.spec, self.columns, self.input, self.staging, self.run_id, self.started,
+                        table_format=self.table)
         id_type = schema.type_of(self.columns.id)
         reads = plan.to_read
         setup = SetupStage(self.config, self.spec, self.columns, self.listing, self.output, self.run_id,

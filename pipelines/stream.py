@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipelines import stages
 from pipelines.config import FeaturizeConfig
+from pipelines.formats.base import OutputTable
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.plan import NightPlan
 from pipelines.spec_resolution import ResolvedSpec
@@ -72,11 +73,10 @@ class Stream:
     """One run's stream and finalize tasks, over the sources its plan reads."""
 
     def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_location: Location,
-                 output: Location, staging: Location, run_id: str, started: float, *, versioned_names: bool = False,
-                 data_dir: str = "", list_vectors: bool = False) -> None:
+                 staging: Location, run_id: str, started: float, *, table_format: OutputTable) -> None:
         self.config, self.spec, self.columns, self.input = config, spec, columns, input_location
-        self.output, self.staging, self.run_id, self.started = output, staging, run_id, started
-        self.versioned_names, self.data_dir, self.list_vectors = versioned_names, data_dir, list_vectors
+        self.output, self.staging, self.run_id, self.started = table_format.root, staging, run_id, started
+        self.table_format = table_format  # the output's format: its data files' names and vector layout
 
     @functools.cached_property
     def resources(self) -> ActorResources:
@@ -181,7 +181,7 @@ class Stream:
             refs.append(task.remote(
                 description, input_location=self.input, output=self.output, staging=self.staging,
                 id_column=self.columns.id, id_type=id_type, run_id=self.run_id, prune=self.config.prune,
-                metadata=metadata, dense=self.spec.dense, data_name=self.data_dir + stages.data_file_name(
-                    work.source, self.run_id if self.versioned_names else None), list_vectors=self.list_vectors,
+                metadata=metadata, dense=self.spec.dense, data_name=self.table_format.data_name(work.source, self.run_id),
+                list_vectors=self.table_format.list_vectors,
             ))
         return ray.get(refs)

@@ -92,6 +92,13 @@ class OutputTable(ABC):
     def uri(self) -> str:
         """The output as the user addressed it (for messages)."""
 
+    def data_name(self, source: str, run_id: str) -> str:
+        """The name (relative to :attr:`root`) of the data file run ``run_id`` writes for ``source``:
+        :func:`pipelines.stages.data_file_name`, with the run id when names are versioned, under :attr:`data_dir`."""
+        from pipelines.stages import data_file_name  # stages reads through this package: imported when called
+
+        return self.data_dir + data_file_name(source, run_id if self.versioned_names else None)
+
     def staging_area(self, run_id: str) -> Location:
         """Where run ``run_id`` stages everything it commits (its blocks, then its final files)."""
         return self.root.join(STAGING_DIR, run_id)

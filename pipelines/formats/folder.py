@@ -119,15 +119,12 @@ class ParquetFolder(OutputTable):
 
     def read_files(self, read: Callable[[list[str] | None], T], version: int | None = None) -> T:
         """``read(paths)`` over exactly one committed state (:func:`read_committed`)."""
-        self._refuse_version(version)
-        return read_committed(self.output, read)
-
-    def _refuse_version(self, version: int | None) -> None:
         if version is not None:
             raise ConfigError(
                 f"{self.uri} is a Parquet folder, which keeps no versions to travel to; "
                 "featurize into a Delta or Iceberg table for time travel"
             )
+        return read_committed(self.output, read)
 
     def read(self, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Exactly one committed state, never a mix (:func:`read_committed`); a folder keeps no old versions.
