@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 from fungi_ops.errors import ConfigError
 from pipelines.formats import open_output as open_table
 from pipelines.formats.address import DELTA, PARQUET, parse_address
+from pipelines.formats.base import manifest_dims, restore_vectors
 from pipelines.formats.folder import history_path
 from pipelines.manifest import MANIFEST_NAME
 from pipelines.storage import Location, exists
@@ -201,6 +202,8 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
             raise ConfigError(f"{uri}: it was featurized with --history, but its history folder "
                               f"{history_path(address.target)} holds no Parquet files (copy it beside the output)")
     schema = _read_schema(fs, data_files[0].path)
+    if table.list_vectors:  # a table's files hold list<float>: Feast's views and the checks want the dimensions
+        schema = restore_vectors(schema.empty_table(), manifest_dims(spec)).schema
     output = FeatureOutput(
         uri=address.target, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash),
         schema=schema, data_files=data_files, history_files=history_files, history=history, kind=address.kind,
@@ -505,7 +508,7 @@ def _sync_fungi_vectors(source: FeatureOutput, mirror: Path) -> tuple[int, int]:
         files[info.base_name] = stamp
         if known.get(info.base_name) == stamp and (mirror / info.base_name).exists():
             continue
-        _write_fungi_file(fs, info.path, mirror / info.base_name, source.vector_columns)
+        _write_fungi_file(fs, info.path, mirror / info.base_name, {c: source.dim(c) for c in source.vector_columns})
         written += 1
     for path in mirror.glob("*.parquet"):
         if path.name not in files:
@@ -516,22 +519,24 @@ def _sync_fungi_vectors(source: FeatureOutput, mirror: Path) -> tuple[int, int]:
     return written, len(files) - written
 
 
-def _write_fungi_file(fs: pafs.FileSystem, path: str, target: Path, columns: list[str]) -> None:
-    """``id``, ``event_time`` and the FUNGI concatenation of one source file, written atomically.
+def _write_fungi_file(fs: pafs.FileSystem, path: str, target: Path, dims: dict[str, int]) -> None:
+    """``id``, ``event_time`` and the FUNGI concatenation of the vector columns ``dims`` (name: dimension,
+    in order) of one source file, written atomically; a table's ``list<float>`` vectors are read as fixed-size.
 
     The temporary name starts with '.', which Feast's file offline store skips.
     """
     temporary = target.with_name(f".{target.name}.tmp")
+    columns, dim = list(dims), sum(dims.values())
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         source = parquet.schema_arrow
-        dim = sum(source.field(c).type.list_size for c in columns)
         schema = pa.schema([source.field(ID_COLUMN), source.field(EVENT_TIME_COLUMN),
                             pa.field(FUNGI_FEATURE, pa.list_(pa.float32(), dim))])
         with pq.ParquetWriter(temporary, schema) as writer:
             for batch in parquet.iter_batches(batch_size=8192, columns=[ID_COLUMN, EVENT_TIME_COLUMN, *columns]):
+                batch = restore_vectors(pa.Table.from_batches([batch]), dims)
                 vectors = pa.FixedSizeListArray.from_arrays(pa.array(fungi_vectors(batch, columns).reshape(-1)), dim)
-                writer.write_batch(pa.RecordBatch.from_arrays(
+                writer.write_table(pa.Table.from_arrays(
                     [batch.column(ID_COLUMN), batch.column(EVENT_TIME_COLUMN), vectors], schema=schema
                 ))
     temporary.replace(target)
@@ -644,7 +649,7 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         "from datetime import timedelta",
         "",
         "from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType",
-        *(["from feast.data_format import DeltaFormat"] if source.kind == DELTA else []),
+        *(["from feast.data_format import DeltaFormat, ParquetFormat"] if source.kind == DELTA else []),
         f"from feast.types import {', '.join(types)}",
         "",
         f"{name}_entity = Entity(",
@@ -696,7 +701,9 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
             "",
             f"{concat}_source = FileSource(",
             f"    name={concat + '_source'!r},",
-            f"    path={str(mirror)!r},",
+            # the duckdb store (a Delta output's) reads a Parquet source only when told so, and by a glob
+            *([f"    path={str(mirror / '*.parquet')!r},", "    file_format=ParquetFormat(),"] if source.kind == DELTA
+              else [f"    path={str(mirror)!r},"]),
             f"    timestamp_field={EVENT_TIME_COLUMN!r},",
             f"    description={f'the FUNGI concatenation of {blocks}, written by fungi feast from {source.source_path}'!r},",
             ")",

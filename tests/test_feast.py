@@ -435,3 +435,38 @@ def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_pa
     found = store.retrieve_online_documents_v2(features=[f"{update.fungi_view}:fungi"], query=concat[0].tolist(),
                                                top_k=2).to_dict()
     assert found["id"][int(np.argmin(found["distance"]))] == table["id"][0].as_py()
+
+
+def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path, local_ray):
+    """`fungi featurize --output delta:...` (the real job), then `fungi feast`: Feast's duckdb offline
+    store reads the table (FileSource with DeltaFormat) for point-in-time joins and materialization."""
+    from feast import FeatureStore
+
+    from pipelines.formats import read_output
+    from pipelines.job import FeaturizeConfig, run_featurize
+
+    (tmp_path / "in").mkdir()
+    texts = ["the cat sat on the mat", "stocks fell sharply", "a dog barked at night", "bonds rallied today"]
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": texts}), tmp_path / "in" / "part-0.parquet")
+    uri, repo = f"delta:{tmp_path / 'table'}", tmp_path / "repo"
+    run_featurize(FeaturizeConfig(input=str(tmp_path / "in"), output=uri, modality="text", model=f"hf:{tiny_text_dir}",
+                                  objectives="kl", batch_size=4, actors=(1, 1)))
+    update = write_feast_repo(uri, repo)
+    assert update.source == str(tmp_path / "table") and "duckdb" in (repo / "feature_store.yaml").read_text()
+    assert any("Delta table" in note for note in update.notes)
+    store = FeatureStore(repo_path=str(repo))
+    store.apply(load_definitions(repo))
+    table = read_output(uri).sort_by("id")
+    when = datetime.now(timezone.utc) + timedelta(minutes=1)
+    joined = store.get_historical_features(
+        entity_df=__import__("pandas").DataFrame({"id": ["a", "c"], "event_timestamp": [when, when]}),
+        features=[f"{update.feature_view}:embedding"],
+    ).to_df().set_index("id").loc[["a", "c"]]
+    np.testing.assert_allclose(matrix(joined["embedding"]), matrix(table.filter(pa.compute.is_in(
+        table["id"], value_set=pa.array(["a", "c"])))["embedding"].to_pylist()), atol=1e-6)
+    store.materialize_incremental(end_date=when)
+    got = store.get_online_features(features=store.get_feature_service(update.name),
+                                    entity_rows=[{"id": i} for i in table["id"].to_pylist()]).to_dict()
+    np.testing.assert_allclose(matrix(got["embedding"]), matrix(table["embedding"].to_pylist()), atol=1e-6)
+    concat = fungi_vectors(table, ["embedding", "grad_kl"])
+    np.testing.assert_array_equal(matrix(got["fungi"]), concat)
