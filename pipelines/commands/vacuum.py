@@ -1,14 +1,12 @@
-"""Remove the old versions of a Delta or Iceberg feature output: the files no kept version reads.
+"""Remove the old versions of a Delta feature output: the files no kept version reads.
 
-A table output keeps every version it committed (time travel: `fungi eval --version`), so its
+A Delta output keeps every version it committed (time travel: `fungi eval --version`), so its
 folder grows by one set of rewritten data files a night. `fungi vacuum` keeps the versions
 committed within --retention-hours (and always the current one) and deletes what only older
 versions read:
 
-  delta:PATH              Delta's vacuum (data files removed from the log before the
-                          retention) and fungi's manifests and error files of those versions;
-  iceberg:NAMESPACE.TABLE expire the snapshots older than the retention, then delete the data,
-                          manifest and error files no remaining snapshot references.
+Delta's vacuum (data files removed from the log before the retention), then fungi's manifests,
+error files and setup states that only those versions name.
 
 It takes the output's lease, like `fungi featurize`: it never runs beside a featurizing run
 of the same output. After it, time travel reaches back --retention-hours only. A Parquet
@@ -17,7 +15,6 @@ Exit status 2 with one `error:` line for bad input.
 
 Examples:
   fungi vacuum delta:/lake/features --retention-hours 168
-  fungi vacuum iceberg:lake.features --catalog '{"type": "rest", "uri": "https://catalog.example"}'
 """
 from __future__ import annotations
 
@@ -27,18 +24,17 @@ import uuid
 
 from pipelines.config import DEFAULT_LEASE_TIMEOUT_S
 
-HELP = "delete the files only old versions of a Delta or Iceberg output read (keeps --retention-hours of time travel)"
+HELP = "delete the files only old versions of a Delta output read (keeps --retention-hours of time travel)"
 DEFAULT_RETENTION_HOURS = 168.0  # a week: Delta's own default, and longer than any night's run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``fungi vacuum`` options."""
-    parser.add_argument("output", metavar="OUTPUT", help="a table output of `fungi featurize`: delta:PATH or iceberg:NS.TABLE")
+    parser.add_argument("output", metavar="OUTPUT", help="a Delta output of `fungi featurize`: delta:PATH")
     parser.add_argument(
         "--retention-hours", type=float, default=DEFAULT_RETENTION_HOURS, metavar="H",
         help="keep every version committed in the last H hours (default: %(default)s)",
     )
-    parser.add_argument("--catalog", metavar="NAME|JSON", help="the pyiceberg catalog of an iceberg: output")
     parser.add_argument("--storage-options", metavar="JSON", help="JSON for the object store (as for fungi featurize)")
     parser.add_argument(
         "--lease-timeout", type=float, default=DEFAULT_LEASE_TIMEOUT_S, metavar="S",
@@ -56,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.retention_hours < 0:
             raise ConfigError(f"--retention-hours must be >= 0, got {args.retention_hours}")
-        table = open_output(args.output, parse_storage_options(args.storage_options), catalog=args.catalog)
+        table = open_output(args.output, parse_storage_options(args.storage_options))
         if not table.versioned_names:
             raise ConfigError(
                 f"{table.uri} is a Parquet folder: it keeps no old versions to vacuum (each night replaces a "
-                "source's file in place); vacuum is for delta: and iceberg: outputs"
+                "source's file in place); vacuum is for delta: outputs"
             )
         with OutputLease(table.root, "vacuum-" + uuid.uuid4().hex[:8], timeout_s=args.lease_timeout):
             removed = table.vacuum(args.retention_hours)

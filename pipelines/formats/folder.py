@@ -122,7 +122,7 @@ class ParquetFolder(OutputTable):
         if version is not None:
             raise ConfigError(
                 f"{self.uri} is a Parquet folder, which keeps no versions to travel to; "
-                "featurize into a Delta or Iceberg table for time travel"
+                "featurize into a Delta table (delta:PATH) for time travel"
             )
         return read_committed(self.output, read)
 
