@@ -175,18 +175,21 @@ def test_a_delta_input_lists_its_current_version(tmp_path):
 @pytest.mark.usefixtures("local_ray")
 def test_a_delta_input_on_s3_after_a_delete(tiny_text_dir, s3_endpoint):
     """A Delta table on a real S3 endpoint (moto): listed and read through the input's S3 settings."""
+    import uuid
+
     import s3fs
     from deltalake import DeltaTable, write_deltalake
 
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("lake")
+    bucket = f"lake-{uuid.uuid4().hex[:12]}"  # moto's buckets outlive its servers: they live in the process
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir(bucket)
     options = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
-    write_deltalake("s3://lake/docs", rows("a", 4), storage_options=options)
-    write_deltalake("s3://lake/docs", rows("b", 4), mode="append", storage_options=options)
-    DeltaTable("s3://lake/docs", storage_options=options).delete("id = 'b-001'")
+    write_deltalake(f"s3://{bucket}/docs", rows("a", 4), storage_options=options)
+    write_deltalake(f"s3://{bucket}/docs", rows("b", 4), mode="append", storage_options=options)
+    DeltaTable(f"s3://{bucket}/docs", storage_options=options).delete("id = 'b-001'")
     settings = dict(storage_options={"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"})
-    summary = run_featurize(config(tiny_text_dir, "delta:s3://lake/docs", "s3://lake/out", **settings))
-    live = sorted(DeltaTable("s3://lake/docs", storage_options=options).to_pyarrow_table().column("id").to_pylist())
-    written = read_manifest(Location("s3://lake/out", settings["storage_options"]))
+    summary = run_featurize(config(tiny_text_dir, f"delta:s3://{bucket}/docs", f"s3://{bucket}/out", **settings))
+    live = sorted(DeltaTable(f"s3://{bucket}/docs", storage_options=options).to_pyarrow_table().column("id").to_pylist())
+    written = read_manifest(Location(f"s3://{bucket}/out", settings["storage_options"]))
     assert (summary.rows_written, summary.ok) == (7, True) and len(live) == 7 and "b-001" not in live
     assert written.input["table_version"] == 2
 
