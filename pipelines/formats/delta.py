@@ -35,7 +35,7 @@ import json
 import logging
 import posixpath
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -49,7 +49,7 @@ from pipelines.formats.base import (
 from pipelines.formats.input_tables import delta_storage_options
 from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
 from pipelines.stages import staged_final_path
-from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files, read_bytes
 
 log = logging.getLogger(__name__)
 VERSIONS_DIR = "_fungi_versions"  # one folder per committed run: that version's fungi manifest
@@ -99,14 +99,37 @@ class DeltaOutput(OutputTable):
                 raise ConfigError(f"{self.uri}: version {version} cannot be read ({exc})") from None
             raise
 
+    def _commit_info(self, version: int) -> dict[str, Any] | None:
+        """The commit info of one version (its ``version`` added); None when its log entry is gone.
+
+        Read from the version's own log file (one small object) rather than through
+        ``DeltaTable.history``, whose listing of the log never returns on some S3 stores (moto's).
+        """
+        path = self.location.child_path("_delta_log", f"{version:020d}.json")
+        try:
+            lines = read_bytes(self.fs, path).decode().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in filter(str.strip, lines):
+            action = json.loads(line)
+            if "commitInfo" in action:
+                return {**action["commitInfo"], "version": version}
+        return {"version": version}
+
+    def _commits(self, table: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Commit infos from ``table``'s version back (newest first), ending where the log was cleaned up."""
+        oldest = 0 if limit is None else max(0, table.version() - limit + 1)
+        for version in range(table.version(), oldest - 1, -1):
+            commit = self._commit_info(version)
+            if commit is None:
+                return
+            yield commit
+
     def _fungi_commit(self, table: Any) -> dict[str, Any] | None:
-        """The commit info of fungi's latest commit in the table (the current version's history)."""
+        """The commit info of fungi's latest commit in the table (looked for in its last commits)."""
         if table is None:
             return None
-        for commit in table.history(limit=HISTORY_SCAN):
-            if RUN_PROPERTY in commit:
-                return commit
-        return None
+        return next((c for c in self._commits(table, HISTORY_SCAN) if RUN_PROPERTY in c), None)
 
     def _table_files(self, table: Any) -> set[str]:
         """Paths (relative to the root) of the data files of a table version."""
@@ -288,7 +311,7 @@ class DeltaOutput(OutputTable):
             raise ConfigError(f"{self.uri} is not a Delta table (no _delta_log/)")
         deleted = table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False)
         cutoff = (time.time() - retention_hours * 3600) * 1000
-        commits = [c for c in table.history() if RUN_PROPERTY in c]
+        commits = [c for c in self._commits(table) if RUN_PROPERTY in c]  # newest first
         kept = {c[MANIFEST_PROPERTY] for c in commits if c["timestamp"] >= cutoff} | {commits[0][MANIFEST_PROPERTY]}
         errors_kept: set[str] = set()
         setup_kept: set[str] = set()
