@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fungi_ops.featurizer as featurizer_module
-from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS
+from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, host_buffer, to_device
 from fungi_ops.adapters.image import ImageAdapter
 from fungi_ops.backbones import ImageInput
 from fungi_ops.backbones import Backbone, load_backbone, resolve_target_layer
@@ -251,7 +251,9 @@ class DenseFeaturizer:
         for sample in samples:
             if tuple(sample.shape) != (side, side, 3):
                 raise ValueError(f"dense samples must be decoded to [{side}, {side}, 3], got {tuple(sample.shape)}")
-        pixels = torch.from_numpy(np.stack(samples)).to(self.device).permute(0, 3, 1, 2).float()
+        host = host_buffer((len(samples), side, side, 3), torch.uint8, self.device)  # pinned for CUDA
+        np.stack(samples, out=host.numpy())
+        pixels = to_device(host, self.device).permute(0, 3, 1, 2).float()
         return ((pixels - self._mean) / self._std).contiguous()
 
     def _forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from fungi_ops.adapters import ViewGroup, make_adapter
 from fungi_ops.backbones import Backbone, load_backbone, resolve_target_layer
+from fungi_ops.batch_size import AUTO, AUTO_CPU_BATCH, AUTO_MAX_BATCH, AUTO_MEMORY_FRACTION, parse_batch_size
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.gradients import LinearGradientTap, accumulate_linear_gradients
 from fungi_ops.objectives import Objective
@@ -45,6 +47,9 @@ SETUP_FILE = "setup.safetensors"
 # and their page faults cost up to ~40% of a ViT-Tiny forward (measured: 248 views in one
 # pass 66 ms/view, chunks of 12-16 views 31-42 ms/view, with no page faults).
 CPU_FORWARD_ELEMENTS = 1 << 19
+# ``--batch-size auto`` probes the peak memory of featurizing this many rows (two sizes:
+# the growth between them is the cost of a row, the rest is fixed)
+AUTO_PROBE_ROWS = (1, 4)
 
 
 @dataclass
@@ -367,6 +372,128 @@ class Featurizer:
                     chunk_start += inputs.shape[0]
                 features[feature_column(name)] = F.normalize(self.projection(total), dim=-1)
         return features
+
+
+FeaturizeFn = Callable[[Sequence[Any], Sequence[str]], Any]
+
+
+def merge_feature_batches(parts: Sequence[Any]) -> Any:
+    """One batch from consecutive parts (``FeatureBatch`` or ``DenseBatch``): keys and
+    features concatenated, each part's error rows shifted by the rows before it."""
+    if len(parts) == 1:
+        return parts[0]
+    keys: list[str] = []
+    errors: dict[int, SampleError] = {}
+    for part in parts:
+        errors.update({len(keys) + row: error for row, error in part.errors.items()})
+        keys.extend(part.keys)
+    features = {name: np.concatenate([part.features[name] for part in parts]) for name in parts[0].features}
+    return dataclasses.replace(parts[0], keys=keys, features=features, errors=errors)
+
+
+def release_accelerator_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, so that a smaller batch can fit."""
+    gc.collect()  # the failed call's frames may still hold activations
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class BatchRunner:
+    """Featurize batches in chunks of ``batch_size`` rows, halving a chunk that runs out of memory.
+
+    ``batch_size``: rows per featurize call, or ``"auto"``: chosen by
+    :func:`auto_batch_size` on the first batch, from the model and the device's memory.
+    A chunk that raises ``torch.OutOfMemoryError`` halves the chunk size and is redone
+    (down to one row, which then raises), and the size stays halved, so that an oversized
+    guess costs one failed call, not one per batch. Features do not depend on the batch
+    (tests/test_engine.py: within 1e-5; the CPU's matmul blocking varies with the rows),
+    so a split batch gives the features of the whole one.
+
+    ``memory_share``: the fraction of the device this process may use (an actor's
+    ``--gpus-per-actor`` when several share a GPU).
+    """
+
+    def __init__(
+        self,
+        featurizer: "Featurizer | DenseFeaturizer",
+        batch_size: int | str = AUTO,
+        *,
+        memory_share: float = 1.0,
+        featurize: FeaturizeFn | None = None,
+    ) -> None:
+        batch_size = parse_batch_size(batch_size)
+        self.featurizer = featurizer
+        self.featurize = featurize or featurizer.featurize
+        self.memory_share = memory_share
+        self.batch_size: int | None = None if batch_size == AUTO else int(batch_size)
+        self.splits = 0  # chunks that ran out of memory and were halved
+
+    def __call__(self, samples: Sequence[Any], keys: Sequence[str]) -> Any:
+        """The features of ``samples``, as one ``featurize`` call on all of them would give."""
+        if self.batch_size is None:
+            if not samples:  # nothing to measure the memory of a row on
+                return self.featurize(samples, keys)
+            self.batch_size = auto_batch_size(self.featurizer, samples, keys, self.featurize, self.memory_share)
+        parts, start = [], 0
+        while start < len(samples) or not parts:
+            rows = slice(start, start + self.batch_size)
+            part = self._attempt(samples[rows], keys[rows])
+            if part is not None:  # else: out of memory, the batch size was halved; redo from ``start``
+                parts.append(part)
+                start += len(part.keys)
+        return merge_feature_batches(parts)
+
+    def _attempt(self, samples: Sequence[Any], keys: Sequence[str]) -> Any | None:
+        """One featurize call, or None (batch size halved) when it ran out of memory with more than one row."""
+        try:
+            return self.featurize(samples, keys)
+        except torch.OutOfMemoryError:
+            if len(samples) <= 1:
+                raise
+        # outside the except block, whose traceback would keep the failed call's tensors alive
+        release_accelerator_memory(self.featurizer.device)
+        self.batch_size = -(-len(samples) // 2)
+        self.splits += 1
+        log.warning("a batch of %d rows ran out of memory; batch size now %d", len(samples), self.batch_size)
+        return None
+
+
+def auto_batch_size(
+    featurizer: "Featurizer | DenseFeaturizer",
+    samples: Sequence[Any],
+    keys: Sequence[str],
+    featurize: FeaturizeFn | None = None,
+    memory_share: float = 1.0,
+) -> int:
+    """Rows per featurize call for ``--batch-size auto``.
+
+    CPU (and MPS): ``AUTO_CPU_BATCH``. CUDA: featurize the first 1 and 4 rows of
+    ``samples`` (any rows do: the cost of a row depends on the model, its views and the
+    input size, not on its content), take the peak-memory growth per row between the two,
+    and fit as many rows as ``AUTO_MEMORY_FRACTION`` of ``memory_share`` of the free
+    memory holds, rounded down to a multiple of 8, within [1, ``AUTO_MAX_BATCH``]. A guess
+    that is still too big is halved by :class:`BatchRunner`.
+    """
+    device = featurizer.device
+    if device.type != "cuda" or not samples:
+        return AUTO_CPU_BATCH
+    featurize = featurize or featurizer.featurize
+    peaks = []
+    sizes = [min(rows, len(samples)) for rows in AUTO_PROBE_ROWS]
+    for rows in sizes:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        featurize(samples[:rows], keys[:rows])
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_row = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0] else peaks[0]
+    fixed = max(0.0, peaks[0] - per_row)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = AUTO_MEMORY_FRACTION * min(free, memory_share * total) - fixed
+    rows = int(budget // max(per_row, 1.0))
+    chosen = max(1, min(AUTO_MAX_BATCH, rows if rows < 8 else rows // 8 * 8))
+    log.info("batch size auto: %.0f MiB a row, %.0f MiB free of %.0f, %d rows", per_row / 2**20, free / 2**20, total / 2**20, chosen)
+    return chosen
 
 
 def make_featurizer(spec: FeaturizerSpec, **options: Any) -> "Featurizer | DenseFeaturizer":

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fungi_ops.batch_size import parse_batch_size
 from fungi_ops.errors import ConfigError
 from pipelines.stages import HASH_COLUMN, ID_COLUMN, TIME_COLUMN
 
@@ -40,7 +41,7 @@ class FeaturizeConfig:
     seed: int = 0
     projection_dim: int | None = None
     precision: str = "auto"
-    batch_size: int = 16
+    batch_size: int | str = "auto"  # or rows: fungi_ops.batch_size
     actors: tuple[int, int] | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
@@ -62,8 +63,7 @@ class FeaturizeConfig:
         """Checks of the flags alone (no data, no model, no storage); ConfigError names the flag."""
         if not 0 <= self.max_error_fraction <= 1:
             raise ConfigError("--max-error-fraction must be within [0, 1]")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
+        parse_batch_size(self.batch_size)
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError("--max-image-pixels must be >= 1")
         if self.incremental and self.overwrite:

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fungi_ops.batch_size import stream_batch_size
 from fungi_ops.errors import ConfigError
 from pipelines.config import FeaturizeConfig
 from pipelines.formats.base import SETUP_DIR
@@ -125,7 +126,7 @@ class SetupStage:
 
         concurrency, gpus, _ = self.actor_resources
         parts = 1 if gpus or not self.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
-        chunk = max(1, self.config.batch_size // 4)
+        chunk = max(1, stream_batch_size(self.config.batch_size, gpus > 0) // 4)
         select = ray.remote(num_cpus=0.25, num_returns=parts + 2)(select_setup_rows)
         refs = select.remote(self.spec.json, self.spec.decoder, source, files, self.columns.id, self.columns.data, count, parts, chunk)
         order_ref, skipped_ref, part_refs = refs[0], refs[1], refs[2:]

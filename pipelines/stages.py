@@ -324,14 +324,29 @@ class FeaturizeActor:
     the same spec hash. A dense spec runs :class:`~fungi_ops.dense.DenseFeaturizer` and
     gets the dense table's columns (:func:`fungi_ops.dense_table.dense_batch_columns`);
     batching, the row-by-row retry and the errors are the same for both.
+
+    ``batch_size``: rows per featurize call, or ``"auto"``
+    (:func:`fungi_ops.featurizer.auto_batch_size`, from the model and this actor's share
+    of the GPU's memory, ``gpus``); a call that runs out of accelerator memory is redone
+    in halves (:class:`fungi_ops.featurizer.BatchRunner`), not failed. Decoding happened
+    in the stream's CPU tasks; the actor only unpacks (no copy) and sends pixels to the
+    device from pinned memory.
     """
 
-    def __init__(self, spec_json: str, setup_state: dict | None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        spec_json: str,
+        setup_state: dict | None,
+        threads: int | None = None,
+        batch_size: int | str = "auto",
+        gpus: float = 0.0,
+    ) -> None:
         import torch
 
         import ray
 
         from fungi_ops import FeaturizerSpec, make_featurizer
+        from fungi_ops.featurizer import BatchRunner
 
         if threads:
             torch.set_num_threads(threads)
@@ -351,12 +366,13 @@ class FeaturizeActor:
         # one row's shape of each feature: [dim], or [patches, dim] for a dense spec
         patches = (self.featurizer.patches,) if self.dense else ()
         self.shapes = {name: (*patches, dim) for name, dim in self.featurizer.feature_dims.items()}
+        self.run_batch = BatchRunner(self.featurizer, batch_size, memory_share=min(1.0, gpus) if gpus > 0 else 1.0)
         self._first_batch = True
 
     def _featurize_rows(self, samples: list, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-        """Featurize; if the batch as a whole raises, retry row by row to isolate the bad row."""
+        """Featurize (in halves if out of memory); if the batch as a whole raises, retry row by row to isolate the bad row."""
         try:
-            batch = self.featurizer.featurize(samples, keys)
+            batch = self.run_batch(samples, keys)
             return batch.features, {i: str(e) for i, e in batch.errors.items()}
         except Exception as exc:  # noqa: BLE001
             log.warning("batch of %d failed (%s); retrying row by row", len(samples), exc)

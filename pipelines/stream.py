@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from fungi_ops.batch_size import stream_batch_size
 from pipelines import stages
 from pipelines.config import FeaturizeConfig
 from pipelines.formats.base import OutputTable
@@ -93,7 +94,8 @@ class Stream:
         config = self.config
         concurrency, gpus_per_actor, cpus_per_actor = self.resources
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        rows_per_block = block_rows(rows_to_read, max_actors, config.batch_size, self.spec.row_bytes)
+        batch_size = stream_batch_size(config.batch_size, gpus_per_actor > 0)
+        rows_per_block = block_rows(rows_to_read, max_actors, batch_size, self.spec.row_bytes)
         items = [
             {
                 "source": work.source,
@@ -130,7 +132,7 @@ class Stream:
         featurized = decoded.map_batches(
             stages.FeaturizeActor,
             batch_format="pyarrow",
-            batch_size=min(config.batch_size, rows_per_block),
+            batch_size=min(batch_size, rows_per_block),
             compute=ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=in_flight),
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
@@ -138,6 +140,8 @@ class Stream:
                 spec_json=spec_json,
                 setup_state=setup_state if isinstance(setup_state, ray.ObjectRef) or not setup_state else ray.put(setup_state),
                 threads=None if gpus_per_actor else max(1, int(round(cpus_per_actor))),
+                batch_size=config.batch_size,
+                gpus=gpus_per_actor,
             ),
         )
         written = featurized.map_batches(

@@ -31,6 +31,26 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
+def host_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed host tensor to fill and send to ``device``: page-locked (pinned) when that is
+    a CUDA device, so that :func:`to_device` copies it by DMA without a staging copy."""
+    return torch.zeros(tuple(shape), dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; to CUDA from pinned memory, asynchronously.
+
+    ``non_blocking`` from pageable memory is a synchronous copy through a staging buffer;
+    from pinned memory the CPU goes on queueing work while the copy runs (the caching host
+    allocator keeps the buffer until the copy is done). A tensor not pinned yet (the
+    tokenizer's) is pinned first: for ids and masks a cheap copy.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return pinned.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class ViewGroup:
     """A block of views per sample: the eval view, or the views one objective asks for."""

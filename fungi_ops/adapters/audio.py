@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fungi_ops.adapters import ModalityAdapter, ViewGroup, describe_bytes, error_text, payload_bytes
+from fungi_ops.adapters import ModalityAdapter, ViewGroup, describe_bytes, error_text, payload_bytes, to_device
 from fungi_ops.backbones import AudioInput
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import ObjectiveConfig, SimCLRConfig
@@ -102,7 +102,7 @@ class AudioAdapter(ModalityAdapter):
         """Normalised ``[views_total, max_frames, mel]`` spectrograms (AST input_values)."""
         max_frames = self.settings.max_frames
         padded = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s) for s in samples], batch_first=True)
-        padded = padded.to(device)
+        padded = to_device(padded, device)
         frames = [int(s.shape[0]) for s in samples]
         sample_index, starts, lengths = [], [], []
         for group in groups:

@@ -55,7 +55,9 @@ from fungi_ops.adapters import (
     ViewGroup,
     describe_bytes,
     error_text,
+    host_buffer,
     payload_bytes,
+    to_device,
 )
 from fungi_ops.backbones import ImageInput
 from fungi_ops.errors import ConfigError, SampleError
@@ -260,7 +262,8 @@ class ImageAdapter(ModalityAdapter):
         short, long = self.settings.resize_size, self.max_long_side
         # Landscape canvas of a fixed size: portrait images are stored transposed, so a
         # sample's sampling grid (hence its views) never depends on the batch around it.
-        canvas = np.zeros((len(samples), short, long, 3), dtype=np.uint8)
+        host = host_buffer((len(samples), short, long, 3), torch.uint8, device)  # pinned for CUDA
+        canvas = host.numpy()
         transposed = []
         for index, sample in enumerate(samples):
             transposed.append(int(sample.shape[0]) > int(sample.shape[1]))
@@ -268,7 +271,7 @@ class ImageAdapter(ModalityAdapter):
             canvas[index, : pixels.shape[0], : pixels.shape[1]] = pixels
         # Normalising before resampling is exact up to rounding (bilinear weights sum to
         # one) and touches ~12x fewer values than normalising the views.
-        images = torch.from_numpy(canvas).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        images = to_device(host, device).permute(0, 3, 1, 2).float()
         images = ((images - self._mean.to(device)) / self._std.to(device)).contiguous()
 
         shapes = torch.tensor([s.shape[:2] for s in samples], dtype=torch.float64)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fungi_ops.adapters import ModalityAdapter, ViewGroup
+from fungi_ops.adapters import ModalityAdapter, ViewGroup, to_device
 from fungi_ops.backbones import TextInput
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import ObjectiveConfig, SimCLRConfig
@@ -84,4 +84,4 @@ class TextAdapter(ModalityAdapter):
             max_length=self.settings.max_length,
             return_tensors="pt",
         )
-        return {name: tensor.to(device) for name, tensor in batch.items()}
+        return {name: to_device(tensor, device) for name, tensor in batch.items()}

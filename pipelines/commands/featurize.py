@@ -38,6 +38,16 @@ def _actors(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _batch_size(text: str) -> int | str:
+    from fungi_ops.batch_size import parse_batch_size
+    from fungi_ops.errors import ConfigError
+
+    try:
+        return parse_batch_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
     io.add_argument(
@@ -95,9 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--trust-remote-code", action="store_true", help="allow Hugging Face models with custom code")
     run = parser.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int, default=16, help="samples per featurize call (default: 16)")
+    run.add_argument(
+        "--batch-size", type=_batch_size, default="auto",
+        help="samples per featurize call, or auto (the default): 16 on CPUs; on a GPU what fits in 60%% of the "
+        "actor's share of its free memory (measured on the first batch), at most 256; a batch that runs out of "
+        "GPU memory is redone in halves",
+    )
     run.add_argument("--actors", type=_actors, help="actor pool size: N or MIN,MAX (default: one per GPU, else per CPU)")
-    run.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    run.add_argument(
+        "--gpus-per-actor", type=float,
+        help="GPUs per actor (default: 1 when the cluster has GPUs, else 0); a fraction packs several actors "
+        "on a GPU (0.5: two), each sizing its auto batch to its share of the GPU's memory",
+    )
     run.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: sized to the machine)")
     run.add_argument(
         "--incremental", action="store_true",
