@@ -61,7 +61,7 @@ class FeaturizeJob:
                                     config.event_time_column)
         self.input = input_location(config.input, config.storage_options)  # None until listed: an Iceberg table's
         self.listing: InputListing | None = None  # the input's sources (and table version), listed by run()
-        self.table = open_output(config.output, config.storage_options)
+        self.table = open_output(config.output, config.storage_options, catalog=config.catalog)
         self.output = self.table.root
         self.run_id = "r" + uuid.uuid4().hex[:12]
         self.staging = self.table.staging_area(self.run_id)

@@ -89,7 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--version", type=int, metavar="N",
-        help="read both tables as of this Delta version (time travel; default: current)",
+        help="read both tables as of this Delta version or Iceberg snapshot id (time travel; default: current)",
+    )
+    data.add_argument(
+        "--catalog",
+        help="Iceberg catalog of iceberg: outputs, as for fungi featurize (default: the SQL catalog in $FUNGI_WAREHOUSE)",
     )
     data.add_argument(
         "--label-column", default="label", metavar="NAME", help="column holding the class labels (default: %(default)s)"
@@ -186,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 from fungi_ops.eval.dense_io import DenseReader
 
                 train, test = (read_table_files(path, lambda source, files, fs: DenseReader(
-                    source, files=files, filesystem=fs), version=args.version)
+                    source, files=files, filesystem=fs), version=args.version, catalog=args.catalog)
                     for path in (args.train, args.test))
                 report = evaluate_segmentation(
                     train, test, mask_column=args.mask_column, image_column=args.image_column,
@@ -199,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 tables = [
                     read_table_files(path, lambda source, files, fs, labels=labels: load_feature_table(
                         source, label_column=labels, features=args.features, files=files, filesystem=fs),
-                        version=args.version)
+                        version=args.version, catalog=args.catalog)
                     for path, labels in ((args.train, train_labels), (args.test, args.label_column))
                 ]
                 report = evaluate(
@@ -221,12 +225,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_table_files(path: str, read: Callable[[str, list[str] | None, Any], Any], *, version: int | None = None) -> Any:
+def read_table_files(path: str, read: Callable[[str, list[str] | None, Any], Any], *, version: int | None = None,
+                     catalog: str | None = None) -> Any:
     """``read(source, files, filesystem)`` of a feature table: a fungi output's data files of exactly
-    one committed state (the current one, or ``version`` of a Delta table; even right
+    one committed state (the current one, or ``version`` of a Delta or Iceberg table; even right
     after a run was killed in its commit), else (``files`` None) every Parquet file under ``path``.
 
-    ``path`` is a folder or ``delta:PATH``. A URI with pyarrow
+    ``path`` is a folder, ``delta:PATH`` or ``iceberg:NS.TABLE`` (in ``catalog``). A URI with pyarrow
     options (``?endpoint_override=...``) is read as a plain table.
     """
     from fungi_ops.eval import EvalInputError
@@ -235,10 +240,10 @@ def read_table_files(path: str, read: Callable[[str, list[str] | None, Any], Any
 
     if "?" in path:
         if version is not None:
-            raise EvalInputError(f"--version needs a Delta table; {path} is read as a plain Parquet table")
+            raise EvalInputError(f"--version needs a Delta or Iceberg table; {path} is read as a plain Parquet table")
         return read(path, None, None)
     try:
-        table = open_output(path)
+        table = open_output(path, catalog=catalog)
         root = table.root
         return table.read_files(lambda files: read(root.uri if files is not None else path, files,
                                                    root.filesystem() if files is not None else None), version)

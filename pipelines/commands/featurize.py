@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Iceberg catalog of iceberg: addresses: a pyiceberg catalog name, or a JSON object of catalog "
         "properties (default: a SQL catalog on SQLite in $FUNGI_WAREHOUSE, ./fungi_warehouse)",
     )
-    io.add_argument("--output", required=True, help="output directory, local or s3://bucket/prefix")
+    io.add_argument("--output", required=True, help="output: a Parquet folder (local or s3://bucket/prefix), a Delta "
+                    "table (delta:PATH) or an Iceberg table (iceberg:NAMESPACE.TABLE, see --catalog)")
     io.add_argument("--modality", required=True, choices=["image", "text", "audio"])
     io.add_argument("--id-column", default="id", help="unique row id column (default: id)")
     io.add_argument(

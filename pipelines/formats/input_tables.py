@@ -185,7 +185,7 @@ def _list_iceberg(address: TableAddress, storage_options: dict[str, Any], catalo
         table = load_catalog(catalog).load_table(address.target)
     except (NoSuchTableError, NoSuchNamespaceError):
         raise ConfigError(f"{what} {address} does not exist in the Iceberg catalog (--catalog)") from None
-    location = Location(_location_uri(table.metadata.location), storage_options)
+    location = Location(location_uri(table.metadata.location), storage_options)
     snapshot = table.current_snapshot()
     if snapshot is None:
         return InputListing(address, location, [], None, table.schema().as_arrow())
@@ -224,7 +224,7 @@ def _equality_message(address: TableAddress) -> str:
     )
 
 
-def _location_uri(uri: str) -> str:
+def location_uri(uri: str) -> str:
     """A table location as a :class:`Location` URI (``file://`` URIs as local paths)."""
     return unquote(urlparse(uri).path) if uri.startswith("file:") else uri
 

@@ -1,0 +1,229 @@
+"""An Apache Iceberg output (``iceberg:NAMESPACE.TABLE`` in a pyiceberg catalog): one run is one snapshot.
+
+The commit path is :class:`~pipelines.formats.table.LakeTable`'s; here are Iceberg's parts.
+The table lives where its catalog puts it (the catalog's default location,
+``<warehouse>/<namespace>/<table>`` for the embedded SQL catalog); fungi's own files sit
+beside ``data/`` and ``metadata/`` in that folder. The commit point is **one catalog commit**
+of one transaction: a snapshot that appends this run's data files and deletes the files they
+supersede (an APPEND snapshot when nothing is deleted, else an OVERWRITE one), fungi's
+properties in its summary, and the same properties set on the table. The first run creates
+the table in that same commit (``create_table_transaction``): a kill before it leaves no table.
+
+* The data files are fungi's own Parquet files, registered as they are (pyiceberg computes
+  their column statistics from their footers): they carry no Iceberg field ids, so the table
+  has a name mapping (``schema.name-mapping.default``), as for files added with
+  ``add_files``; Spark, Trino, pyiceberg and Polars read them through it.
+* ``commit.retry.num-retries`` is 0: a concurrent commit fails ours (pyiceberg's
+  ``CommitFailedException``) instead of being retried over a state this run never planned.
+* ``--overwrite`` with another spec may change the columns: the table's schema is replaced
+  in the same commit.
+* Time travel: a snapshot id (``fungi eval --version``, :func:`pipelines.formats.read_output`).
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fungi_ops.errors import ConfigError
+from pipelines.formats.address import TableAddress, load_catalog
+from pipelines.formats.base import Fault
+from pipelines.formats.input_tables import location_uri
+from pipelines.formats.table import CommitConflict, LakeTable
+from pipelines.storage import Location, delete_file, list_files
+
+NAME_MAPPING_PROPERTY = "schema.name-mapping.default"
+TABLE_DEFAULTS = {"commit.retry.num-retries": "0"}  # a conflict fails our commit: never retried unplanned
+
+
+class _Version:
+    """A handle: the loaded table and one of its snapshots (the current one unless time travelling)."""
+
+    def __init__(self, table: Any, snapshot: Any) -> None:
+        self.table, self.snapshot = table, snapshot
+
+
+class IcebergOutput(LakeTable):
+    """An Iceberg table written by fungi: fungi's lineage in its own files, the table's state in its catalog."""
+
+    kind = "iceberg"
+    version_word = "snapshot"
+    data_dir = "data/"
+
+    def __init__(self, address: TableAddress, catalog: str | None, storage_options: dict[str, Any],
+                 fault: Fault | None = None) -> None:
+        self.address = address
+        self.catalog = load_catalog(catalog)
+        self.identifier = address.identifier
+        loaded = self._load()
+        location = loaded.metadata.location if loaded is not None else self._default_location()
+        super().__init__(Location(location_uri(location), storage_options), fault)
+        self.location_uri = location.rstrip("/")  # the table's own spelling (file://..., s3://...): data file paths
+
+    @property
+    def uri(self) -> str:
+        """``iceberg:NAMESPACE.TABLE``."""
+        return str(self.address)
+
+    # -- the catalog -------------------------------------------------------------------------
+    def _load(self) -> Any:
+        from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+        try:
+            return self.catalog.load_table(self.identifier)
+        except (NoSuchTableError, NoSuchNamespaceError):
+            return None
+
+    def _default_location(self) -> str:
+        """Where the catalog puts a new table (its namespace's location or the warehouse's convention)."""
+        from pyiceberg.exceptions import NoSuchNamespaceError
+
+        namespace, name = self.identifier
+        resolve = getattr(self.catalog, "_resolve_table_location", None)
+        if resolve is not None:
+            try:
+                return resolve(None, namespace, name)
+            except NoSuchNamespaceError:
+                pass
+        warehouse = self.catalog.properties.get("warehouse")
+        if not warehouse:
+            raise ConfigError(
+                f"{self.uri}: the Iceberg catalog has no warehouse location for a new table; create the table's "
+                "namespace with a location, or give the catalog a 'warehouse' property"
+            )
+        return f"{warehouse.rstrip('/')}/{namespace.replace('.', '/')}/{name}"
+
+    def _table(self, version: int | None = None) -> _Version | None:
+        """The table at its current snapshot or at snapshot ``version``; None: no table (or no snapshot yet)."""
+        table = self._load()
+        if table is None:
+            if version is not None:
+                raise ConfigError(f"{self.uri} does not exist in the Iceberg catalog")
+            return None
+        snapshot = table.current_snapshot() if version is None else table.snapshot_by_id(version)
+        if snapshot is None:
+            if version is not None:
+                raise ConfigError(f"{self.uri} has no snapshot {version} (expired, or never one of this table)")
+            return None
+        return _Version(table, snapshot)
+
+    def _commits(self, table: _Version, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Snapshot summaries from ``table``'s snapshot back along its parents (newest first)."""
+        snapshot, seen = table.snapshot, 0
+        while snapshot is not None and (limit is None or seen < limit):
+            yield {**snapshot.summary.additional_properties, "timestamp": snapshot.timestamp_ms,
+                   "version": snapshot.snapshot_id}
+            seen += 1
+            parent = snapshot.parent_snapshot_id
+            snapshot = table.table.snapshot_by_id(parent) if parent is not None else None
+
+    def _table_files(self, table: _Version) -> set[str]:
+        """The data files of the snapshot, and any delete files another engine added (they break the lineage)."""
+        names: set[str] = set()
+        for task in table.table.scan(snapshot_id=table.snapshot.snapshot_id).plan_files():
+            names.add(self._relative(task.file.file_path))
+            names.update(self._relative(d.file_path) for d in task.delete_files)
+        return names
+
+    def _version_of(self, table: _Version) -> int:
+        return table.snapshot.snapshot_id
+
+    # -- commit -------------------------------------------------------------------------------
+    def _write_version(self, table: _Version | None, added: list[str], removed: list[str], properties: dict[str, str], *,
+                       overwrite: bool) -> None:
+        """One catalog commit: the table's creation (first run) or one snapshot of appends and deletes."""
+        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+
+        try:
+            if table is None:
+                transaction = self._create_transaction(added[0])
+                current: dict[str, Any] = {}
+            else:
+                transaction = table.table.transaction()
+                current = {self._relative(t.file.file_path): t.file
+                           for t in table.table.scan(snapshot_id=table.snapshot.snapshot_id).plan_files()}
+                if overwrite:
+                    self._replace_schema(transaction, added[0] if added else None)
+            transaction.set_properties(properties)
+            update = transaction.update_snapshot(snapshot_properties=properties)
+            with (update.overwrite() if removed else update.fast_append()) as snapshot:
+                for name in removed:
+                    snapshot.delete_data_file(current[name])
+                for name in added:
+                    snapshot.append_data_file(self._data_file(transaction, name))
+            transaction.commit_transaction()
+        except (CommitFailedException, TableAlreadyExistsError) as exc:
+            raise CommitConflict(str(exc)) from None
+
+    def _create_transaction(self, first_file: str) -> Any:
+        """The transaction that creates the table (schema from our first data file) in the commit itself."""
+        namespace, _ = self.identifier
+        self.catalog.create_namespace_if_not_exists(namespace)
+        schema = self._file_schema(first_file)
+        transaction = self.catalog.create_table_transaction(
+            self.identifier, schema=schema, location=self.location_uri, properties=TABLE_DEFAULTS,
+        )
+        transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
+        return transaction
+
+    def _replace_schema(self, transaction: Any, first_file: str | None) -> None:
+        """``--overwrite``: make the table's columns those of the new files (a new spec may change them)."""
+        if first_file is None:
+            return
+        schema = self._file_schema(first_file)
+        current = transaction.table_metadata.schema()
+        if current.as_arrow().equals(_iceberg_arrow(schema), check_metadata=False):
+            return
+        with transaction.update_schema(allow_incompatible_changes=True) as update:
+            for field in current.fields:
+                if field.name not in schema.names:
+                    update.delete_column(field.name)
+            update.union_by_name(schema)
+        transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
+
+    def _file_schema(self, name: str) -> pa.Schema:
+        with self.fs.open_input_file(self.location.child_path(name)) as handle:
+            return pq.read_schema(handle).remove_metadata()
+
+    def _data_file(self, transaction: Any, name: str) -> Any:
+        """The Iceberg DataFile of one of our files: size, row count and column statistics from its footer."""
+        from pyiceberg.io.pyarrow import parquet_file_to_data_file
+
+        try:
+            return parquet_file_to_data_file(transaction._table.io, transaction.table_metadata,
+                                             f"{self.location_uri}/{name}")
+        except ValueError as exc:
+            raise ConfigError(f"{self.uri}: {name} does not match the table's columns ({exc})") from None
+
+    # -- readers and maintenance ----------------------------------------------------------------
+    def _read_rows(self, table: _Version, columns: list[str] | None) -> pa.Table:
+        scan = table.table.scan(snapshot_id=table.snapshot.snapshot_id,
+                                selected_fields=tuple(columns) if columns else ("*",))
+        return scan.to_arrow()
+
+    def _vacuum_table(self, table: _Version, retention_hours: float) -> int:
+        """Expire the snapshots older than the retention (the current one is kept), then delete the data
+        files under ``data/`` that no remaining snapshot reads (pyiceberg's expiry deletes no file)."""
+        cutoff = datetime.fromtimestamp(time.time() - retention_hours * 3600, tz=timezone.utc)
+        table.table.maintenance.expire_snapshots().older_than(cutoff).commit()
+        remaining = self._load()
+        read: set[str] = set()
+        for snapshot in remaining.snapshots():
+            read |= self._table_files(_Version(remaining, snapshot))
+        deleted = 0
+        data = self.location.child_path(self.data_dir.rstrip("/"))
+        for info in list_files(self.fs, data, ".parquet"):
+            if self._relative(info.path) not in read and info.mtime and info.mtime.timestamp() < cutoff.timestamp():
+                delete_file(self.fs, info.path)
+                deleted += 1
+        return deleted
+
+
+def _iceberg_arrow(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as an Iceberg table gives it back (list items named ``element``), to compare columns."""
+    from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
+
+    return _pyarrow_to_schema_without_ids(schema).as_arrow()

@@ -1,0 +1,281 @@
+"""What a Delta and an Iceberg output share: fungi's lineage beside a table format's own commit.
+
+A table's data files are immutable, so a run's files carry its run id (time travel reads the
+old ones). The run has staged everything it commits in ``_staging/<run_id>/final/`` (one data
+file per touched source and one error file per source, under ``_errors/``). Then
+(:meth:`LakeTable.commit`):
+
+1. this version's fungi manifest (header and sources table) is written under
+   ``_fungi_versions/<run_id>/`` (nothing refers to it yet);
+2. the staged files are moved to their names under the table root (new names: no committed
+   file is touched; the table's readers see only the files its log / snapshot lists);
+3. **one commit of the format** (:meth:`LakeTable._write_version`: a Delta version, an
+   Iceberg snapshot) adds this run's data files and removes the files they supersede (the
+   touched sources' previous files, the sources gone with ``--prune``; with ``--overwrite``
+   every file of the table), carrying the spec, spec hash, vector dimensions, run id, row
+   counts and the manifest's folder (:func:`pipelines.formats.base.table_properties`): the
+   commit point;
+4. the staging area is deleted.
+
+A kill before 3 leaves the previous version for every engine; the next run, under the
+lease (:meth:`LakeTable.recover`), deletes what the dead run moved in (the names its
+manifest lists) with its manifest folder and staging. A kill after 3 leaves the new version;
+the next run deletes the staging area. Another writer committing between our read and our
+commit fails ours (:class:`CommitConflict`: nothing of ours is referenced, and our files are
+deleted). A commit by another engine since fungi's last one that changed the table's files
+(compaction, a ``DELETE``) breaks the per-source lineage: a night is refused until
+``--overwrite`` rebuilds it.
+
+Fungi's own files (``_fungi_versions/``, ``_errors/``, ``_fungi_setup/``, ``_staging/``, the
+lease) are in ``_``-folders that the formats' readers never list. Vectors are
+``list<float>`` in the files (neither format has a fixed-size list); :meth:`LakeTable.read`
+gives them back fixed-size, with the dimensions the version's own commit records.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from abc import abstractmethod
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from fungi_ops.errors import ConfigError
+from pipelines.formats.base import (
+    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, STAGING_DIR, Fault, OutputTable, T, restore_vectors,
+    table_properties,
+)
+from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
+from pipelines.stages import staged_final_path
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
+
+log = logging.getLogger(__name__)
+VERSIONS_DIR = "_fungi_versions"  # one folder per committed run: that version's fungi manifest
+HISTORY_SCAN = 100  # commits looked at to find fungi's latest (another engine's commits may follow it)
+
+
+class CommitConflict(Exception):
+    """The format refused our commit: another writer committed since this run read the table."""
+
+
+class LakeTable(OutputTable):
+    """A table format's output (see the module docstring); subclasses implement the format's hooks.
+
+    A *handle* is the format's view of one version (a ``DeltaTable``, an Iceberg table and
+    snapshot); None when there is no table yet. A *commit* is a dict of what fungi recorded in
+    one version (``fungi.run_id``, ``fungi.manifest``, ...) with its ``timestamp`` in ms.
+    """
+
+    versioned_names = True
+    list_vectors = True
+    version_word = "version"  # what the format calls a committed state, for messages
+
+    def __init__(self, location: Location, fault: Fault | None = None) -> None:
+        super().__init__(fault)
+        self.location = location
+        self.fs = location.filesystem()
+
+    @property
+    def root(self) -> Location:
+        """The table's folder."""
+        return self.location
+
+    # -- the format's hooks -----------------------------------------------------------------
+    @abstractmethod
+    def _table(self, version: int | None = None) -> Any:
+        """The handle of the current version (or ``version``; ConfigError when it does not exist); None: no table."""
+
+    @abstractmethod
+    def _commits(self, table: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The commits from ``table``'s version back (newest first, at most ``limit``), ending where history ends."""
+
+    @abstractmethod
+    def _table_files(self, table: Any) -> set[str]:
+        """Paths (relative to the root) of the files (data and delete files) of one version."""
+
+    @abstractmethod
+    def _version_of(self, table: Any) -> int:
+        """The version number / snapshot id of a handle, for messages."""
+
+    @abstractmethod
+    def _write_version(self, table: Any, added: list[str], removed: list[str], properties: dict[str, str], *,
+                       overwrite: bool) -> None:
+        """One commit of the format: adds ``added`` and removes ``removed`` (names relative to the root), with
+        ``properties``; the table's creation when ``table`` is None. :class:`CommitConflict` when refused."""
+
+    @abstractmethod
+    def _read_rows(self, table: Any, columns: list[str] | None) -> pa.Table:
+        """One version's rows, as the format's own reader gives them."""
+
+    @abstractmethod
+    def _vacuum_table(self, table: Any, retention_hours: float) -> int:
+        """Forget versions older than the retention (the current one kept), delete the data files only they
+        read; the number of data files deleted."""
+
+    # -- state --------------------------------------------------------------------------------
+    def _fungi_commit(self, table: Any) -> dict[str, Any] | None:
+        """What fungi's latest commit up to ``table``'s version recorded (looked for in the last commits)."""
+        if table is None:
+            return None
+        return next((c for c in self._commits(table, HISTORY_SCAN) if RUN_PROPERTY in c), None)
+
+    def _relative(self, path: str) -> str:
+        """A data file's path or URI, relative to the root."""
+        if path.startswith("file:"):
+            path = path[len("file:"):].lstrip("/")
+        elif "://" in path:
+            path = path.split("://", 1)[1]
+        root = self.location.path.strip("/") + "/"
+        path = path.lstrip("/")
+        return path[len(root):] if path.startswith(root) else path
+
+    def read_manifest(self) -> Manifest | None:
+        """The fungi manifest that fungi's latest commit of the table names (None: no fungi commit)."""
+        commit = self._fungi_commit(self._table())
+        return read_manifest(self.location.join(commit[MANIFEST_PROPERTY])) if commit else None
+
+    def holds_foreign_data(self) -> bool:
+        """A table that fungi never committed to, or a folder of Parquet files that is not a table."""
+        table = self._table()
+        if table is None:
+            return bool(list_files(self.fs, self.location.path, ".parquet"))
+        return self._fungi_commit(table) is None and bool(self._table_files(table))
+
+    def recover(self, run_id: str, *, tolerate_unreadable: bool = False) -> Manifest | None:
+        """Undo what dead runs left (their moved-in files, manifests, staging), then check the lineage."""
+        table = self._table()
+        commit = self._fungi_commit(table)
+        committed_run = commit[RUN_PROPERTY] if commit else None
+        staging_root = self.location.child_path(STAGING_DIR)
+        if exists(self.fs, staging_root):
+            for info in self.fs.get_file_info(pafs.FileSelector(staging_root)):
+                dead = posixpath.basename(info.path)
+                if dead == run_id:
+                    continue
+                if dead != committed_run:
+                    self._forget(dead)
+                delete_tree(self.fs, info.path)
+        manifest = read_manifest(self.location.join(commit[MANIFEST_PROPERTY])) if commit else None
+        if manifest is not None and not tolerate_unreadable:
+            self._refuse_drift(table, manifest)
+        return manifest
+
+    def _refuse_drift(self, table: Any, manifest: Manifest) -> None:
+        """ConfigError when the table's files are not those fungi's manifest names (another engine rewrote them)."""
+        drifted = self._table_files(table) ^ set(manifest.data_files())
+        if drifted:
+            raise ConfigError(
+                f"{self.uri} was changed by another writer since fungi's last commit (now at {self.version_word} "
+                f"{self._version_of(table)}; {len(drifted)} file(s) differ, e.g. {sorted(drifted)[0]}: a compaction, "
+                "DELETE or write by another engine): fungi's per-source lineage no longer matches the table; "
+                "rebuild with --overwrite"
+            )
+
+    def _forget(self, run_id: str) -> None:
+        """Delete the files a run that never committed moved in, and its manifest folder."""
+        folder = self.location.join(VERSIONS_DIR, run_id)
+        if exists(self.fs, folder.child_path("_fungi_manifest.json")):
+            rows = read_manifest(folder).sources.to_pylist()
+            for name in (n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
+                delete_file(self.fs, self.location.child_path(name))
+        log.warning("deleting what run %s left: it died before its commit", run_id)
+        delete_tree(self.fs, folder.path)
+
+    # -- commit -------------------------------------------------------------------------------
+    def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
+        """Make ``new`` the table's state in one commit of the format (see the module docstring)."""
+        table = self._table()
+        if table is not None and previous is not None and not overwrite:
+            self._refuse_drift(table, previous)
+        new.version = (previous.version if previous else 0) + 1
+        new.pending = None
+        folder = self.location.join(VERSIONS_DIR, run_id)
+        write_sources_table(folder, new)
+        write_header(folder, new)
+        self.step(f"write the manifest of {run_id}")
+        added = self._move_in(new, run_id)
+        current = self._table_files(table) if table is not None else set()
+        keep = set(new.data_files())
+        removed = sorted(current - keep) if overwrite else sorted(set(previous.data_files() if previous else ()) - keep)
+        if table is None and not added:
+            raise ConfigError(f"{self.uri}: the first run wrote no feature rows; nothing to make a table of")
+        properties = {**table_properties(new, run_id), MANIFEST_PROPERTY: f"{VERSIONS_DIR}/{run_id}"}
+        try:
+            self._write_version(table, [name for name in added if name not in current], removed,
+                                {k: str(v) for k, v in properties.items()}, overwrite=overwrite)
+        except CommitConflict as exc:
+            self._forget(run_id)
+            raise ConfigError(
+                f"{self.uri} changed since this run read it (another writer committed): nothing was committed; "
+                f"run again ({exc})"
+            ) from None
+        self.step(f"{self.kind} commit of {run_id} (commit point)")
+        delete_tree(self.fs, self.staging_area(run_id).path)
+        self.step("delete the staging area")
+
+    def _move_in(self, new: Manifest, run_id: str) -> list[str]:
+        """Move this run's staged files to their names under the root; the data files' names."""
+        staging = self.staging_area(run_id)
+        added = []
+        for row in (r for r in new.sources.to_pylist() if r["run_id"] == run_id):
+            for name in (row["file"], row["error_file"]):
+                staged = staged_final_path(staging, name) if name else None
+                if staged and exists(self.fs, staged):
+                    self.fs.create_dir(posixpath.dirname(self.location.child_path(name)), recursive=True)
+                    self.fs.move(staged, self.location.child_path(name))
+                    self.step(f"move {name}")
+            if row["file"]:
+                added.append(row["file"])
+        return added
+
+    # -- readers ------------------------------------------------------------------------------
+    def _existing(self, version: int | None) -> Any:
+        table = self._table(version)
+        if table is None:
+            raise ConfigError(f"{self.uri} is not a {self.kind} table yet")
+        return table
+
+    def read_files(self, read: Callable[[list[str] | None], T], version: int | None = None) -> T:
+        """``read(paths)`` over the data files of the current version or ``version`` (immutable files)."""
+        return read(sorted(self.location.child_path(name) for name in self._table_files(self._existing(version))))
+
+    def read(self, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
+        """One version as the format's readers see it, vectors fixed-size (the dimensions that version recorded)."""
+        table = self._existing(version)
+        rows = self._read_rows(table, columns)
+        commit = self._fungi_commit(table)
+        return restore_vectors(rows, json.loads(commit[DIMS_PROPERTY])) if commit and DIMS_PROPERTY in commit else rows
+
+    # -- maintenance --------------------------------------------------------------------------
+    def vacuum(self, retention_hours: float) -> dict[str, int]:
+        """The format's vacuum of versions older than the retention, then fungi's files no kept version names.
+
+        Kept: the manifest folders and error files of fungi's commits within the retention
+        and of its latest commit; the setup state of the current spec.
+        """
+        table = self._existing(None)
+        cutoff = (time.time() - retention_hours * 3600) * 1000
+        commits = [c for c in self._commits(table) if RUN_PROPERTY in c]  # newest first, read before expiring
+        counts = {"data files": self._vacuum_table(table, retention_hours), "manifests": 0, "error files": 0,
+                  "setup states": 0}
+        kept = {c[MANIFEST_PROPERTY] for c in commits if c["timestamp"] >= cutoff} | {commits[0][MANIFEST_PROPERTY]}
+        errors_kept: set[str] = set()
+        setup_kept: set[str] = set()
+        for folder in kept:
+            manifest = read_manifest(self.location.join(folder))
+            errors_kept |= set(manifest.error_files())
+            if manifest.setup_artifact:
+                setup_kept.add(manifest.setup_artifact)
+        for info in self.fs.get_file_info(pafs.FileSelector(self.location.child_path(VERSIONS_DIR))):
+            if f"{VERSIONS_DIR}/{posixpath.basename(info.path)}" not in kept:
+                delete_tree(self.fs, info.path)
+                counts["manifests"] += 1
+        for folder, keep, what in ((ERRORS_DIR, errors_kept, "error files"), (SETUP_DIR, setup_kept, "setup states")):
+            for info in list_files(self.fs, self.location.child_path(folder)):
+                if self._relative(info.path) not in keep:
+                    delete_file(self.fs, info.path)
+                    counts[what] += 1
+        return counts

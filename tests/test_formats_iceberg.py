@@ -1,0 +1,185 @@
+"""An Iceberg table as the job's output (``iceberg:NS.TABLE``): one run one snapshot, read by every Iceberg reader.
+
+The real job (tiny random text model, the session's Ray) writes the table into pyiceberg's SQL
+catalog on SQLite in a warehouse folder of the test (``FUNGI_WAREHOUSE``, the embedded
+default); pyiceberg's scans, Polars' ``scan_iceberg`` and fungi's own readers check it; a crash
+after every commit step, another writer committing under our feet and vacuum each get a test.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from lakes import config, ids_of, lake
+from test_formats_delta import NEW_IDS, Crash, night
+from fungi_ops.errors import ConfigError
+from pipelines.cli import main as cli_main
+from pipelines.formats import open_output, read_output
+from pipelines.formats.address import load_catalog
+from pipelines.formats.iceberg import IcebergOutput
+from pipelines.job import FeaturizeJob, run_featurize
+
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
+URI = "iceberg:lake.features"
+
+
+@pytest.fixture
+def warehouse(tmp_path, monkeypatch) -> Path:
+    """The embedded default catalog (SQLite) in a warehouse of this test."""
+    path = tmp_path / "warehouse"
+    monkeypatch.setenv("FUNGI_WAREHOUSE", str(path))
+    return path
+
+
+def iceberg_table():
+    return load_catalog(None).load_table("lake.features")
+
+
+def iceberg_rows(snapshot_id: int | None = None) -> list[str]:
+    """The ids pyiceberg's own scan sees (at a snapshot)."""
+    scan = iceberg_table().scan(snapshot_id=snapshot_id, selected_fields=("id",))
+    return sorted(scan.to_arrow()["id"].to_pylist())
+
+
+def polars_rows() -> list[str]:
+    return sorted(pl.scan_iceberg(iceberg_table()).select("id").collect()["id"].to_list())
+
+
+def data_files(snapshot_id: int | None = None) -> set[str]:
+    return {task.file.file_path for task in iceberg_table().scan(snapshot_id=snapshot_id).plan_files()}
+
+
+def test_first_run_and_a_night_are_two_snapshots_that_every_reader_sees(tiny_text_dir, tmp_path, warehouse, capsys):
+    source = lake(tmp_path / "in", files=3, rows=4)
+    run_featurize(config(tiny_text_dir, source, URI))
+    first = read_output(URI).sort_by("id")
+    assert first.num_rows == 12 and first.schema.field("embedding").type.list_size == 32
+    first_snapshot = iceberg_table().current_snapshot().snapshot_id
+    files_v0 = data_files()
+
+    night(source)
+    summary = run_featurize(config(tiny_text_dir, source, URI, incremental=True, prune=True))
+    assert (summary.rows_written, summary.rows_failed, summary.rows_deleted) == (2, 1, 4)
+    table = iceberg_table()
+    assert len(table.snapshots()) == 2  # one snapshot per run (the first one created the table)
+    assert iceberg_rows() == polars_rows() == NEW_IDS
+    assert ids_of(read_output(URI).sort_by("id")) == NEW_IDS
+    files_v1 = data_files()
+    kept = files_v0 & files_v1
+    assert len(kept) == 1 and "part-1" in next(iter(kept))  # the unchanged source's file is not rewritten
+    assert len(files_v1 - files_v0) == 2  # part-0 rewritten, part-5 new
+    snapshot = table.current_snapshot()
+    manifest = open_output(URI).read_manifest()
+    assert snapshot.summary["fungi.spec_hash"] == manifest.spec_hash == table.properties["fungi.spec_hash"]
+    assert snapshot.summary["fungi.run_id"] == manifest.runs[-1].run_id and snapshot.summary["fungi.rows"] == "8"
+    assert '"embedding": 32' in table.properties["fungi.dims"]
+    assert manifest.errors == 1  # the row that now fails is in _errors/, not in the table
+
+    # time travel: the first snapshot is the first run, for the table's readers and for fungi's
+    assert iceberg_rows(first_snapshot) == ids_of(first)
+    assert read_output(URI, version=first_snapshot).sort_by("id").equals(first)
+    assert cli_main(["eval", "--train", URI, "--test", URI, "--label-column", "content_hash",
+                     "--version", str(first_snapshot), "--features", "embedding", "--k", "1"]) == 0
+    assert "embedding" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no snapshot 12345"):
+        read_output(URI, version=12345)
+
+    with pytest.raises(ConfigError, match="spec"):
+        run_featurize(config(tiny_text_dir, source, URI, incremental=True, seed=1))
+    with pytest.raises(ConfigError, match="--history"):
+        run_featurize(config(tiny_text_dir, source, URI, incremental=True, history=True))
+    # --overwrite with another spec (another projection dimension) replaces the columns in one snapshot
+    run_featurize(config(tiny_text_dir, source, URI, overwrite=True, projection_dim=16))
+    rebuilt = read_output(URI)
+    assert rebuilt.schema.field("grad_kl").type.list_size == 16 and sorted(ids_of(rebuilt)) == NEW_IDS
+    assert len(iceberg_table().snapshots()) == 3 and polars_rows() == NEW_IDS
+
+
+def night_ready_to_commit(tiny_text_dir: str, tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """A table after one run, and a night (changing, failing, pruning) stopped right before its commit."""
+    source = lake(tmp_path / "in", files=3, rows=4)
+    run_featurize(config(tiny_text_dir, source, URI))
+    night(source)
+    captured: dict = {}
+    with monkeypatch.context() as patch:  # only this patch is undone (the warehouse variable stays)
+        patch.setattr(IcebergOutput, "commit", lambda self, manifest, previous, run_id, *, overwrite: captured.update(
+            manifest=manifest, previous=previous, run_id=run_id))
+        FeaturizeJob(config(tiny_text_dir, source, URI, incremental=True, prune=True)).run()
+    (Path(open_output(URI).root.path) / "_fungi_lease.json").unlink(missing_ok=True)
+    return source, captured
+
+
+def test_a_crash_after_any_commit_step_leaves_one_snapshot_and_the_next_run_cleans_up(
+        tiny_text_dir, tmp_path, warehouse, monkeypatch):
+    source, captured = night_ready_to_commit(tiny_text_dir, tmp_path, monkeypatch)
+    table_dir = Path(open_output(URI).root.path)
+    saved = tmp_path / "saved"
+    shutil.copytree(warehouse, saved)  # the catalog (SQLite) and the table's folder
+    old = iceberg_rows()
+
+    def commit(fault=None) -> IcebergOutput:
+        output = IcebergOutput(open_output(URI).address, None, {}, fault=fault)
+        output.commit(captured["manifest"], output.read_manifest(), captured["run_id"], overwrite=False)
+        return output
+
+    steps = len(commit().operations)
+    assert iceberg_rows() == NEW_IDS and steps >= 4
+    for step in range(1, steps + 1):
+        shutil.rmtree(warehouse)
+        shutil.copytree(saved, warehouse)
+
+        def crash(count, what, step=step):
+            if count == step:
+                raise Crash(what)
+
+        output = IcebergOutput(open_output(URI).address, None, {}, fault=crash)
+        with pytest.raises(Crash):
+            output.commit(captured["manifest"], output.read_manifest(), captured["run_id"], overwrite=False)
+        committed = output.committed()
+        seen = NEW_IDS if committed else old
+        assert iceberg_rows() == polars_rows() == seen, output.operations
+        assert ids_of(read_output(URI).sort_by("id")) == seen
+        assert len(iceberg_table().snapshots()) == (2 if committed else 1)
+        recovered = open_output(URI).recover("rnext")  # what the next run does first
+        assert recovered.version == (2 if committed else 1)
+        assert not any((table_dir / "_staging").iterdir())
+        on_disk = {p.name for p in (table_dir / "data").glob("*.parquet")}
+        referenced = {Path(f).name for f in data_files()}
+        if not committed:  # nothing the dead run moved in is left behind
+            assert on_disk == referenced
+        assert referenced <= on_disk
+    summary = run_featurize(config(tiny_text_dir, source, URI, incremental=True, prune=True))
+    assert summary.rows_written == 0 and iceberg_rows() == NEW_IDS
+
+
+def test_another_writer_committing_first_fails_ours_and_loses_nothing(tiny_text_dir, tmp_path, warehouse, monkeypatch):
+    source, captured = night_ready_to_commit(tiny_text_dir, tmp_path, monkeypatch)
+
+    def delete_under_our_feet(count, what):
+        if count == 1:  # after this run loaded the table: another engine deletes a row of part 0
+            iceberg_table().delete("id == 'f0-003'")
+
+    output = IcebergOutput(open_output(URI).address, None, {}, fault=delete_under_our_feet)
+    with pytest.raises(ConfigError, match="changed since this run read it"):
+        output.commit(captured["manifest"], output.read_manifest(), captured["run_id"], overwrite=False)
+    assert "f0-003" not in iceberg_rows()  # theirs stands, nothing of ours is referenced
+    assert not (Path(output.root.path) / "_fungi_versions" / captured["run_id"]).exists()
+    with pytest.raises(ConfigError, match="changed by another writer"):
+        run_featurize(config(tiny_text_dir, source, URI, incremental=True, prune=True))
+    run_featurize(config(tiny_text_dir, source, URI, overwrite=True))
+    assert iceberg_rows() == NEW_IDS
+
+
+def test_vacuum_expires_old_snapshots_and_drops_their_files(tiny_text_dir, tmp_path, warehouse, monkeypatch):
+    source, captured = night_ready_to_commit(tiny_text_dir, tmp_path, monkeypatch)
+    output = open_output(URI)
+    output.commit(captured["manifest"], output.read_manifest(), captured["run_id"], overwrite=False)
+    data = Path(output.root.path) / "data"
+    before = len(list(data.glob("*.parquet")))
+    assert cli_main(["vacuum", URI, "--retention-hours", "0"]) == 0
+    assert len(list(data.glob("*.parquet"))) == before - 2  # part-0's and part-2's first files
+    assert len(iceberg_table().snapshots()) == 1 and iceberg_rows() == polars_rows() == NEW_IDS
+    assert len(list((Path(output.root.path) / "_fungi_versions").iterdir())) == 1
