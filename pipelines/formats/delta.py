@@ -93,11 +93,6 @@ class DeltaOutput(LakeTable):
     def _version_of(self, table: Any) -> int:
         return table.version()
 
-    def _file_schema(self, name: str) -> pa.Schema:
-        """The Arrow schema of one of our data files (list vectors): a new table's schema."""
-        with self.fs.open_input_file(self.location.child_path(name)) as handle:
-            return pq.read_schema(handle).remove_metadata()
-
     def _add(self, name: str) -> Any:
         """The add action of one of our data files: size, time, row count, min/max of ``id`` (file skipping)."""
         from deltalake.transaction import AddAction

@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.address import TableAddress, load_catalog
@@ -40,10 +39,21 @@ TABLE_DEFAULTS = {"commit.retry.num-retries": "0"}  # a conflict fails our commi
 
 
 class _Version:
-    """A handle: the loaded table and one of its snapshots (the current one unless time travelling)."""
+    """A handle: the loaded table and one of its snapshots (the current one unless time travelling).
+
+    The snapshot's files are planned once per handle (a read of every manifest: O(files)) and
+    kept: the drift check, the commit's removals and the readers all use the same planning.
+    """
 
     def __init__(self, table: Any, snapshot: Any) -> None:
         self.table, self.snapshot = table, snapshot
+        self._tasks: list[Any] | None = None
+
+    def tasks(self) -> list[Any]:
+        """The snapshot's scan tasks (a data file and the delete files that apply to it)."""
+        if self._tasks is None:
+            self._tasks = list(self.table.scan(snapshot_id=self.snapshot.snapshot_id).plan_files())
+        return self._tasks
 
 
 class IcebergOutput(LakeTable):
@@ -123,7 +133,7 @@ class IcebergOutput(LakeTable):
     def _table_files(self, table: _Version) -> set[str]:
         """The data files of the snapshot, and any delete files another engine added (they break the lineage)."""
         names: set[str] = set()
-        for task in table.table.scan(snapshot_id=table.snapshot.snapshot_id).plan_files():
+        for task in table.tasks():
             names.add(self._relative(task.file.file_path))
             names.update(self._relative(d.file_path) for d in task.delete_files)
         return names
@@ -143,8 +153,7 @@ class IcebergOutput(LakeTable):
                 current: dict[str, Any] = {}
             else:
                 transaction = table.table.transaction()
-                current = {self._relative(t.file.file_path): t.file
-                           for t in table.table.scan(snapshot_id=table.snapshot.snapshot_id).plan_files()}
+                current = {self._relative(t.file.file_path): t.file for t in table.tasks()}
                 if overwrite:
                     self._replace_schema(transaction, added[0] if added else None)
             transaction.set_properties(properties)
@@ -183,10 +192,6 @@ class IcebergOutput(LakeTable):
                     update.delete_column(field.name)
             update.union_by_name(schema)
         transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
-
-    def _file_schema(self, name: str) -> pa.Schema:
-        with self.fs.open_input_file(self.location.child_path(name)) as handle:
-            return pq.read_schema(handle).remove_metadata()
 
     def _data_file(self, transaction: Any, name: str) -> Any:
         """The Iceberg DataFile of one of our files: size, row count and column statistics from its footer."""

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.base import (
@@ -215,6 +216,11 @@ class LakeTable(OutputTable):
         self.step(f"{self.kind} commit of {run_id} (commit point)")
         delete_tree(self.fs, self.staging_area(run_id).path)
         self.step("delete the staging area")
+
+    def _file_schema(self, name: str) -> pa.Schema:
+        """The Arrow schema of one of our data files (list vectors): a new table's columns."""
+        with self.fs.open_input_file(self.location.child_path(name)) as handle:
+            return pq.read_schema(handle).remove_metadata()
 
     def _move_in(self, new: Manifest, run_id: str) -> list[str]:
         """Move this run's staged files to their names under the root; the data files' names."""
