@@ -22,7 +22,8 @@ import ray
 from lakes import config, features, ids_of, lake, write_part
 from fungi_ops.eval import load_feature_table
 from pipelines.commands.evaluate import read_table_files
-from pipelines.formats import read_output
+from pipelines.formats import open_output, read_output
+from pipelines.formats.address import load_catalog
 from pipelines.formats.folder import ParquetFolder, read_committed, recover
 from pipelines.stages import STAGED_SUFFIX
 from pipelines.job import FeaturizeJob, run_featurize
@@ -272,6 +273,46 @@ def test_kill_9_of_the_driver_in_the_commit_then_a_rerun(tiny_text_dir, tmp_path
     expected = sorted([f"f{i}-{r:03d}" for i in range(3) for r in range(4)] + ["n-0", "n-1"])
     assert ids_of(table) == expected
     assert table.filter(pc.equal(table["id"], "f1-000"))["content_hash"][0].as_py() is not None
+
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_kill_9_of_the_driver_before_a_table_commit_then_a_reader_and_a_rerun(kind, tiny_text_dir, tmp_path,
+                                                                              monkeypatch):
+    """A table's night killed (os._exit(137), as SIGKILL) after its manifest and a first data file are in
+    place but before the format's commit: the table's own reader sees the previous version whole, and a
+    plain rerun commits the night once (every id once, the dead run's file gone)."""
+    from test_formats_delta import NEW_IDS, night
+
+    source = lake(tmp_path / "in", files=3, rows=4)
+    uri = f"delta:{tmp_path / 'table'}" if kind == "delta" else "iceberg:lake.features"
+    monkeypatch.setenv("FUNGI_WAREHOUSE", str(tmp_path / "warehouse"))  # the embedded catalog, for every process
+    run_featurize(config(tiny_text_dir, source, uri))
+    night(source)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", uri,
+               "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--max-error-fraction", "0.5",
+               "--incremental", "--prune", "--batch-size", "4",
+               "--address", ray.get_runtime_context().gcs_address]  # the session's Ray: no start-up per run
+    killed = subprocess.run(command, env={**env, "FUNGI_COMMIT_CRASH_AFTER": "2"}, cwd=str(REPO),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+    table = open_output(uri)
+    root = Path(table.root.path)
+
+    def on_disk() -> set[str]:
+        return {str(p) for p in root.rglob("*.parquet") if not any(x.startswith("_") for x in p.relative_to(root).parts)}
+
+    assert on_disk() - table.read_files(set)  # the dead run had moved a data file in
+    before = read_output(uri)
+    assert before.num_rows == 12 and len(set(ids_of(before))) == 12  # the first version, whole
+    rerun = subprocess.run(command, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    after = read_output(uri)
+    assert sorted(ids_of(after)) == NEW_IDS
+    first_version = 0 if kind == "delta" else load_catalog(None).load_table("lake.features").snapshots()[0].snapshot_id
+    listed = table.read_files(set) | table.read_files(set, version=first_version)
+    assert on_disk() == listed  # the dead run's moved-in file is gone; both versions' files stay until vacuum
 
 
 # -- the lease on S3 (moto's server: conditional PUTs with If-None-Match and If-Match) -------------------
