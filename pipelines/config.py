@@ -15,6 +15,7 @@ from typing import Any
 from fungi_ops.batch_size import parse_batch_size
 from fungi_ops.errors import ConfigError
 from pipelines.stages import HASH_COLUMN, ID_COLUMN, TIME_COLUMN
+from pipelines.tasks import DEFAULT_IN_PROCESS_ROWS
 
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
 DEFAULT_LEASE_TIMEOUT_S = 600.0
@@ -57,6 +58,7 @@ class FeaturizeConfig:
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     catalog: str | None = None  # the Iceberg catalog of iceberg: addresses (pipelines.formats.address.load_catalog)
     address: str | None = None
+    in_process_rows: int = DEFAULT_IN_PROCESS_ROWS  # a job featurizing at most this many rows runs without Ray (pipelines.tasks)
     trust_remote_code: bool = False
 
     def validate(self) -> None:
@@ -64,6 +66,8 @@ class FeaturizeConfig:
         if not 0 <= self.max_error_fraction <= 1:
             raise ConfigError("--max-error-fraction must be within [0, 1]")
         parse_batch_size(self.batch_size)
+        if self.in_process_rows < 0:
+            raise ConfigError("--in-process-rows must be >= 0 (0: every job on Ray)")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError("--max-image-pixels must be >= 1")
         if self.incremental and self.overwrite:

@@ -50,6 +50,7 @@ from pipelines.spec_resolution import ResolvedSpec, SpecResolver
 from pipelines.storage import InputFile, delete_tree
 from pipelines.stream import Stream
 from pipelines.summary import RunIdentity, RunSummary, summarize
+from pipelines.tasks import InProcessTasks, RayTasks, Tasks, runs_in_process
 
 
 class FeaturizeJob:
@@ -232,8 +233,8 @@ class FeaturizeJob:
         self.check_overlap()
         recorded = self.recorded_spec(listing)
         resolving = None if recorded else SpecResolver(config)
-        if resolving:
-            init_ray(config.address)  # while the child loads the model
+        if resolving and not runs_in_process(0, config):
+            init_ray(config.address)  # a cluster, or small jobs off: Ray starts while the child loads the model
         self.spec = resolving.result() if resolving else recorded
         self.validate_spec()
         with OutputLease(self.output, self.run_id, timeout_s=config.lease_timeout, break_lease=config.break_lease) as lease:
@@ -246,32 +247,44 @@ class FeaturizeJob:
                 self.validate_spec()
                 previous = self.reconcile(previous)
             schema, input_rows = self.read_schema(plan, previous)
+            tasks = self.tasks_for(plan, input_rows)
             if plan.work:
-                init_ray(config.address)
-                input_rows = live_row_counts(self.input, [work.input for work in plan.to_read], input_rows)
+                input_rows = live_row_counts(self.input, [work.input for work in plan.to_read], input_rows, tasks)
             try:
-                summary = self.featurize_and_commit(plan, previous, schema, input_rows, listing, lease)
+                summary = self.featurize_and_commit(plan, previous, schema, input_rows, listing, lease, tasks)
             except Exception:
                 if not self.table.committed():  # before the commit point: nothing of this run may stay
                     delete_tree(self.output.filesystem(), self.staging.path)
                 raise
         return summary
 
+    def tasks_for(self, plan: NightPlan, footer_rows: dict[str, int]) -> Tasks:
+        """Where this run's tasks execute: this process for a small job, else Ray (started now if need be)."""
+        from pipelines.ray_runtime import init_ray
+
+        rows = sum(footer_rows.get(work.source, 0) for work in plan.to_read)
+        if runs_in_process(rows, self.config):
+            return InProcessTasks()
+        if plan.work:
+            init_ray(self.config.address)
+        return RayTasks()
+
     def featurize_and_commit(self, plan: NightPlan, previous: Manifest | None, schema: InputSchema,
-                             input_rows: dict[str, int], listing: list[InputFile], lease: OutputLease) -> RunSummary:
+                             input_rows: dict[str, int], listing: list[InputFile], lease: OutputLease,
+                             tasks: Tasks) -> RunSummary:
         """Steps 3-6 under the lease: id checks, setup, stream, finalize, commit."""
         stream = Stream(self.config, self.spec, self.columns, self.input, self.staging, self.run_id, self.started,
-                        table_format=self.table)
+                        table_format=self.table, tasks=tasks)
         id_type = schema.type_of(self.columns.id)
         reads = plan.to_read
         setup = SetupStage(self.config, self.spec, self.columns, self.listing, self.output, self.run_id,
-                           stream.resources if reads else None)
+                           stream.resources if reads else None, tasks)
         setup_state, setup_artifact = (  # drawn and encoded while the ids are checked
             setup.start(previous) if reads else (None, previous.setup_artifact if previous else None)
         )
         id_check = check_ids(
             plan, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
-            id_column=self.columns.id, id_type=id_type, input_rows=input_rows,
+            id_column=self.columns.id, id_type=id_type, input_rows=input_rows, tasks=tasks,
         )
         setup.check_draw()
         stats = stream.run(plan, schema, sum(input_rows[w.source] for w in plan.to_read), setup_state)

@@ -40,6 +40,7 @@ from fungi_ops.errors import ConfigError
 from pipelines.formats.input_tables import read_columns
 from pipelines.manifest import INTERNAL_SUFFIX, Manifest
 from pipelines.storage import InputFile, Location, list_files
+from pipelines.tasks import Tasks
 
 ID_BUCKET_ROWS = 2_000_000
 NEW, CHANGED, RETRY, PRUNE, MOVED = "new", "changed", "retry", "prune", "moved"
@@ -219,14 +220,13 @@ def check_ids(
     id_column: str,
     id_type: pa.DataType,
     input_rows: dict[str, int],
+    tasks: Tasks,
 ) -> IdCheck:
     """Refuse duplicate ids before any featurizing; find the ids that moved between files.
 
     Raises ConfigError (exit 2) naming up to five repeated ids. Unchanged sources that
     turn out to hold a moved id are added to ``plan.work`` as ``moved``.
     """
-    import ray
-
     reads = plan.to_read
     if not reads:
         return IdCheck({}, 0, set())
@@ -234,9 +234,9 @@ def check_ids(
     old_sources = list(plan.committed.values())
     total += sum(row["rows"] + row["errors"] for row in old_sources)
     buckets = max(1, math.ceil(total / ID_BUCKET_ROWS))
-    scan_new = ray.remote(num_cpus=0.25)(_scan_new)
-    new_scans = ray.get([
-        scan_new.remote(input_location, work, id_column, id_type, tag, buckets, scratch)
+    scan_new = tasks.remote(_scan_new, num_cpus=0.25)
+    new_scans = tasks.get([
+        scan_new(input_location, work, id_column, id_type, tag, buckets, scratch)
         for tag, work in enumerate(reads)
     ])
     failed = {work.source: error for work, (_, _, _, error) in zip(reads, new_scans) if error}
@@ -258,13 +258,13 @@ def check_ids(
         if (row["file"] or row["error_file"]) and row["id_min"] is not None
         and overlapping(row["source"], row["id_min"], row["id_max"]) > 0
     ]
-    scan_old = ray.remote(num_cpus=0.25)(_scan_old)
-    ray.get([
-        scan_old.remote(output, [n for n in (row["file"], row["error_file"]) if n], id_type, tag, buckets, scratch)
+    scan_old = tasks.remote(_scan_old, num_cpus=0.25)
+    tasks.get([
+        scan_old(output, [n for n in (row["file"], row["error_file"]) if n], id_type, tag, buckets, scratch)
         for tag, row in enumerate(candidates)
     ])
-    check = ray.remote(num_cpus=0.25)(_check_bucket)
-    results = ray.get([check.remote(scratch, bucket, 5) for bucket in range(buckets)])
+    check = tasks.remote(_check_bucket, num_cpus=0.25)
+    results = tasks.get([check(scratch, bucket, 5) for bucket in range(buckets)])
     repeated = sum(count for count, _, _ in results)
     if repeated:
         examples = [str(v) for _, found, _ in results for v in found][:5]

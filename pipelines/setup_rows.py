@@ -23,6 +23,7 @@ from pipelines.inputs import InputColumns, check_schemas, read_footers
 from pipelines.manifest import Manifest
 from pipelines.spec_resolution import ResolvedSpec
 from pipelines.storage import InputFile, Location, read_bytes, write_atomic
+from pipelines.tasks import Tasks
 
 SETUP_READ_ROWS = 4096  # rows per batch while the drawn rows are picked out of the files
 
@@ -31,14 +32,15 @@ class SetupStage:
     """The setup state of one run (nothing to do for a spec without setup rows).
 
     ``actor_resources`` is the job's (pool size, GPUs per actor, CPUs per actor): the rows
-    are encoded in one part per CPU actor, or on one accelerator.
+    are encoded in one part per CPU actor, or on one accelerator; ``tasks`` runs the draw
+    and the encoding (Ray tasks, or this process for a small job).
     """
 
     def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_listing: InputListing,
-                 root: Location, run_id: str, actor_resources: tuple[Any, float, float]) -> None:
+                 root: Location, run_id: str, actor_resources: tuple[Any, float, float], tasks: Tasks) -> None:
         self.config, self.spec, self.columns, self.input = config, spec, columns, input_listing
-        self.root, self.run_id, self.actor_resources = root, run_id, actor_resources
-        self.setup_draw: tuple[Any, Any, str] | None = None  # ObjectRefs of the draw's order and skipped rows, source
+        self.root, self.run_id, self.actor_resources, self.tasks = root, run_id, actor_resources, tasks
+        self.setup_draw: tuple[Any, Any, str] | None = None  # the draw's order and skipped rows (refs), source
 
     def start(self, previous: Manifest | None) -> tuple[Any, str | None]:
         """The setup state for this spec: the output's own, or a Ray task computing it.
@@ -78,12 +80,10 @@ class SetupStage:
         Rows that do not decode are reported here, on the driver, in one line (the task
         that found them logs nothing: Ray would forward one stderr line per row).
         """
-        import ray
-
         if self.setup_draw is None:
             return
         order_ref, skipped_ref, source = self.setup_draw
-        order, skipped = ray.get([order_ref, skipped_ref])
+        order, skipped = self.tasks.get([order_ref, skipped_ref])
         examples = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
         if not order:
             raise ConfigError(
@@ -101,12 +101,11 @@ class SetupStage:
 
     def save(self, state: Any, relative: str | None) -> None:
         """Write a freshly computed setup state beside the output (a loaded one is already there)."""
-        import ray
         from safetensors.numpy import save
 
-        if not isinstance(state, ray.ObjectRef):
+        if self.setup_draw is None:  # loaded from the output, or no setup rows
             return
-        blob = save(ray.get(state), metadata={"fungi.spec_hash": self.spec.hash})
+        blob = save(self.tasks.get(state), metadata={"fungi.spec_hash": self.spec.hash})
         fs = self.root.filesystem()
         fs.create_dir(self.root.child_path(SETUP_DIR), recursive=True)
         write_atomic(fs, self.root.child_path(relative), blob)
@@ -122,22 +121,20 @@ class SetupStage:
         the cores mostly to themselves, and the read and decode tasks are not held back. With
         accelerators one task encodes everything on an actor's accelerator.
         """
-        import ray
-
         concurrency, gpus, _ = self.actor_resources
         parts = 1 if gpus or not self.spec.setup_splits else (concurrency if isinstance(concurrency, int) else concurrency[1])
         chunk = max(1, stream_batch_size(self.config.batch_size, gpus > 0) // 4)
-        select = ray.remote(num_cpus=0.25, num_returns=parts + 2)(select_setup_rows)
-        refs = select.remote(self.spec.json, self.spec.decoder, source, files, self.columns.id, self.columns.data, count, parts, chunk)
+        select = self.tasks.remote(select_setup_rows, num_cpus=0.25, num_returns=parts + 2)
+        refs = select(self.spec.json, self.spec.decoder, source, files, self.columns.id, self.columns.data, count, parts, chunk)
         order_ref, skipped_ref, part_refs = refs[0], refs[1], refs[2:]
         self.setup_draw = (order_ref, skipped_ref, source.uri)  # checked by check_draw before the stream
-        cores = int(ray.cluster_resources().get("CPU", 1))
-        encode = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else 0)(encode_setup_rows)
+        cores = int(self.tasks.cpus())
+        encode = self.tasks.remote(encode_setup_rows, num_gpus=gpus, num_cpus=1 if gpus else 0)
         threads = None if gpus else max(1, cores // parts)
-        encoded = [encode.remote(self.spec.json, part, chunk, threads) for part in part_refs]
+        encoded = [encode(self.spec.json, part, chunk, threads) for part in part_refs]
         if not self.spec.setup_splits:  # one part, in draw order: images keep it (a dense support is no row table)
             return encoded[0]
-        return ray.remote(num_cpus=0)(merge_setup_parts).remote(order_ref, *encoded)
+        return self.tasks.remote(merge_setup_parts, num_cpus=0)(order_ref, *encoded)
 
 
 def select_setup_rows(spec_json: str, decoder: bytes, source: Location, files: list[InputFile], id_column: str,

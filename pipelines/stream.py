@@ -24,6 +24,7 @@ from pipelines.inputs import InputColumns, InputSchema
 from pipelines.plan import NightPlan
 from pipelines.spec_resolution import ResolvedSpec
 from pipelines.storage import Location
+from pipelines.tasks import Tasks
 
 MAX_ROWS_PER_BLOCK = 4096
 MAX_BLOCK_BYTES = 128 << 20  # of features: Ray Data's own target block size (a 512-px dense ViT-B row is 6 MiB)
@@ -74,27 +75,48 @@ class Stream:
     """One run's stream and finalize tasks, over the sources its plan reads."""
 
     def __init__(self, config: FeaturizeConfig, spec: ResolvedSpec, columns: InputColumns, input_location: Location,
-                 staging: Location, run_id: str, started: float, *, table_format: OutputTable) -> None:
+                 staging: Location, run_id: str, started: float, *, table_format: OutputTable, tasks: Tasks) -> None:
         self.config, self.spec, self.columns, self.input = config, spec, columns, input_location
         self.output, self.staging, self.run_id, self.started = table_format.root, staging, run_id, started
         self.table_format = table_format  # the output's format: its data files' names and vector layout
+        self.tasks = tasks  # Ray, or this process for a small job (pipelines.tasks)
 
     @functools.cached_property
     def resources(self) -> ActorResources:
-        """The actor pool's resources (asks the running Ray for its CPUs and GPUs)."""
-        return actor_resources(self.config)
+        """The actor pool's resources (asks the running Ray for its CPUs and GPUs); in process: one
+        featurizer with every core (and the GPU, if this process sees one)."""
+        if not self.tasks.in_process:
+            return actor_resources(self.config)
+        import torch
+
+        return ActorResources(1, 1.0 if torch.cuda.is_available() else 0.0, self.tasks.cpus())
+
+    def _read_settings(self, schema: InputSchema, rows_per_block: int) -> dict[str, Any]:
+        """The keyword arguments of :func:`pipelines.stages.read_sources`."""
+        return dict(
+            input_location=self.input, output=self.output, columns=self.columns, schema=schema,
+            event_time=datetime.fromtimestamp(self.started, timezone.utc), rows_per_block=rows_per_block,
+            retry_failed=self.config.retry_failed,
+        )
+
+    def _featurizer_settings(self, setup_state: Any) -> dict[str, Any]:
+        """The constructor arguments of :class:`pipelines.stages.FeaturizeActor`."""
+        _, gpus, cpus = self.resources
+        return dict(spec_json=self.spec.json, setup_state=setup_state, threads=None if gpus else max(1, int(round(cpus))),
+                    batch_size=self.config.batch_size, gpus=gpus)
+
+    def _write_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pipelines.stages.write_batch`."""
+        return dict(staging=self.staging, spec_json=self.spec.json, spec_hash=self.spec.hash, dense=self.spec.dense)
 
     def run(self, plan: NightPlan, schema: InputSchema, rows_to_read: int, setup_state: Any) -> list[dict[str, Any]]:
         """Stream the sources to read through decode, featurize and staging; one stats row per staged block."""
-        import ray
-
         reads = plan.to_read
         if not reads:
             return []
-        config = self.config
-        concurrency, gpus_per_actor, cpus_per_actor = self.resources
+        concurrency, gpus_per_actor, _ = self.resources
         max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
-        batch_size = stream_batch_size(config.batch_size, gpus_per_actor > 0)
+        batch_size = stream_batch_size(self.config.batch_size, gpus_per_actor > 0)
         rows_per_block = block_rows(rows_to_read, max_actors, batch_size, self.spec.row_bytes)
         items = [
             {
@@ -106,17 +128,36 @@ class Stream:
             }
             for work in reads
         ]
-        spec_json = self.spec.json
+        run = self._run_in_process if self.tasks.in_process else self._run_on_ray
+        return run(items, schema, rows_per_block, min(batch_size, rows_per_block), setup_state)
+
+    def _run_in_process(self, items: list[dict[str, Any]], schema: InputSchema, rows_per_block: int, batch_size: int,
+                        setup_state: Any) -> list[dict[str, Any]]:
+        """The stream's stages one block after another in this process (a small job: no Ray)."""
+        featurize = stages.FeaturizeActor(**self._featurizer_settings(setup_state))
+        read_settings, write_settings = self._read_settings(schema, rows_per_block), self._write_settings()
+        stats: list[dict[str, Any]] = []
+        for item in items:
+            for block in stages.read_sources(pa.Table.from_pylist([item]), **read_settings):
+                decoded = stages.decode_batch(block, modality=self.spec.modality, decoder=self.spec.decoder)
+                featurized = pa.concat_tables(
+                    featurize(decoded.slice(start, batch_size)) for start in range(0, decoded.num_rows, batch_size)
+                )
+                stats.extend(stages.write_batch(featurized, **write_settings).to_pylist())
+        return stats
+
+    def _run_on_ray(self, items: list[dict[str, Any]], schema: InputSchema, rows_per_block: int, batch_size: int,
+                    setup_state: Any) -> list[dict[str, Any]]:
+        """The stream on Ray Data: read and decode tasks, the featurize actor pool, write tasks."""
+        import ray
+
+        concurrency, gpus_per_actor, cpus_per_actor = self.resources
         read = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             stages.read_sources,
             batch_format="pyarrow",
             batch_size=1,
             num_cpus=0.25,
-            fn_kwargs=dict(
-                input_location=self.input, output=self.output, columns=self.columns, schema=schema,
-                event_time=datetime.fromtimestamp(self.started, timezone.utc),
-                rows_per_block=rows_per_block, retry_failed=config.retry_failed,
-            ),
+            fn_kwargs=self._read_settings(schema, rows_per_block),
         ).repartition(target_num_rows_per_block=rows_per_block)
         decoded = read.map_batches(
             stages.decode_batch,
@@ -129,34 +170,27 @@ class Stream:
         # blocks, one actor took both); GPU actors keep Ray Data's default, which prefetches
         sizes = {"size": concurrency} if isinstance(concurrency, int) else {"min_size": concurrency[0], "max_size": concurrency[1]}
         in_flight = None if gpus_per_actor else 1
+        shared_state = setup_state if isinstance(setup_state, ray.ObjectRef) or not setup_state else ray.put(setup_state)
         featurized = decoded.map_batches(
             stages.FeaturizeActor,
             batch_format="pyarrow",
-            batch_size=min(batch_size, rows_per_block),
+            batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=in_flight),
             num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor,
-            fn_constructor_kwargs=dict(
-                spec_json=spec_json,
-                setup_state=setup_state if isinstance(setup_state, ray.ObjectRef) or not setup_state else ray.put(setup_state),
-                threads=None if gpus_per_actor else max(1, int(round(cpus_per_actor))),
-                batch_size=config.batch_size,
-                gpus=gpus_per_actor,
-            ),
+            fn_constructor_kwargs=self._featurizer_settings(shared_state),
         )
         written = featurized.map_batches(
             stages.write_batch,
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=0.25,
-            fn_kwargs=dict(staging=self.staging, spec_json=spec_json, spec_hash=self.spec.hash, dense=self.spec.dense),
+            fn_kwargs=self._write_settings(),
         )
         return written.take_all()
 
     def finalize(self, plan: NightPlan, stats: list[dict[str, Any]], input_rows: dict[str, int], id_type: pa.DataType) -> list[dict[str, Any]]:
-        """One Ray task per touched source: its new files in staging and its new sources-table row."""
-        import ray
-
+        """One task per touched source: its new files in staging and its new sources-table row."""
         staged: dict[str, tuple[set[str], set[str]]] = {}
         for row in stats:
             files, error_files = staged.setdefault(row["source"], (set(), set()))
@@ -164,7 +198,7 @@ class Stream:
                 files.add(row["file"])
             if row["error_file"]:
                 error_files.add(row["error_file"])
-        task = ray.remote(num_cpus=0.25)(stages.finalize_source)
+        task = self.tasks.remote(stages.finalize_source, num_cpus=0.25)
         metadata = stages.spec_metadata(self.spec.json, self.spec.hash)
         refs = []
         for work in plan.work.values():
@@ -182,10 +216,10 @@ class Stream:
                 "staged_error_files": sorted(error_files),
                 "moved_ids": work.moved_ids,
             }
-            refs.append(task.remote(
+            refs.append(task(
                 description, input_location=self.input, output=self.output, staging=self.staging,
                 id_column=self.columns.id, id_type=id_type, run_id=self.run_id, prune=self.config.prune,
                 metadata=metadata, dense=self.spec.dense, data_name=self.table_format.data_name(work.source, self.run_id),
                 list_vectors=self.table_format.list_vectors,
             ))
-        return ray.get(refs)
+        return self.tasks.get(refs)

@@ -28,9 +28,10 @@ def lake(root: Path, files: int = 3, rows: int = 6) -> Path:
 
 
 def config(model_dir: str, input_path: Path, output_path: Path, **overrides) -> FeaturizeConfig:
+    """A small job: it runs in the test's process (pipelines.tasks) unless ``actors=`` or an address asks for Ray."""
     settings = dict(
         input=str(input_path), output=str(output_path), modality="text", model=f"hf:{model_dir}",
-        objectives="kl", batch_size=4, actors=(1, 1), max_error_fraction=0.5,
+        objectives="kl", batch_size=4, max_error_fraction=0.5,
     )
     settings.update(overrides)
     return FeaturizeConfig(**settings)

@@ -57,7 +57,6 @@ def text_config(minilm_dir: str, input_path: Path, output_path: Path, **override
         objectives="kl,simclr:num_negatives=6",
         keep_columns=("label",),
         batch_size=3,
-        actors=(2, 2),
         max_error_fraction=0.2,
     )
     settings.update(overrides)
@@ -81,7 +80,7 @@ def in_process_features(output: Path, payloads: list, ids: list[str]) -> dict[st
 
 def test_text_job_writes_features_errors_manifest_and_matches_in_process(minilm_dir, text_input, tmp_path):
     output = tmp_path / "text_out"
-    summary = run_featurize(text_config(minilm_dir, text_input, output, history=True))
+    summary = run_featurize(text_config(minilm_dir, text_input, output, history=True, actors=(2, 2)))  # on Ray
     assert (summary.rows_in, summary.rows_written, summary.rows_failed) == (10, 9, 1)
 
     table = read_output(output)
@@ -147,18 +146,18 @@ def test_throughput_tells_start_up_from_the_steady_rate():
 
 def test_incremental_rerun_skips_known_rows_and_replaces_changed_ones(minilm_dir, text_input, tmp_path):
     output = tmp_path / "inc_out"
-    config = text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1))
+    config = text_config(minilm_dir, text_input, output, objectives="kl")
     run_featurize(config)
     before = read_output(output)
 
-    again = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), incremental=True))
+    again = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", incremental=True))
     # the row that failed (empty text) failed before with the same content: not retried
     assert again.rows_written == 0 and again.rows_skipped == 10 and again.rows_failed == 0
     assert read_output(output).equals(before)
 
     write_parquet(text_input / "part-2.parquet", id=[10, 11], text=["brand new row", "another one"], label=[1, 2])
     write_parquet(text_input / "part-0.parquet", id=[0, 1, 2, 3, 4], text=["changed text"] + TEXTS[1:5], label=[0, 1, 2, 0, 1])
-    third = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), incremental=True))
+    third = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", incremental=True))
     assert third.rows_written == 3  # two new, one changed
     after = read_output(output)
     ids = after.column("id").to_pylist()
@@ -173,10 +172,10 @@ def test_incremental_rerun_skips_known_rows_and_replaces_changed_ones(minilm_dir
 
 def test_changed_spec_is_refused_unless_overwrite(minilm_dir, text_input, tmp_path):
     output = tmp_path / "spec_out"
-    run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1)))
+    run_featurize(text_config(minilm_dir, text_input, output, objectives="kl"))
     with pytest.raises(ConfigError, match="holds features of spec"):
-        run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), seed=7, incremental=True))
-    replaced = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", actors=(1, 1), seed=7, overwrite=True))
+        run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", seed=7, incremental=True))
+    replaced = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", seed=7, overwrite=True))
     assert replaced.rows_written == 9
     assert len(list(output.glob("part-*.parquet"))) >= 1
     assert read_output(output).num_rows == 9
@@ -282,16 +281,25 @@ def test_s3_bucket_in_bucket_out(minilm_dir, s3_endpoint):
     assert not any(p.rstrip("/").endswith("_staging") and fs.ls(p) for p in fs.ls("lake-out/features"))
 
 
-def test_features_do_not_depend_on_actor_count_or_batch_size(minilm_dir, text_input, tmp_path):
-    first = tmp_path / "a"
-    second = tmp_path / "b"
-    run_featurize(text_config(minilm_dir, text_input, first, objectives="kl", actors=(1, 1), batch_size=5))
-    run_featurize(text_config(minilm_dir, text_input, second, objectives="kl", actors=(2, 2), batch_size=2))
-    left, right = read_output(first), read_output(second)
-    assert left.column("id").equals(right.column("id"))
-    np.testing.assert_allclose(
-        np.asarray(left.column("grad_kl").to_pylist()), np.asarray(right.column("grad_kl").to_pylist()), atol=1e-5
-    )
+def test_features_do_not_depend_on_where_the_job_runs_its_actor_count_or_batch_size(minilm_dir, text_input, tmp_path):
+    """The same job in the driver's process (a small job, no Ray), on one actor and on two actors with
+    another batch size: the same rows, errors and features (SimCLR's negatives included)."""
+    outputs = {name: tmp_path / name for name in ("in-process", "one actor", "two actors")}
+    settings = {"in-process": dict(batch_size=5), "one actor": dict(actors=(1, 1), batch_size=5),
+                "two actors": dict(actors=(2, 2), batch_size=2)}
+    summaries = {name: run_featurize(text_config(minilm_dir, text_input, outputs[name], **settings[name]))
+                 for name in outputs}
+    assert {(s.rows_written, s.rows_failed) for s in summaries.values()} == {(summaries["in-process"].rows_written, 1)}
+    tables = {name: read_output(path) for name, path in outputs.items()}
+    reference = tables["in-process"]
+    for name, table in tables.items():
+        assert table.column("id").equals(reference.column("id")), name
+        assert table.column("content_hash").equals(reference.column("content_hash")), name
+        for column in ("embedding", "grad_kl", "grad_simclr"):
+            np.testing.assert_allclose(np.asarray(table.column(column).to_pylist()),
+                                       np.asarray(reference.column(column).to_pylist()), atol=1e-5, err_msg=name)
+        assert sorted(p.name for p in (outputs[name] / "_errors").iterdir()) == sorted(
+            p.name for p in (outputs["in-process"] / "_errors").iterdir()), name
 
 
 def test_a_relative_path_is_where_the_user_is_not_where_a_worker_runs(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.tasks import DEFAULT_IN_PROCESS_ROWS
+
 HELP = "featurize Parquet data into FUNGI feature tables with Ray Data"
 
 
@@ -150,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--break-lease", action="store_true", help="take over the output's lease now (its run must be dead)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument(
+        "--in-process-rows", type=int, default=DEFAULT_IN_PROCESS_ROWS, metavar="N",
+        help="a run featurizing at most N rows runs in this process, without Ray: the same stages and files, "
+        "none of Ray's start-up (default: %(default)s; 0: always on Ray; never with --address, RAY_ADDRESS, "
+        "--actors, --gpus-per-actor or --cpus-per-actor)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -190,6 +198,7 @@ def config_from_args(args: argparse.Namespace):
         storage_options=parse_storage_options(args.storage_options),
         catalog=args.catalog,
         address=args.address,
+        in_process_rows=args.in_process_rows,
         trust_remote_code=args.trust_remote_code,
     )
 

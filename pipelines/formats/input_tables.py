@@ -39,6 +39,7 @@ from fungi_ops.errors import ConfigError
 from pipelines.formats.address import DELTA, ICEBERG, TableAddress, load_catalog, parse_address
 from pipelines.inputs import list_parquet
 from pipelines.storage import InputFile, Location
+from pipelines.tasks import Tasks
 
 FIELD_ID_KEY = b"PARQUET:field_id"
 
@@ -300,15 +301,14 @@ def count_live_rows(location: Location, source: InputFile) -> int:
     return rows - len(_deleted_positions(location.filesystem(), source.read))
 
 
-def live_row_counts(location: Location, sources: Sequence[InputFile], footer_rows: dict[str, int]) -> dict[str, int]:
-    """Live rows per source: ``footer_rows``, but a Ray task's count for a file with deletes (off the driver)."""
+def live_row_counts(location: Location, sources: Sequence[InputFile], footer_rows: dict[str, int],
+                    tasks: Tasks) -> dict[str, int]:
+    """Live rows per source: ``footer_rows``, but a task's count for a file with deletes (off the driver on Ray)."""
     counts = dict(footer_rows)
     with_deletes = [source for source in sources if source.read is not None and source.read.deletes]
     if with_deletes:
-        import ray
-
-        task = ray.remote(num_cpus=0.25)(count_live_rows)
-        for source, rows in zip(with_deletes, ray.get([task.remote(location, s) for s in with_deletes])):
+        task = tasks.remote(count_live_rows, num_cpus=0.25)
+        for source, rows in zip(with_deletes, tasks.get([task(location, s) for s in with_deletes])):
             counts[source.relpath] = rows
     return counts
 

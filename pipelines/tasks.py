@@ -1,0 +1,101 @@
+"""Where a run's tasks execute: on Ray, or, for a small job, in the driver's own process.
+
+A run's O(rows) steps are plain functions (:mod:`pipelines.stages`, the id check of
+:mod:`pipelines.plan`, the setup draw of :mod:`pipelines.setup_rows`) that the job calls
+through a :class:`Tasks`: :class:`RayTasks` makes each call a Ray task (the cluster, or
+the local Ray), :class:`InProcessTasks` calls the function right away. The same functions
+run either way, so a small job's features, files and manifest are those of a Ray run.
+
+Why a small job stays in the driver (``--in-process-rows``, :func:`runs_in_process`): on
+Ray every run pays fresh worker processes that import torch and load the model (about
+5 s on 2 cores for a 1-layer text model) and Ray's own start; a job of a few dozen
+samples then costs more in set-up than in featurizing. A job given ``--address`` (a
+cluster, whose nodes may hold models and GPUs the driver lacks) or an actor pool setting
+always runs on Ray.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from pipelines.config import FeaturizeConfig
+
+DEFAULT_IN_PROCESS_ROWS = 256  # bench_small_jobs.py: 32 and 128 images ran faster in one process than on Ray
+
+
+class Tasks:
+    """How a run's steps call their functions: :meth:`remote` starts one, :meth:`get` waits for results."""
+
+    in_process = False
+
+    def remote(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        """``fn`` as a task starter with Ray's ``options`` (``num_cpus``, ``num_returns``, ...)."""
+        raise NotImplementedError
+
+    def get(self, refs: Any) -> Any:
+        """The result(s) of started tasks (a list of refs gives a list)."""
+        raise NotImplementedError
+
+    def put(self, value: Any) -> Any:
+        """``value`` where every task reads it (Ray's object store; in process, the value itself)."""
+        raise NotImplementedError
+
+    def cpus(self) -> float:
+        """The CPUs the tasks share."""
+        raise NotImplementedError
+
+
+class RayTasks(Tasks):
+    """Each call a Ray task (Ray must be initialized)."""
+
+    def remote(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        import ray
+
+        return ray.remote(**options)(fn).remote
+
+    def get(self, refs: Any) -> Any:
+        import ray
+
+        return ray.get(refs)
+
+    def put(self, value: Any) -> Any:
+        import ray
+
+        return ray.put(value)
+
+    def cpus(self) -> float:
+        from pipelines.ray_runtime import cluster_resources
+
+        return cluster_resources()[0]
+
+
+class InProcessTasks(Tasks):
+    """Each call made at once in this process; results are the values themselves."""
+
+    in_process = True
+
+    def remote(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        return fn
+
+    def get(self, refs: Any) -> Any:
+        return refs
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def cpus(self) -> float:
+        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def runs_in_process(rows_to_featurize: int, config: FeaturizeConfig) -> bool:
+    """Whether a job featurizing ``rows_to_featurize`` rows runs in the driver (see the module docstring).
+
+    Never with ``--address`` or ``RAY_ADDRESS`` (a cluster), nor when the actor pool is set
+    (``--actors``, ``--gpus-per-actor``, ``--cpus-per-actor``: the user asked for Ray's actors).
+    """
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    if config.actors is not None or config.gpus_per_actor is not None or config.cpus_per_actor is not None:
+        return False
+    return config.in_process_rows > 0 and rows_to_featurize <= config.in_process_rows

@@ -1,0 +1,74 @@
+"""Where a run's tasks execute (pipelines.tasks): small jobs in the driver's process, the rest on Ray.
+
+That both give the same rows, errors and features is checked end to end in
+tests/test_pipeline.py (``test_features_do_not_depend_on_where_the_job_runs...``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lakes import config, lake
+from fungi_ops.errors import ConfigError
+from pipelines.tasks import InProcessTasks, runs_in_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("overrides, rows, expected", [
+    ({}, 12, True),
+    ({}, 0, True),  # nothing to featurize (a prune, a moved id): no Ray either
+    ({"in_process_rows": 12}, 12, True),
+    ({"in_process_rows": 12}, 13, False),
+    ({"in_process_rows": 0}, 1, False),
+    ({"address": "ray://head:10001"}, 1, False),
+    ({"actors": (1, 1)}, 1, False),
+    ({"gpus_per_actor": 0.5}, 1, False),
+    ({"cpus_per_actor": 1.0}, 1, False),
+])
+def test_only_small_jobs_without_cluster_or_pool_settings_run_in_process(tmp_path, overrides, rows, expected, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runs_in_process(rows, config("model", tmp_path, tmp_path / "out", **overrides)) is expected
+
+
+def test_ray_address_in_the_environment_means_ray(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not runs_in_process(1, config("model", tmp_path, tmp_path / "out"))
+
+
+def test_a_negative_threshold_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--in-process-rows"):
+        config("model", tmp_path, tmp_path / "out", in_process_rows=-1).validate()
+
+
+def test_in_process_tasks_call_at_once_and_give_values():
+    tasks = InProcessTasks()
+    started = tasks.remote(lambda a, b=0: (a, b), num_cpus=0.25, num_returns=2)(1, b=2)
+    assert tasks.get(started) == (1, 2) and tasks.get([started]) == [(1, 2)] and tasks.put("x") == "x"
+
+
+def test_a_small_job_in_a_fresh_process_starts_no_ray(tiny_text_dir, tmp_path):
+    """The CLI's small job: features written and committed, and Ray never initialized in that process."""
+    source = lake(tmp_path / "in", files=2, rows=3)
+    script = (
+        "import json, sys, ray\n"
+        "from pipelines.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(json.dumps({'code': code, 'ray': ray.is_initialized()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    child = subprocess.run(
+        [sys.executable, "-c", script, "featurize", "--input", str(source), "--output", str(tmp_path / "out"),
+         "--modality", "text", "--model", f"hf:{tiny_text_dir}"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == {"code": 0, "ray": False}
+    manifest = json.loads((tmp_path / "out" / "_fungi_manifest.json").read_text())
+    assert manifest["rows"] == 6 and manifest["pending"] is None
