@@ -20,7 +20,9 @@ what changed, not what exists. Each step lives in a module of its own:
 6. commit through the output's format (one atomic step every reader sees whole), and
    summarize (:mod:`pipelines.summary`).
 
-The driver holds O(input files) state; every O(rows) step runs in Ray tasks.
+The driver holds O(input files) state; every O(rows) step runs in Ray tasks, or, for a
+job of at most ``--in-process-rows`` rows to featurize, the same functions run in the
+driver's own process (:mod:`pipelines.tasks`).
 
 A dense spec (``--objectives dense``, :mod:`fungi_ops.dense`) runs the same steps: its
 decoder makes the dense view, its setup state is the support index (from

@@ -1,7 +1,8 @@
 """The feature spec of a run, resolved from the model without importing torch on the driver.
 
-The driver never imports torch (about 0.5 GB of resident memory for a CUDA build, plus
-transformers): :class:`SpecResolver` loads the model in a short-lived child process
+A run on Ray never imports torch in the driver (about 0.5 GB of resident memory for a CUDA
+build, plus transformers; a small job run in one process, :mod:`pipelines.tasks`, does so by
+design): :class:`SpecResolver` loads the model in a short-lived child process
 (``python -m pipelines.spec_resolution``) while the driver starts Ray, and hands back a
 :class:`ResolvedSpec`, plain data that the driver, the planner and the writers need.
 """
@@ -24,8 +25,8 @@ from pipelines.manifest import Manifest
 class ResolvedSpec:
     """What the driver needs of the resolved feature spec, as plain data.
 
-    The driver never imports torch (about 0.5 GB of resident memory for a CUDA build, plus
-    transformers): the model is loaded to resolve the spec in a short-lived child process
+    A driver that runs its tasks on Ray never imports torch (about 0.5 GB of resident memory
+    for a CUDA build, plus transformers): the model is loaded to resolve the spec in a short-lived child process
     (:class:`SpecResolver`), and the decoder travels to the workers pickled, so that only
     processes that already hold torch unpickle it.
     """
