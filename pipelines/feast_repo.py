@@ -33,10 +33,14 @@ writes into a Feast repository directory:
   only), and Feast's SQLite online store with vector search (:mod:`pipelines.feast_online`);
   an existing one is never rewritten.
 
-A Delta output (``delta:PATH``) is served from its current version: a ``FileSource`` with
-``file_format=DeltaFormat()`` on the table, read by Feast's duckdb offline store; its old
-versions are the table's (time travel), so point-in-time joins are correct for rows never
-changed, as for a folder without ``--history``.
+A Delta output (``delta:PATH``) is read by Feast's duckdb offline store (its file store reads
+Parquet folders only). Time travel is the table's own: every version keeps its data files
+until ``fungi vacuum``, so the source is the glob of the table's data files, every row
+version the table keeps (:meth:`pipelines.formats.table.LakeTable.row_version_files`), and a
+point-in-time join finds each row as it was at the entity's timestamp, back to the oldest
+kept version, as ``--history`` gives a folder. With ``current_version`` (``fungi feast
+--current-version``), a ``FileSource`` with ``file_format=DeltaFormat()`` on the table: its
+current rows only, point-in-time correct for rows never changed.
 
 A second spec (another model or seed, featurized into another output) becomes another
 definitions file and feature views; re-running for the same output updates its file in
@@ -97,7 +101,7 @@ class FeatureOutput:
     schema: pa.Schema
     data_files: tuple[pafs.FileInfo, ...]
     history_files: tuple[pafs.FileInfo, ...]
-    history: str | None
+    history: str | None  # where every row version is: the history folder, or a Delta table's kept versions
     kind: str = PARQUET  # the output's format: a Parquet folder or a Delta table
 
     @property
@@ -140,7 +144,7 @@ class FeatureOutput:
         every ``*.parquet`` below it, and Polars refuses a folder of mixed files.
         """
         if self.kind == DELTA:
-            return self.root
+            return posixpath.join(self.root, "*.parquet") if self.history else self.root
         if self.history:
             return history_path(self.root)
         return posixpath.join(self.root, "*.parquet")
@@ -156,8 +160,13 @@ class FeatureOutput:
         return self.storage_options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> FeatureOutput:
-    """Read an output's manifest, spec and schema; :class:`ConfigError` if it cannot feed Feast."""
+def open_output(uri: str, storage_options: dict[str, Any] | None = None, *,
+                current_version: bool = False) -> FeatureOutput:
+    """Read an output's manifest, spec and schema; :class:`ConfigError` if it cannot feed Feast.
+
+    ``current_version``: serve the current rows only, not every row version (a Delta table's kept
+    versions, a folder's ``--history``).
+    """
     options = dict(storage_options or {})
     address = parse_address(uri)
     if address.kind not in (PARQUET, DELTA):
@@ -196,7 +205,15 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Feat
         raise ConfigError(f"{uri} holds no feature files yet")
     history = manifest.get("history") or None
     history_files: tuple[pafs.FileInfo, ...] = ()
-    if history:
+    if address.kind == DELTA and not current_version:
+        try:
+            history_files = tuple(table.row_version_files())
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (fungi feast --current-version)") from exc
+        history = "the table's kept versions"
+    elif current_version:
+        history = None
+    elif history:
         history_files = tuple(_parquet_files(fs, history_path(location.path)))
         if not history_files:
             raise ConfigError(f"{uri}: it was featurized with --history, but its history folder "
@@ -338,9 +355,13 @@ def write_feast_repo(
     project: str = "fungi",
     storage_options: dict[str, Any] | None = None,
     fungi_view: bool = True,
+    current_version: bool = False,
 ) -> RepoUpdate:
-    """Write or update the Feast repository ``repo`` for the feature output ``output``."""
-    source = open_output(output, storage_options)
+    """Write or update the Feast repository ``repo`` for the feature output ``output``.
+
+    ``current_version``: the output's current rows only (see the module docstring).
+    """
+    source = open_output(output, storage_options, current_version=current_version)
     repo_path = Path(repo).resolve()
     if repo_path.exists() and not repo_path.is_dir():
         raise ConfigError(f"--repo {repo} is a file, not a directory")
@@ -370,10 +391,16 @@ def write_feast_repo(
         features=[*source.vector_columns, CONTENT_HASH_COLUMN, *(n for n, _ in kept)], skipped_columns=skipped,
         config_written=False,
     )
-    if source.kind == DELTA:
+    if source.kind == DELTA and source.history:
+        update.notes.append(
+            f"{source.uri} is a Delta table: Feast reads every row version it keeps ({len(source.history_files)} "
+            "data files), so point-in-time joins are correct back to its oldest kept version (`fungi vacuum` "
+            "retires older ones); an id deleted with --prune is still found at its last version"
+        )
+    elif source.kind == DELTA:
         update.notes.append(
             f"{source.uri} is a Delta table: Feast reads its current version, so point-in-time joins are correct "
-            "only for rows that never changed (its older versions stay readable by time travel: fungi eval --version)"
+            "only for rows that never changed (without --current-version Feast reads every row version it keeps)"
         )
     elif not source.history:
         update.notes.append(
@@ -664,12 +691,12 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         f"    path={source.source_path!r},",
         f"    timestamp_field={EVENT_TIME_COLUMN!r},",
     ]
-    if source.kind == DELTA:
-        lines.append("    file_format=DeltaFormat(),")
+    if source.kind == DELTA:  # the duckdb store reads a Parquet source only when told so, and by a glob
+        lines.append("    file_format=ParquetFormat()," if source.history else "    file_format=DeltaFormat(),")
     if endpoint:
         lines.append(f"    s3_endpoint_override={endpoint!r},")
     lines += [
-        f"    description={_source_description(update.source_kind)!r},",
+        f"    description={_source_description(update.source_kind, source.kind == DELTA)!r},",
         ")",
         "",
         f"{view} = FeatureView(",
@@ -745,7 +772,9 @@ def _vector_field(name: str, dim: int, indexed: bool, description: str) -> str:
     return f"        Field(name={name!r}, dtype=Array(Float32){index}, description={description + f' ({dim})'!r}),"
 
 
-def _source_description(kind: str) -> str:
+def _source_description(kind: str, delta: bool) -> str:
+    if kind == "history" and delta:
+        return "every row version the Delta table keeps (its versions since the last vacuum): point-in-time correct"
     if kind == "history":
         return "every row version fungi featurize wrote (--history): point-in-time correct"
     return "the current rows (no --history): point-in-time correct only for rows never changed"

@@ -438,8 +438,10 @@ def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_pa
 
 
 def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path, local_ray):
-    """`fungi featurize --output delta:...` (the real job), then `fungi feast`: Feast's duckdb offline
-    store reads the table (FileSource with DeltaFormat) for point-in-time joins and materialization."""
+    """`fungi featurize --output delta:...` (the real job), a night that changes one row, then `fungi
+    feast`: Feast's duckdb offline store reads every row version the table keeps, so a point-in-time
+    join before the night finds the old row and one after it the new; materialization serves the
+    current version; --current-version serves the table's current version (FileSource with DeltaFormat)."""
     from feast import FeatureStore
 
     from pipelines.formats import read_output
@@ -449,24 +451,71 @@ def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path
     texts = ["the cat sat on the mat", "stocks fell sharply", "a dog barked at night", "bonds rallied today"]
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": texts}), tmp_path / "in" / "part-0.parquet")
     uri, repo = f"delta:{tmp_path / 'table'}", tmp_path / "repo"
-    run_featurize(FeaturizeConfig(input=str(tmp_path / "in"), output=uri, modality="text", model=f"hf:{tiny_text_dir}",
-                                  objectives="kl", batch_size=4, actors=(1, 1)))
+
+    def featurize(**settings) -> None:
+        run_featurize(FeaturizeConfig(input=str(tmp_path / "in"), output=uri, modality="text",
+                                      model=f"hf:{tiny_text_dir}", objectives="kl", batch_size=4, actors=(1, 1),
+                                      **settings))
+
+    featurize()
+    before = read_output(uri).sort_by("id")
+    between = datetime.now(timezone.utc)
+    time.sleep(1.1)
+    texts[0] = "an entirely different sentence about markets"
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": texts}), tmp_path / "in" / "part-0.parquet")
+    featurize(incremental=True)
+    table = read_output(uri).sort_by("id")
+    assert not np.allclose(matrix(before["embedding"].to_pylist())[0], matrix(table["embedding"].to_pylist())[0])
+
     update = write_feast_repo(uri, repo)
-    assert update.source == str(tmp_path / "table") and "duckdb" in (repo / "feature_store.yaml").read_text()
-    assert any("Delta table" in note for note in update.notes)
+    assert update.source == str(tmp_path / "table" / "*.parquet") and update.source_kind == "history"
+    assert "duckdb" in (repo / "feature_store.yaml").read_text()
+    assert any("every row version" in note for note in update.notes)
     store = FeatureStore(repo_path=str(repo))
     store.apply(load_definitions(repo))
-    table = read_output(uri).sort_by("id")
     when = datetime.now(timezone.utc) + timedelta(minutes=1)
-    joined = store.get_historical_features(
-        entity_df=__import__("pandas").DataFrame({"id": ["a", "c"], "event_timestamp": [when, when]}),
-        features=[f"{update.feature_view}:embedding"],
-    ).to_df().set_index("id").loc[["a", "c"]]
-    np.testing.assert_allclose(matrix(joined["embedding"]), matrix(table.filter(pa.compute.is_in(
-        table["id"], value_set=pa.array(["a", "c"])))["embedding"].to_pylist()), atol=1e-6)
+
+    def joined(at: datetime, view: str, feature: str) -> np.ndarray:
+        frame = store.get_historical_features(
+            entity_df=__import__("pandas").DataFrame({"id": ["a", "c"], "event_timestamp": [at, at]}),
+            features=[f"{view}:{feature}"],
+        ).to_df().set_index("id").loc[["a", "c"]]
+        return matrix(frame[feature])
+
+    def pick(version: pa.Table) -> pa.Table:  # rows a and c, in that order (versions are sorted by id)
+        return version.filter(pa.compute.is_in(version["id"], value_set=pa.array(["a", "c"])))
+
+    def rows(version: pa.Table, column: str) -> np.ndarray:
+        return matrix(pick(version)[column].to_pylist())
+
+    np.testing.assert_allclose(joined(between, update.feature_view, "embedding"), rows(before, "embedding"), atol=1e-6)
+    np.testing.assert_allclose(joined(when, update.feature_view, "embedding"), rows(table, "embedding"), atol=1e-6)
+    np.testing.assert_allclose(joined(between, update.fungi_view, "fungi"),
+                               fungi_vectors(pick(before), ["embedding", "grad_kl"]), atol=1e-6)
     store.materialize_incremental(end_date=when)
     got = store.get_online_features(features=store.get_feature_service(update.name),
                                     entity_rows=[{"id": i} for i in table["id"].to_pylist()]).to_dict()
     np.testing.assert_allclose(matrix(got["embedding"]), matrix(table["embedding"].to_pylist()), atol=1e-6)
     concat = fungi_vectors(table, ["embedding", "grad_kl"])
     np.testing.assert_array_equal(matrix(got["fungi"]), concat)
+
+    current = write_feast_repo(uri, tmp_path / "repo_current", current_version=True)
+    assert current.source == str(tmp_path / "table") and current.source_kind == "current"
+    store = FeatureStore(repo_path=str(tmp_path / "repo_current"))
+    store.apply(load_definitions(tmp_path / "repo_current"))
+    np.testing.assert_allclose(joined(when, current.feature_view, "embedding"), rows(table, "embedding"), atol=1e-6)
+
+    # a file no kept commit added (a killed run's) would be read by the glob: refused, with the way out
+    stray = tmp_path / "table" / "part-0-0000-rdeadbeef0000.parquet"
+    stray.write_bytes((tmp_path / "in" / "part-0.parquet").read_bytes())
+    with pytest.raises(ConfigError, match="no kept commit of fungi added it.*--current-version"):
+        write_feast_repo(uri, repo)
+    stray.unlink()
+    # after an --overwrite to another spec, the old spec's files stay for time travel until vacuum
+    featurize(overwrite=True, seed=7)
+    with pytest.raises(ConfigError, match="holds rows of spec .*fungi vacuum"):
+        write_feast_repo(uri, repo)
+    assert write_feast_repo(uri, repo, current_version=True).source_kind == "current"
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0
+    assert write_feast_repo(uri, repo).source_kind == "history"  # the old spec's files are gone
+

@@ -13,7 +13,9 @@ From OUTPUT's manifest and fungi.spec, writes into --repo (created if needed):
                        store with sqlite-vec vector search (never rewritten).
 
 Feast reads OUTPUT.history/ (every row version, beside the output) when the job ran with --history, else
-the current files (then point-in-time joins are correct only for rows never changed). Run it
+the current files (then point-in-time joins are correct only for rows never changed). A Delta output
+(delta:PATH) is read by Feast's duckdb offline store: every row version the table keeps (its data files
+since the last `fungi vacuum`), or its current version with --current-version. Run it
 again after each `fungi featurize` night, then `feast materialize-incremental`. Another spec
 (model, seed, ...) lives in another output: run it for that output too (another --name if the
 folder names are equal). Exit status 2 with one `error:` line for bad input.
@@ -21,6 +23,7 @@ folder names are equal). Exit status 2 with one `error:` line for bad input.
 Examples:
   fungi feast my_features --repo my_repo
   feast -c my_repo apply && feast -c my_repo materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)
+  fungi feast delta:lake/texts_features --repo my_repo
   fungi feast s3://lake/fungi/texts --repo repo --name texts \\
       --storage-options '{"endpoint_url": "http://minio:9000"}'
 """
@@ -51,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out the <view>_fungi feature view (and its copy of the concatenated vectors)",
     )
     parser.add_argument(
+        "--current-version", action="store_true",
+        help="serve the current rows only, not every row version (a Delta table's kept versions, a folder's "
+        "--history): point-in-time joins are then correct only for rows never changed",
+    )
+    parser.add_argument(
         "--storage-options", metavar="JSON",
         help='JSON for s3fs to read OUTPUT, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; only the endpoint '
         "goes into the repository (Feast takes credentials from the AWS environment)",
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         update = write_feast_repo(
             args.output, args.repo, name=args.name, project=args.project,
             storage_options=parse_storage_options(args.storage_options), fungi_view=not args.no_fungi_view,
+            current_version=args.current_version,
         )
     except (FungiError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.base import (
-    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, STAGING_DIR, Fault, OutputTable, T, restore_vectors,
+    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, OutputTable, T, restore_vectors,
     table_properties,
 )
 from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
@@ -254,6 +254,44 @@ class LakeTable(OutputTable):
         rows = self._read_rows(table, columns)
         commit = self._fungi_commit(table)
         return restore_vectors(rows, json.loads(commit[DIMS_PROPERTY])) if commit and DIMS_PROPERTY in commit else rows
+
+    def row_version_files(self) -> list[pafs.FileInfo]:
+        """The data files of every kept version of the current spec: every row version still on disk.
+
+        A table's data files are immutable and named by their run (``...-<run_id>.parquet``
+        under :attr:`data_dir`): a night's rewritten source gets a new file and the old one
+        stays, for time travel, until ``fungi vacuum``. Read together (the glob
+        ``<root>/<data_dir>*.parquet``) they hold each row as every version wrote it, with its
+        ``event_time``: what Feast's point-in-time joins need. A row carried unchanged into a
+        new file repeats with the same ``event_time`` and values.
+
+        :class:`ConfigError` names the first file that glob would read wrongly: one of
+        another spec (kept after an ``--overwrite`` until vacuum), or one no kept commit of
+        fungi's added (a killed run's, which the next ``fungi featurize`` deletes; another
+        engine's).
+        """
+        table = self._existing(None)
+        latest = self._fungi_commit(table)
+        if latest is None:
+            raise ConfigError(f"{self.uri}: fungi has not committed to this table")
+        spec_of_run = {c[RUN_PROPERTY]: c.get(SPEC_HASH_PROPERTY) for c in self._commits(table) if RUN_PROPERTY in c}
+        files = list_files(self.fs, self.location.child_path(self.data_dir.rstrip("/")) if self.data_dir
+                           else self.location.path, ".parquet")
+        for info in files:
+            run = info.base_name.removesuffix(".parquet").rsplit("-", 1)[-1]
+            if run not in spec_of_run:
+                raise ConfigError(
+                    f"{self.uri}: {info.base_name} is in the table's folder but no kept commit of fungi added it "
+                    "(a killed run's: the next `fungi featurize` on this output deletes it; or another engine's): "
+                    "the row versions cannot be read by a glob; serve the current version only"
+                )
+            if spec_of_run[run] != latest.get(SPEC_HASH_PROPERTY):
+                raise ConfigError(
+                    f"{self.uri}: {info.base_name} holds rows of spec {spec_of_run[run]}, before the --overwrite to "
+                    f"spec {latest.get(SPEC_HASH_PROPERTY)}: `fungi vacuum` past that run deletes it; until then "
+                    "serve the current version only"
+                )
+        return files
 
     # -- maintenance --------------------------------------------------------------------------
     def vacuum(self, retention_hours: float) -> dict[str, int]:
