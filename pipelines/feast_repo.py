@@ -29,18 +29,20 @@ writes into a Feast repository directory:
     stays when the spec changes.
 
 * ``feature_store.yaml`` when the repository has none: the local provider, the file
-  offline store (the ``duckdb`` one for a Delta output: Feast's file store reads Parquet
-  only), and Feast's SQLite online store with vector search (:mod:`pipelines.feast_online`);
+  offline store (the ``duckdb`` one for a Delta or Iceberg output: Feast's file store reads
+  no Delta table), and Feast's SQLite online store with vector search (:mod:`pipelines.feast_online`);
   an existing one is never rewritten.
 
-A Delta output (``delta:PATH``) is read by Feast's duckdb offline store (its file store reads
-Parquet folders only). Time travel is the table's own: every version keeps its data files
-until ``fungi vacuum``, so the source is the glob of the table's data files, every row
-version the table keeps (:meth:`pipelines.formats.table.LakeTable.row_version_files`), and a
+A Delta or Iceberg output (``delta:PATH``, ``iceberg:NS.TABLE``) is read by Feast's duckdb
+offline store. Time travel is the table's own: every version keeps its data files until
+``fungi vacuum``, so the source is the glob of the table's data files, every row version the
+table keeps (:meth:`pipelines.formats.table.LakeTable.row_version_files`), and a
 point-in-time join finds each row as it was at the entity's timestamp, back to the oldest
 kept version, as ``--history`` gives a folder. With ``current_version`` (``fungi feast
---current-version``), a ``FileSource`` with ``file_format=DeltaFormat()`` on the table: its
-current rows only, point-in-time correct for rows never changed.
+--current-version``), a Delta output is a ``FileSource`` with ``file_format=DeltaFormat()``
+on the table: its current rows only, point-in-time correct for rows never changed (an
+Iceberg table's current snapshot is Feast's ``IcebergSource``, with the catalog's settings:
+not written here).
 
 A second spec (another model or seed, featurized into another output) becomes another
 definitions file and feature views; re-running for the same output updates its file in
@@ -65,7 +67,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats import open_output as open_table
-from pipelines.formats.address import DELTA, PARQUET, parse_address
+from pipelines.formats.address import DELTA, ICEBERG, PARQUET, parse_address
 from pipelines.formats.base import manifest_dims, restore_vectors
 from pipelines.formats.folder import history_path
 from pipelines.manifest import MANIFEST_NAME
@@ -78,7 +80,8 @@ FUNGI_FEATURE = "fungi"
 DEFINITIONS_PREFIX = "fungi_"
 HEADER_MARK = "# fungi-feast: "
 STORE_TYPE = "pipelines.feast_online.FungiSqliteOnlineStore"
-DUCKDB_STORE = "duckdb"  # Feast's offline store that reads Delta (FileSource(file_format=DeltaFormat()))
+DUCKDB_STORE = "duckdb"  # Feast's offline store that reads Delta and Parquet globs (a table's data files)
+TABLE_NAMES = {DELTA: "Delta", ICEBERG: "Iceberg"}
 
 # Column names a FUNGI feature view cannot carry: what each collides with in Feast.
 RESERVED_NAMES = {
@@ -102,7 +105,8 @@ class FeatureOutput:
     data_files: tuple[pafs.FileInfo, ...]
     history_files: tuple[pafs.FileInfo, ...]
     history: str | None  # where every row version is: the history folder, or a Delta table's kept versions
-    kind: str = PARQUET  # the output's format: a Parquet folder or a Delta table
+    kind: str = PARQUET  # the output's format: a Parquet folder, a Delta or an Iceberg table
+    data_dir: str = ""  # where a table's data files are below its root ("data/" in an Iceberg table)
 
     @property
     def is_s3(self) -> bool:
@@ -143,8 +147,8 @@ class FeatureOutput:
         The glob, not the folder: Feast's file offline store (Dask) on a folder also takes
         every ``*.parquet`` below it, and Polars refuses a folder of mixed files.
         """
-        if self.kind == DELTA:
-            return posixpath.join(self.root, "*.parquet") if self.history else self.root
+        if self.kind != PARQUET:
+            return posixpath.join(self.root, self.data_dir, "*.parquet") if self.history else self.root
         if self.history:
             return history_path(self.root)
         return posixpath.join(self.root, "*.parquet")
@@ -160,28 +164,32 @@ class FeatureOutput:
         return self.storage_options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def open_output(uri: str, storage_options: dict[str, Any] | None = None, *,
-                current_version: bool = False) -> FeatureOutput:
+def open_output(uri: str, storage_options: dict[str, Any] | None = None, *, current_version: bool = False,
+                catalog: str | None = None) -> FeatureOutput:
     """Read an output's manifest, spec and schema; :class:`ConfigError` if it cannot feed Feast.
 
-    ``current_version``: serve the current rows only, not every row version (a Delta table's kept
-    versions, a folder's ``--history``).
+    ``current_version``: serve the current rows only, not every row version (a table's kept
+    versions, a folder's ``--history``). ``catalog``: an Iceberg output's (``--catalog``).
     """
     options = dict(storage_options or {})
     address = parse_address(uri)
-    if address.kind not in (PARQUET, DELTA):
-        raise ConfigError(
-            f"{uri}: fungi feast serves Parquet folders and Delta tables (Feast's offline stores read an Iceberg "
-            "table through IcebergSource with its catalog: define that source yourself)"
-        )
-    location = Location(address.target, options)
+    if address.kind == ICEBERG:
+        if current_version:
+            raise ConfigError(
+                f"{uri}: Feast reads an Iceberg table's current snapshot through its IcebergSource (with the "
+                "catalog's settings): define that source yourself; fungi feast serves every row version the table keeps"
+            )
+        table = open_table(uri, options, catalog=catalog)
+        location = table.location
+    else:
+        location = Location(address.target, options)
+        info = location.filesystem().get_file_info(location.path)
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"output {uri} does not exist")
+        if info.type != pafs.FileType.Directory:
+            raise ConfigError(f"output {uri} is not a directory: pass the folder that `fungi featurize --output` wrote")
+        table = open_table(uri, options)
     fs = location.filesystem()
-    info = fs.get_file_info(location.path)
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"output {uri} does not exist")
-    if info.type != pafs.FileType.Directory:
-        raise ConfigError(f"output {uri} is not a directory: pass the folder that `fungi featurize --output` wrote")
-    table = open_table(uri, options)
     committed = table.read_manifest()
     if committed is None:
         raise ConfigError(
@@ -196,7 +204,7 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *,
             "finishes it first, then run this again"
         )
     manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
-    if address.kind == DELTA:
+    if address.kind != PARQUET:
         paths = table.read_files(lambda files: files or [])
         data_files = tuple(sorted(fs.get_file_info(paths), key=lambda i: i.path)) if paths else ()
     else:
@@ -205,7 +213,7 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *,
         raise ConfigError(f"{uri} holds no feature files yet")
     history = manifest.get("history") or None
     history_files: tuple[pafs.FileInfo, ...] = ()
-    if address.kind == DELTA and not current_version:
+    if address.kind != PARQUET and not current_version:
         try:
             history_files = tuple(table.row_version_files())
         except ConfigError as exc:
@@ -222,8 +230,9 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *,
     if table.list_vectors:  # a table's files hold list<float>: Feast's views and the checks want the dimensions
         schema = restore_vectors(schema.empty_table(), manifest_dims(spec)).schema
     output = FeatureOutput(
-        uri=address.target, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash),
+        uri=location.uri if address.kind == ICEBERG else address.target, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash),
         schema=schema, data_files=data_files, history_files=history_files, history=history, kind=address.kind,
+        data_dir=table.data_dir,
     )
     check_output_schema(output)
     return output
@@ -356,17 +365,20 @@ def write_feast_repo(
     storage_options: dict[str, Any] | None = None,
     fungi_view: bool = True,
     current_version: bool = False,
+    catalog: str | None = None,
 ) -> RepoUpdate:
     """Write or update the Feast repository ``repo`` for the feature output ``output``.
 
-    ``current_version``: the output's current rows only (see the module docstring).
+    ``current_version``: the output's current rows only (see the module docstring); ``catalog``:
+    an Iceberg output's catalog (``--catalog``).
     """
-    source = open_output(output, storage_options, current_version=current_version)
+    source = open_output(output, storage_options, current_version=current_version, catalog=catalog)
     repo_path = Path(repo).resolve()
     if repo_path.exists() and not repo_path.is_dir():
         raise ConfigError(f"--repo {repo} is a file, not a directory")
-    default = posixpath.basename(output.rstrip("/")) or "features"
-    name = _name(name if name is not None else default, explicit=name is not None)
+    address = parse_address(output)
+    default = (address.identifier[-1] if address.kind == ICEBERG else posixpath.basename(address.target.rstrip("/")))
+    name = _name(name if name is not None else default or "features", explicit=name is not None)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", project):
         raise ConfigError(f"--project '{project}' must be letters, digits, '_' and '-', not starting with '_' or '-'")
     definitions = repo_path / f"{DEFINITIONS_PREFIX}{name}.py"
@@ -391,9 +403,9 @@ def write_feast_repo(
         features=[*source.vector_columns, CONTENT_HASH_COLUMN, *(n for n, _ in kept)], skipped_columns=skipped,
         config_written=False,
     )
-    if source.kind == DELTA and source.history:
+    if source.kind != PARQUET and source.history:
         update.notes.append(
-            f"{source.uri} is a Delta table: Feast reads every row version it keeps ({len(source.history_files)} "
+            f"{output} is a {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps ({len(source.history_files)} "
             "data files), so point-in-time joins are correct back to its oldest kept version (`fungi vacuum` "
             "retires older ones); an id deleted with --prune is still found at its last version"
         )
@@ -410,8 +422,8 @@ def write_feast_repo(
     if skipped:
         update.notes.append(f"left out (no Feast type): {', '.join(skipped)}")
     repo_path.mkdir(parents=True, exist_ok=True)
-    update.config_written = _write_config(repo_path, project, update.notes, DUCKDB_STORE if source.kind == DELTA else "file")
-    if source.kind == DELTA:
+    update.config_written = _write_config(repo_path, project, update.notes, "file" if source.kind == PARQUET else DUCKDB_STORE)
+    if source.kind == DELTA and not source.history:  # DuckDB reads DeltaFormat through its delta extension
         _install_duckdb_delta(update.notes)
 
     vectors_root = repo_path / "data" / "fungi" / name
@@ -595,7 +607,7 @@ def _write_config(repo: Path, project: str, notes: list[str], offline_store: str
             store = offline = {}
         if offline_store == DUCKDB_STORE and (not isinstance(offline, dict) or offline.get("type") != DUCKDB_STORE):
             raise ConfigError(
-                f"{path}: a Delta output needs Feast's duckdb offline store (the file store reads Parquet only); set "
+                f"{path}: a Delta or Iceberg output is served by Feast's duckdb offline store (it reads DeltaFormat); set "
                 f"offline_store: {{type: {DUCKDB_STORE}}} there (it reads this repository's Parquet sources too)"
             )
         if not isinstance(store, dict) or store.get("type") != STORE_TYPE or not store.get("vector_enabled"):
@@ -676,7 +688,7 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         "from datetime import timedelta",
         "",
         "from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType",
-        *(["from feast.data_format import DeltaFormat, ParquetFormat"] if source.kind == DELTA else []),
+        *(["from feast.data_format import DeltaFormat, ParquetFormat"] if source.kind != PARQUET else []),
         f"from feast.types import {', '.join(types)}",
         "",
         f"{name}_entity = Entity(",
@@ -691,12 +703,12 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         f"    path={source.source_path!r},",
         f"    timestamp_field={EVENT_TIME_COLUMN!r},",
     ]
-    if source.kind == DELTA:  # the duckdb store reads a Parquet source only when told so, and by a glob
+    if source.kind != PARQUET:  # the duckdb store reads a Parquet source only when told so, and by a glob
         lines.append("    file_format=ParquetFormat()," if source.history else "    file_format=DeltaFormat(),")
     if endpoint:
         lines.append(f"    s3_endpoint_override={endpoint!r},")
     lines += [
-        f"    description={_source_description(update.source_kind, source.kind == DELTA)!r},",
+        f"    description={_source_description(update.source_kind, table=source.kind != PARQUET)!r},",
         ")",
         "",
         f"{view} = FeatureView(",
@@ -729,7 +741,7 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
             f"{concat}_source = FileSource(",
             f"    name={concat + '_source'!r},",
             # the duckdb store (a Delta output's) reads a Parquet source only when told so, and by a glob
-            *([f"    path={str(mirror / '*.parquet')!r},", "    file_format=ParquetFormat(),"] if source.kind == DELTA
+            *([f"    path={str(mirror / '*.parquet')!r},", "    file_format=ParquetFormat(),"] if source.kind != PARQUET
               else [f"    path={str(mirror)!r},"]),
             f"    timestamp_field={EVENT_TIME_COLUMN!r},",
             f"    description={f'the FUNGI concatenation of {blocks}, written by fungi feast from {source.source_path}'!r},",
@@ -772,9 +784,9 @@ def _vector_field(name: str, dim: int, indexed: bool, description: str) -> str:
     return f"        Field(name={name!r}, dtype=Array(Float32){index}, description={description + f' ({dim})'!r}),"
 
 
-def _source_description(kind: str, delta: bool) -> str:
-    if kind == "history" and delta:
-        return "every row version the Delta table keeps (its versions since the last vacuum): point-in-time correct"
+def _source_description(kind: str, table: bool) -> str:
+    if kind == "history" and table:
+        return "every row version the table keeps (its versions since the last vacuum): point-in-time correct"
     if kind == "history":
         return "every row version fungi featurize wrote (--history): point-in-time correct"
     return "the current rows (no --history): point-in-time correct only for rows never changed"

@@ -12,6 +12,18 @@ import pyarrow.parquet as pq
 from pipelines.job import FeaturizeConfig
 
 
+class Crash(BaseException):
+    """A simulated kill: not an Exception, so nothing on the way up cleans up."""
+
+
+def crash_at(step: int):
+    """An output's ``fault`` hook that kills the commit at its ``step``-th step (1-based)."""
+    def crash(count: int, what: str) -> None:
+        if count == step:
+            raise Crash(what)
+    return crash
+
+
 def write_part(root: Path, name: str, ids: list, texts: list, **extra) -> Path:
     path = root / name
     path.parent.mkdir(parents=True, exist_ok=True)

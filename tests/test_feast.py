@@ -437,11 +437,13 @@ def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_pa
     assert found["id"][int(np.argmin(found["distance"]))] == table["id"][0].as_py()
 
 
-def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path, local_ray):
-    """`fungi featurize --output delta:...` (the real job), a night that changes one row, then `fungi
-    feast`: Feast's duckdb offline store reads every row version the table keeps, so a point-in-time
-    join before the night finds the old row and one after it the new; materialization serves the
-    current version; --current-version serves the table's current version (FileSource with DeltaFormat)."""
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tmp_path, local_ray, monkeypatch):
+    """`fungi featurize --output delta:...` / `iceberg:...` (the real job), a night that changes one
+    row, then `fungi feast`: Feast's duckdb offline store reads every row version the table keeps, so
+    a point-in-time join before the night finds the old row and one after it the new; materialization
+    serves the current version; --current-version serves a Delta table's current version (FileSource
+    with DeltaFormat); files the glob must not read (a killed run's, an old spec's) are refused."""
     from feast import FeatureStore
 
     from pipelines.formats import read_output
@@ -450,7 +452,11 @@ def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path
     (tmp_path / "in").mkdir()
     texts = ["the cat sat on the mat", "stocks fell sharply", "a dog barked at night", "bonds rallied today"]
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": texts}), tmp_path / "in" / "part-0.parquet")
-    uri, repo = f"delta:{tmp_path / 'table'}", tmp_path / "repo"
+    monkeypatch.setenv("FUNGI_WAREHOUSE", str(tmp_path / "warehouse"))
+    uri = f"delta:{tmp_path / 'table'}" if kind == "delta" else "iceberg:feast.texts"
+    folder = tmp_path / "table" if kind == "delta" else tmp_path / "warehouse" / "feast" / "texts"
+    data = folder if kind == "delta" else folder / "data"
+    repo = tmp_path / "repo"
 
     def featurize(**settings) -> None:
         run_featurize(FeaturizeConfig(input=str(tmp_path / "in"), output=uri, modality="text",
@@ -468,7 +474,7 @@ def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path
     assert not np.allclose(matrix(before["embedding"].to_pylist())[0], matrix(table["embedding"].to_pylist())[0])
 
     update = write_feast_repo(uri, repo)
-    assert update.source == str(tmp_path / "table" / "*.parquet") and update.source_kind == "history"
+    assert update.source == str(data / "*.parquet") and update.source_kind == "history"
     assert "duckdb" in (repo / "feature_store.yaml").read_text()
     assert any("every row version" in note for note in update.notes)
     store = FeatureStore(repo_path=str(repo))
@@ -499,14 +505,18 @@ def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path
     concat = fungi_vectors(table, ["embedding", "grad_kl"])
     np.testing.assert_array_equal(matrix(got["fungi"]), concat)
 
-    current = write_feast_repo(uri, tmp_path / "repo_current", current_version=True)
-    assert current.source == str(tmp_path / "table") and current.source_kind == "current"
-    store = FeatureStore(repo_path=str(tmp_path / "repo_current"))
-    store.apply(load_definitions(tmp_path / "repo_current"))
-    np.testing.assert_allclose(joined(when, current.feature_view, "embedding"), rows(table, "embedding"), atol=1e-6)
+    if kind == "delta":
+        current = write_feast_repo(uri, tmp_path / "repo_current", current_version=True)
+        assert current.source == str(folder) and current.source_kind == "current"
+        store = FeatureStore(repo_path=str(tmp_path / "repo_current"))
+        store.apply(load_definitions(tmp_path / "repo_current"))
+        np.testing.assert_allclose(joined(when, current.feature_view, "embedding"), rows(table, "embedding"), atol=1e-6)
+    else:
+        with pytest.raises(ConfigError, match="IcebergSource"):
+            write_feast_repo(uri, tmp_path / "repo_current", current_version=True)
 
     # a file no kept commit added (a killed run's) would be read by the glob: refused, with the way out
-    stray = tmp_path / "table" / "part-0-0000-rdeadbeef0000.parquet"
+    stray = data / "part-0-0000-rdeadbeef0000.parquet"
     stray.write_bytes((tmp_path / "in" / "part-0.parquet").read_bytes())
     with pytest.raises(ConfigError, match="no kept commit of fungi added it.*--current-version"):
         write_feast_repo(uri, repo)
@@ -515,7 +525,8 @@ def test_a_delta_output_is_served_by_feasts_duckdb_store(tiny_text_dir, tmp_path
     featurize(overwrite=True, seed=7)
     with pytest.raises(ConfigError, match="holds rows of spec .*fungi vacuum"):
         write_feast_repo(uri, repo)
-    assert write_feast_repo(uri, repo, current_version=True).source_kind == "current"
+    if kind == "delta":
+        assert write_feast_repo(uri, repo, current_version=True).source_kind == "current"
     assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0
     assert write_feast_repo(uri, repo).source_kind == "history"  # the old spec's files are gone
 

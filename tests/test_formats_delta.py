@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from lakes import config, ids_of, lake, write_part
+from lakes import Crash, config, crash_at, ids_of, lake, write_part
 from fungi_ops.errors import ConfigError
 from pipelines.cli import main as cli_main
 from pipelines.formats import open_output, read_output
@@ -23,10 +23,6 @@ from pipelines.formats.delta import DeltaOutput
 from pipelines.job import FeaturizeJob, run_featurize
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
-
-
-class Crash(Exception):
-    pass
 
 
 def delta_rows(path: Path, version: int | None = None) -> list[str]:
@@ -122,9 +118,7 @@ def test_a_crash_after_any_commit_step_leaves_one_version_and_the_next_run_clean
         shutil.rmtree(table_dir)
         shutil.copytree(snapshot, table_dir)
 
-        def crash(count, what, step=step):
-            if count == step:
-                raise Crash(what)
+        crash = crash_at(step)
 
         output = DeltaOutput(str(table_dir), {}, fault=crash)
         with pytest.raises(Crash):

@@ -15,8 +15,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from lakes import config, ids_of, lake
-from test_formats_delta import NEW_IDS, Crash, night
+from lakes import Crash, config, crash_at, ids_of, lake
+from test_formats_delta import NEW_IDS, night
 from fungi_ops.errors import ConfigError
 from pipelines.cli import main as cli_main
 from pipelines.formats import open_output, read_output
@@ -133,9 +133,7 @@ def test_a_crash_after_any_commit_step_leaves_one_snapshot_and_the_next_run_clea
         shutil.rmtree(warehouse)
         shutil.copytree(saved, warehouse)
 
-        def crash(count, what, step=step):
-            if count == step:
-                raise Crash(what)
+        crash = crash_at(step)
 
         output = IcebergOutput(open_output(URI).address, None, {}, fault=crash)
         with pytest.raises(Crash):

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from lakes import config, features, ids_of, lake, write_part
+from lakes import Crash, config, crash_at, features, ids_of, lake, write_part
 from fungi_ops.eval import load_feature_table
 from pipelines.commands.evaluate import read_table_files
 from pipelines.formats import open_output, read_output
@@ -120,10 +120,6 @@ def test_the_lease_is_renewed_and_a_stolen_lease_stops_the_commit(tmp_path):
 # -- crash safety ----------------------------------------------------------------------------------------
 
 
-class Crash(BaseException):
-    """A simulated kill: not an Exception, so nothing on the way up cleans up."""
-
-
 def test_a_block_write_killed_halfway_leaves_no_truncated_file(tmp_path, monkeypatch):
     """A task killed while it writes its block (a lost node): no half-written Parquet file under a
     block's name, where ``--history`` would keep it and a reader of the staging area would fail."""
@@ -203,9 +199,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_state(tiny_
         manifest = captured["manifest"]
         manifest.pending = None
 
-        def crash(count, what, step=step):
-            if count == step:
-                raise Crash(what)
+        crash = crash_at(step)
 
         with pytest.raises(Crash):
             ParquetFolder(Location(str(output)), fault=crash).commit(

@@ -13,9 +13,10 @@ From OUTPUT's manifest and fungi.spec, writes into --repo (created if needed):
                        store with sqlite-vec vector search (never rewritten).
 
 Feast reads OUTPUT.history/ (every row version, beside the output) when the job ran with --history, else
-the current files (then point-in-time joins are correct only for rows never changed). A Delta output
-(delta:PATH) is read by Feast's duckdb offline store: every row version the table keeps (its data files
-since the last `fungi vacuum`), or its current version with --current-version. Run it
+the current files (then point-in-time joins are correct only for rows never changed). A Delta or
+Iceberg output (delta:PATH, iceberg:NS.TABLE with --catalog) is read by Feast's duckdb offline store:
+every row version the table keeps (its data files since the last `fungi vacuum`), or a Delta table's
+current version with --current-version. Run it
 again after each `fungi featurize` night, then `feast materialize-incremental`. Another spec
 (model, seed, ...) lives in another output: run it for that output too (another --name if the
 folder names are equal). Exit status 2 with one `error:` line for bad input.
@@ -38,7 +39,13 @@ HELP = "write or update a Feast repository (entity, sources, feature views, vect
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``fungi feast`` options."""
     parser.add_argument(
-        "output", metavar="OUTPUT", help="feature output of `fungi featurize` (directory or s3://bucket/prefix)"
+        "output", metavar="OUTPUT",
+        help="feature output of `fungi featurize`: a directory or s3://bucket/prefix, delta:PATH, iceberg:NS.TABLE",
+    )
+    parser.add_argument(
+        "--catalog", metavar="NAME|JSON",
+        help="an iceberg: output's pyiceberg catalog, as for `fungi featurize` (default: the SQL catalog on SQLite "
+        "in $FUNGI_WAREHOUSE)",
     )
     parser.add_argument("--repo", required=True, metavar="DIR", help="Feast repository directory to write or update")
     parser.add_argument(
@@ -75,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         update = write_feast_repo(
             args.output, args.repo, name=args.name, project=args.project,
             storage_options=parse_storage_options(args.storage_options), fungi_view=not args.no_fungi_view,
-            current_version=args.current_version,
+            current_version=args.current_version, catalog=args.catalog,
         )
     except (FungiError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
