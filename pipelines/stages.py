@@ -641,6 +641,9 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0) if len(mask) else 0
 
 
+FINALIZE_COUNTS = ("written", "replaced", "failed_new", "failed_known", "removed_failed", "deleted", "moved", "rewritten")
+
+
 def finalize_source(
     work: dict[str, Any],
     *,
@@ -663,138 +666,200 @@ def finalize_source(
     ``{"row": ..., "counts": {...}, "failed": message or None, "opened": names}``; a source
     that could not be read keeps its previous row. ``data_name`` is the name of its new data
     file (the output format's: :func:`data_file_name` with the run id for tables); ``list_vectors``: its
-    vectors as ``list<float>`` (a table format's). The decisions take the ids alone; the
-    data file is then streamed (:class:`_FinalFile`; ``dense``: a dense table's layout).
+    vectors as ``list<float>`` (a table format's). The decisions take the ids alone
+    (:class:`_SourceFinalizer`); the data file is then streamed (:class:`_FinalFile`;
+    ``dense``: a dense table's layout).
     """
-    fs = output.filesystem()
-    source, old = work["source"], work["old"]
-    staged_ids = [pq.read_table(path, columns=[ID_COLUMN], filesystem=fs) for path in work["staged_files"]]
-    staged_ok = pa.concat_tables(staged_ids) if staged_ids else None
-    staged_err = _read_many(fs, work["staged_error_files"], ERROR_SCHEMA)
-    counts = dict.fromkeys(
-        ["written", "replaced", "failed_new", "failed_known", "removed_failed", "deleted", "moved", "rewritten"], 0
-    )
-    opened: set[str] = set()
-    if staged_err is not None and _count(pc.equal(staged_err.column("stage"), READ_STAGE)):
-        message = pc.filter(staged_err.column("error"), pc.equal(staged_err.column("stage"), READ_STAGE))[0].as_py()
-        return {"row": old, "counts": counts, "failed": message, "opened": opened}
-    staged_keep = None
-    if staged_ok is not None:
-        staged_keep = _first_rows(staged_ok)
-        staged_ok = staged_ok.filter(pa.array(staged_keep))
-    if staged_err is not None:
-        valid = staged_err.filter(pc.is_valid(staged_err.column(ID_COLUMN)))
-        staged_err = pa.concat_tables([_first_per_id(valid), staged_err.filter(pc.is_null(staged_err.column(ID_COLUMN)))])
-    touched = pa.concat_arrays(
-        [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err) if t is not None] or [pa.array([], pa.string())]
-    ).drop_null()
-    moved = work["moved_ids"].cast(pa.string()) if work["moved_ids"] is not None else pa.array([], pa.string())
-    current = None
-    if work["input_file"] and (prune or work["kind"] != "new"):
-        ids = read_columns(input_location, work["input_file"], [id_column]).column(0)
-        current = ids.cast(pa.string()).combine_chunks().drop_null()
+    step = _SourceFinalizer(work, output=output, prune=prune)
+    failure = step.read_staged()
+    if failure is not None:
+        return {"row": work["old"], "counts": step.counts, "failed": failure, "opened": step.opened}
+    step.decide(input_location, id_column)
+    new_name = data_name or data_file_name(work["source"])
+    data = step.write_data(new_name, staging, metadata, dense, list_vectors)
+    errors = step.write_errors(new_name, staging, metadata)
+    row = step.row(data, errors, id_type=id_type, run_id=run_id)
+    return {"row": row, "counts": step.counts, "failed": None, "opened": step.opened}
 
-    def previous(name: str | None, columns: list[str] | None = None) -> pa.Table | None:
+
+class _SourceFinalizer:
+    """The steps of :func:`finalize_source` for one source, in order: read what the run staged,
+    decide from the ids alone which old rows stay (and count why the others go), write the
+    new data and error files, describe them in the source's new row."""
+
+    def __init__(self, work: dict[str, Any], *, output: Location, prune: bool) -> None:
+        self.work, self.output, self.prune = work, output, prune
+        self.fs = output.filesystem()
+        self.old = work["old"]
+        self.counts = dict.fromkeys(FINALIZE_COUNTS, 0)
+        self.opened: set[str] = set()
+
+    # -- 1. what the run staged ---------------------------------------------------------------
+    def read_staged(self) -> str | None:
+        """Read the staged ids and errors, one row per id (the first); the read error if the source failed."""
+        fs = self.fs
+        self.staged_ids = [pq.read_table(path, columns=[ID_COLUMN], filesystem=fs) for path in self.work["staged_files"]]
+        self.staged_ok = pa.concat_tables(self.staged_ids) if self.staged_ids else None
+        self.staged_err = _read_many(fs, self.work["staged_error_files"], ERROR_SCHEMA)
+        staged_err = self.staged_err
+        if staged_err is not None and _count(pc.equal(staged_err.column("stage"), READ_STAGE)):
+            return pc.filter(staged_err.column("error"), pc.equal(staged_err.column("stage"), READ_STAGE))[0].as_py()
+        self.staged_keep = None
+        if self.staged_ok is not None:
+            self.staged_keep = _first_rows(self.staged_ok)
+            self.staged_ok = self.staged_ok.filter(pa.array(self.staged_keep))
+        if staged_err is not None:
+            valid = staged_err.filter(pc.is_valid(staged_err.column(ID_COLUMN)))
+            self.staged_err = pa.concat_tables(
+                [_first_per_id(valid), staged_err.filter(pc.is_null(staged_err.column(ID_COLUMN)))]
+            )
+        return None
+
+    # -- 2. the decisions, on ids -------------------------------------------------------------
+    def decide(self, input_location: Location, id_column: str) -> None:
+        """Which previous rows stay (``keep_ok_mask``, ``keep_err_mask``), and the counts."""
+        work, staged_ok, staged_err = self.work, self.staged_ok, self.staged_err
+        self.touched = pa.concat_arrays(
+            [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err) if t is not None]
+            or [pa.array([], pa.string())]
+        ).drop_null()
+        self.moved = work["moved_ids"].cast(pa.string()) if work["moved_ids"] is not None else pa.array([], pa.string())
+        self.current = None  # the input file's ids now, when a night needs them
+        if work["input_file"] and (self.prune or work["kind"] != "new"):
+            ids = read_columns(input_location, work["input_file"], [id_column]).column(0)
+            self.current = ids.cast(pa.string()).combine_chunks().drop_null()
+        self.old_ids = self._previous(self.old and self.old["file"], [ID_COLUMN])
+        self.old_err = self._previous(self.old and self.old["error_file"])
+        if self.old_err is not None:
+            self.old_err = self.old_err.cast(ERROR_SCHEMA)
+        self.keep_ok_mask = pc.invert(self._drop_mask(self.old_ids)) if self.old_ids is not None else None
+        self.keep_err_mask = pc.invert(self._drop_mask(self.old_err)) if self.old_err is not None else None
+        self._count_replaced_and_failed()
+        self._count_moved_and_deleted()
+        self.counts["written"] = staged_ok.num_rows if staged_ok is not None else 0
+
+    def _previous(self, name: str | None, columns: list[str] | None = None) -> pa.Table | None:
         if not name:
             return None
-        opened.add(name)
-        return pq.read_table(output.child_path(name), columns=columns, filesystem=fs)
+        self.opened.add(name)
+        return pq.read_table(self.output.child_path(name), columns=columns, filesystem=self.fs)
 
-    def drop_mask(table: pa.Table) -> pa.Array:
-        mask = pc.or_(_ids_in(table, touched), _ids_in(table, moved))
-        if prune and current is not None:
-            mask = pc.or_(mask, pc.invert(_ids_in(table, current)))
-        elif prune and not work["listed"]:
+    def _drop_mask(self, table: pa.Table) -> pa.Array:
+        """The previous rows that go: re-featurized or failed now, moved, deleted (--prune)."""
+        mask = pc.or_(_ids_in(table, self.touched), _ids_in(table, self.moved))
+        if self.prune and self.current is not None:
+            mask = pc.or_(mask, pc.invert(_ids_in(table, self.current)))
+        elif self.prune and not self.work["listed"]:
             mask = pa.array(np.ones(table.num_rows, dtype=bool))
-        if work["reads_payloads"]:  # the source was re-read: its null-id rows were reported again
+        if self.work["reads_payloads"]:  # the source was re-read: its null-id rows were reported again
             mask = pc.or_(mask, pc.is_null(table.column(ID_COLUMN)))
         return pc.fill_null(mask, True)
 
-    old_ids = previous(old and old["file"], [ID_COLUMN])
-    old_err = previous(old and old["error_file"])
-    if old_err is not None:
-        old_err = old_err.cast(ERROR_SCHEMA)
-    keep_ok_mask = pc.invert(drop_mask(old_ids)) if old_ids is not None else None
-    keep_err_mask = pc.invert(drop_mask(old_err)) if old_err is not None else None
-    if old_ids is not None:
-        known_ok = old_ids.column(ID_COLUMN)
-        counts["replaced"] = _count(_ids_in(staged_ok, known_ok)) if staged_ok is not None else 0
-        counts["removed_failed"] = _count(pc.is_in(staged_err.column(ID_COLUMN), value_set=known_ok)) if staged_err is not None else 0
-        counts["replaced"] += counts["removed_failed"]
-    if staged_err is not None:
-        before = old_err if old_err is not None else pa.table({n: pa.array([], t) for n, t in zip(ERROR_SCHEMA.names, ERROR_SCHEMA.types)})
-        keys_now = pc.binary_join_element_wise(pc.fill_null(staged_err.column(ID_COLUMN), ""), pc.fill_null(staged_err.column(HASH_COLUMN), ""), "\x00")
-        keys_before = pc.binary_join_element_wise(pc.fill_null(before.column(ID_COLUMN), ""), pc.fill_null(before.column(HASH_COLUMN), ""), "\x00")
-        known = _count(pc.is_in(keys_now, value_set=keys_before.combine_chunks()))
-        counts["failed_known"], counts["failed_new"] = known, staged_err.num_rows - known
-    for table, mask in ((old_ids, keep_ok_mask), (old_err, keep_err_mask)):
-        if table is not None:
-            dropped = pc.invert(mask)
-            counts["moved"] += _count(pc.and_(dropped, _ids_in(table, moved)))
-            if prune and (current is not None or not work["listed"]):
-                gone = pc.invert(_ids_in(table, current)) if current is not None else dropped
-                counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(_ids_in(table, touched))))
-    counts["written"] = staged_ok.num_rows if staged_ok is not None else 0
+    def _count_replaced_and_failed(self) -> None:
+        counts, staged_ok, staged_err = self.counts, self.staged_ok, self.staged_err
+        if self.old_ids is not None:
+            known_ok = self.old_ids.column(ID_COLUMN)
+            counts["replaced"] = _count(_ids_in(staged_ok, known_ok)) if staged_ok is not None else 0
+            counts["removed_failed"] = (
+                _count(pc.is_in(staged_err.column(ID_COLUMN), value_set=known_ok)) if staged_err is not None else 0
+            )
+            counts["replaced"] += counts["removed_failed"]
+        if staged_err is not None:  # a failure already recorded with the same payload is not new
+            before = self.old_err if self.old_err is not None else ERROR_SCHEMA.empty_table()
+            known = _count(pc.is_in(_error_keys(staged_err), value_set=_error_keys(before).combine_chunks()))
+            counts["failed_known"], counts["failed_new"] = known, staged_err.num_rows - known
 
-    new_name = data_name or data_file_name(source)
-    data_name, data_ids = old and old["file"], None
-    if old_ids is not None and _count(pc.invert(keep_ok_mask)) == 0 and staged_ok is None:
-        data_ids = old_ids.column(ID_COLUMN)  # untouched: the old file stays
-    else:
-        kept_old = old_ids is not None and _count(keep_ok_mask) > 0
-        data_name = None
-        if kept_old or counts["written"]:
-            data_name = new_name
-            parts = [old_ids.filter(keep_ok_mask)] if kept_old else []
-            data_ids = pa.concat_tables([*parts, *([staged_ok] if counts["written"] else [])]).column(ID_COLUMN)
-            fs.create_dir(posixpath.dirname(staged_final_path(staging, data_name)), recursive=True)
-            final = _FinalFile(fs, staged_final_path(staging, data_name), metadata, dense, list_vectors)
-            if kept_old:
-                final.write_file(output.child_path(old["file"]), pc.fill_null(keep_ok_mask, False).to_numpy(zero_copy_only=False))
-            offsets = np.cumsum([0, *(t.num_rows for t in staged_ids)])
-            for index, path in enumerate(work["staged_files"]):
-                final.write_file(path, staged_keep[offsets[index] : offsets[index + 1]])
-            final.close()
-            counts["rewritten"] += 1
-    error_name, error_ids = old and old["error_file"], None
-    if old_err is not None and _count(pc.invert(keep_err_mask)) == 0 and staged_err is None:
-        error_ids = old_err.column(ID_COLUMN)
-    else:
-        parts = [t for t in (old_err.filter(keep_err_mask) if old_err is not None else None, staged_err) if t is not None and t.num_rows]
-        error_name = None
-        if parts:
-            table = pa.concat_tables([p.cast(ERROR_SCHEMA) for p in parts]).replace_schema_metadata(metadata)
-            error_name, error_ids = f"{ERRORS_DIR}/{error_file_name(new_name)}", table.column(ID_COLUMN)
-            _write_final(fs, staging, error_name, table)
-            counts["rewritten"] += 1
-    all_ids = pa.chunked_array(
-        [c for ids in (data_ids, error_ids) if ids is not None for c in ids.chunks], pa.string()
-    ).combine_chunks().drop_null()
-    typed = all_ids.cast(id_type)
-    bounds = pc.min_max(typed) if len(typed) else None
-    if current is not None:
-        orphans = _count(pc.invert(pc.is_in(all_ids, value_set=current)))
-    elif not work["listed"]:
-        orphans = len(all_ids)
-    else:
-        orphans = (old or {}).get("orphans") or 0
-    info = work["input"] or {}
-    row = {
-        "source": source,
-        "size": info.get("size", (old or {}).get("size")),
-        "identity": info.get("identity", (old or {}).get("identity")),
-        "input_rows": work["input_rows"] if work["input_rows"] is not None else (old or {}).get("input_rows", 0),
-        "file": data_name,
-        "rows": len(data_ids) if data_ids is not None else 0,
-        "error_file": error_name,
-        "errors": len(error_ids) if error_ids is not None else 0,
-        "id_min": bounds["min"].as_py() if bounds else None,
-        "id_max": bounds["max"].as_py() if bounds else None,
-        "orphans": orphans,
-        "present": work["listed"],
-        "run_id": run_id if counts["rewritten"] else (old or {}).get("run_id", run_id),
-    }
-    return {"row": row, "counts": counts, "failed": None, "opened": opened}
+    def _count_moved_and_deleted(self) -> None:
+        for table, mask in ((self.old_ids, self.keep_ok_mask), (self.old_err, self.keep_err_mask)):
+            if table is None:
+                continue
+            dropped = pc.invert(mask)
+            self.counts["moved"] += _count(pc.and_(dropped, _ids_in(table, self.moved)))
+            if self.prune and (self.current is not None or not self.work["listed"]):
+                gone = pc.invert(_ids_in(table, self.current)) if self.current is not None else dropped
+                self.counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(_ids_in(table, self.touched))))
+
+    # -- 3. the files -------------------------------------------------------------------------
+    def write_data(self, new_name: str, staging: Location, metadata: dict[bytes, bytes], dense: bool,
+                   list_vectors: bool) -> tuple[str | None, pa.ChunkedArray | None]:
+        """(name, ids) of the source's data file: the old one when untouched, else a new one streamed from
+        the kept old rows and the staged blocks; (None, None) when no row is left."""
+        old, old_ids, keep = self.old, self.old_ids, self.keep_ok_mask
+        if old_ids is not None and _count(pc.invert(keep)) == 0 and self.staged_ok is None:
+            return old["file"], old_ids.column(ID_COLUMN)  # untouched: the old file stays
+        kept_old = old_ids is not None and _count(keep) > 0
+        if not (kept_old or self.counts["written"]):
+            return None, None
+        parts = [old_ids.filter(keep)] if kept_old else []
+        data_ids = pa.concat_tables([*parts, *([self.staged_ok] if self.counts["written"] else [])]).column(ID_COLUMN)
+        path = staged_final_path(staging, new_name)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        final = _FinalFile(self.fs, path, metadata, dense, list_vectors)
+        if kept_old:
+            final.write_file(self.output.child_path(old["file"]), pc.fill_null(keep, False).to_numpy(zero_copy_only=False))
+        offsets = np.cumsum([0, *(t.num_rows for t in self.staged_ids)])
+        for index, staged in enumerate(self.work["staged_files"]):
+            final.write_file(staged, self.staged_keep[offsets[index] : offsets[index + 1]])
+        final.close()
+        self.counts["rewritten"] += 1
+        return new_name, data_ids
+
+    def write_errors(self, new_name: str, staging: Location,
+                     metadata: dict[bytes, bytes]) -> tuple[str | None, pa.ChunkedArray | None]:
+        """(name, ids) of the source's error file, as :meth:`write_data` for the data file."""
+        old_err, keep = self.old_err, self.keep_err_mask
+        if old_err is not None and _count(pc.invert(keep)) == 0 and self.staged_err is None:
+            return self.old["error_file"], old_err.column(ID_COLUMN)
+        kept = old_err.filter(keep) if old_err is not None else None
+        parts = [t for t in (kept, self.staged_err) if t is not None and t.num_rows]
+        if not parts:
+            return None, None
+        table = pa.concat_tables([p.cast(ERROR_SCHEMA) for p in parts]).replace_schema_metadata(metadata)
+        error_name = f"{ERRORS_DIR}/{error_file_name(new_name)}"
+        _write_final(self.fs, staging, error_name, table)
+        self.counts["rewritten"] += 1
+        return error_name, table.column(ID_COLUMN)
+
+    # -- 4. the source's row ------------------------------------------------------------------
+    def row(self, data: tuple[str | None, pa.ChunkedArray | None], errors: tuple[str | None, pa.ChunkedArray | None],
+            *, id_type: pa.DataType, run_id: str) -> dict[str, Any]:
+        """The source's new sources-table row: its files, counts, id range and orphans."""
+        (data_name, data_ids), (error_name, error_ids) = data, errors
+        work, old = self.work, self.old or {}
+        all_ids = pa.chunked_array(
+            [c for ids in (data_ids, error_ids) if ids is not None for c in ids.chunks], pa.string()
+        ).combine_chunks().drop_null()
+        typed = all_ids.cast(id_type)
+        bounds = pc.min_max(typed) if len(typed) else None
+        if self.current is not None:  # rows whose id the input file no longer has (kept without --prune)
+            orphans = _count(pc.invert(pc.is_in(all_ids, value_set=self.current)))
+        elif not work["listed"]:
+            orphans = len(all_ids)
+        else:
+            orphans = old.get("orphans") or 0
+        info = work["input"] or {}
+        return {
+            "source": work["source"],
+            "size": info.get("size", old.get("size")),
+            "identity": info.get("identity", old.get("identity")),
+            "input_rows": work["input_rows"] if work["input_rows"] is not None else old.get("input_rows", 0),
+            "file": data_name,
+            "rows": len(data_ids) if data_ids is not None else 0,
+            "error_file": error_name,
+            "errors": len(error_ids) if error_ids is not None else 0,
+            "id_min": bounds["min"].as_py() if bounds else None,
+            "id_max": bounds["max"].as_py() if bounds else None,
+            "orphans": orphans,
+            "present": work["listed"],
+            "run_id": run_id if self.counts["rewritten"] else old.get("run_id", run_id),
+        }
+
+
+def _error_keys(errors: pa.Table) -> pa.ChunkedArray:
+    """``id`` and payload hash of each error row, joined: the same failure of the same input."""
+    return pc.binary_join_element_wise(
+        pc.fill_null(errors.column(ID_COLUMN), ""), pc.fill_null(errors.column(HASH_COLUMN), ""), "\x00"
+    )
 
 
 def _write_final(fs: Any, staging: Location, name: str, table: pa.Table) -> None:
