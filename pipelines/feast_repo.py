@@ -173,6 +173,34 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *, curr
     """
     options = dict(storage_options or {})
     address = parse_address(uri)
+    table, location = _open_committed(uri, options, current_version, catalog)
+    fs = location.filesystem()
+    committed = table.read_manifest()
+    manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
+    if address.kind != PARQUET:
+        paths = table.read_files(lambda files: files or [])
+        data_files = tuple(sorted(fs.get_file_info(paths), key=lambda i: i.path)) if paths else ()
+    else:
+        data_files = tuple(_parquet_files(fs, location.path))
+    if not data_files:
+        raise ConfigError(f"{uri} holds no feature files yet")
+    history, history_files = _row_versions(uri, table, location, manifest.get("history") or None, current_version)
+    schema = _read_schema(fs, data_files[0].path)
+    if table.list_vectors:  # a table's files hold list<float>: Feast's views and the checks want the dimensions
+        schema = restore_vectors(schema.empty_table(), manifest_dims(spec)).schema
+    output = FeatureOutput(
+        uri=location.uri if address.kind == ICEBERG else address.target, storage_options=options, manifest=manifest,
+        spec=spec, spec_hash=str(spec_hash), schema=schema, data_files=data_files, history_files=history_files,
+        history=history, kind=address.kind, data_dir=table.data_dir,
+    )
+    check_output_schema(output)
+    return output
+
+
+def _open_committed(uri: str, options: dict[str, Any], current_version: bool,
+                    catalog: str | None) -> tuple[Any, Location]:
+    """The output (its format's handle) and its folder; ConfigError unless a committed fungi output."""
+    address = parse_address(uri)
     if address.kind == ICEBERG:
         if current_version:
             raise ConfigError(
@@ -189,13 +217,11 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *, curr
         if info.type != pafs.FileType.Directory:
             raise ConfigError(f"output {uri} is not a directory: pass the folder that `fungi featurize --output` wrote")
         table = open_table(uri, options)
-    fs = location.filesystem()
     committed = table.read_manifest()
     if committed is None:
         raise ConfigError(
             f"{uri} has no {MANIFEST_NAME if address.kind == PARQUET else 'fungi manifest'}: not a fungi feature "
-            "output, or its first `fungi featurize` run "
-            "has not committed yet"
+            "output, or its first `fungi featurize` run has not committed yet"
         )
     if committed.pending:
         raise ConfigError(
@@ -203,39 +229,27 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *, curr
             "Feast would read some sources' new rows and others' old ones; the next `fungi featurize` on this output "
             "finishes it first, then run this again"
         )
-    manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
-    if address.kind != PARQUET:
-        paths = table.read_files(lambda files: files or [])
-        data_files = tuple(sorted(fs.get_file_info(paths), key=lambda i: i.path)) if paths else ()
-    else:
-        data_files = tuple(_parquet_files(fs, location.path))
-    if not data_files:
-        raise ConfigError(f"{uri} holds no feature files yet")
-    history = manifest.get("history") or None
-    history_files: tuple[pafs.FileInfo, ...] = ()
-    if address.kind != PARQUET and not current_version:
+    return table, location
+
+
+def _row_versions(uri: str, table: Any, location: Location, history: str | None,
+                  current_version: bool) -> tuple[str | None, tuple[pafs.FileInfo, ...]]:
+    """(where every row version is, its files): a table's kept versions, a folder's ``--history``
+    folder; (None, ()) for the current rows only."""
+    if current_version:
+        return None, ()
+    if table.versioned_names:
         try:
-            history_files = tuple(table.row_version_files())
+            return "the table's kept versions", tuple(table.row_version_files())
         except ConfigError as exc:
             raise ConfigError(f"{exc} (fungi feast --current-version)") from exc
-        history = "the table's kept versions"
-    elif current_version:
-        history = None
-    elif history:
-        history_files = tuple(_parquet_files(fs, history_path(location.path)))
-        if not history_files:
-            raise ConfigError(f"{uri}: it was featurized with --history, but its history folder "
-                              f"{history_path(address.target)} holds no Parquet files (copy it beside the output)")
-    schema = _read_schema(fs, data_files[0].path)
-    if table.list_vectors:  # a table's files hold list<float>: Feast's views and the checks want the dimensions
-        schema = restore_vectors(schema.empty_table(), manifest_dims(spec)).schema
-    output = FeatureOutput(
-        uri=location.uri if address.kind == ICEBERG else address.target, storage_options=options, manifest=manifest, spec=spec, spec_hash=str(spec_hash),
-        schema=schema, data_files=data_files, history_files=history_files, history=history, kind=address.kind,
-        data_dir=table.data_dir,
-    )
-    check_output_schema(output)
-    return output
+    if not history:
+        return None, ()
+    files = tuple(_parquet_files(location.filesystem(), history_path(location.path)))
+    if not files:
+        raise ConfigError(f"{uri}: it was featurized with --history, but its history folder "
+                          f"{history_path(location.uri)} holds no Parquet files (copy it beside the output)")
+    return history, files
 
 
 def check_output_schema(output: FeatureOutput) -> None:

@@ -225,14 +225,15 @@ def check_ids(
     """Refuse duplicate ids before any featurizing; find the ids that moved between files.
 
     Raises ConfigError (exit 2) naming up to five repeated ids. Unchanged sources that
-    turn out to hold a moved id are added to ``plan.work`` as ``moved``.
+    turn out to hold a moved id are added to ``plan.work`` as ``moved``. The ids are hashed
+    into buckets on scratch storage by tasks (the files read this night, and only the
+    committed files whose id range overlaps theirs), then each bucket is checked by a task.
     """
     reads = plan.to_read
     if not reads:
         return IdCheck({}, 0, set())
-    total = sum(input_rows[w.source] for w in reads)
     old_sources = list(plan.committed.values())
-    total += sum(row["rows"] + row["errors"] for row in old_sources)
+    total = sum(input_rows[w.source] for w in reads) + sum(row["rows"] + row["errors"] for row in old_sources)
     buckets = max(1, math.ceil(total / ID_BUCKET_ROWS))
     scan_new = tasks.remote(_scan_new, num_cpus=0.25)
     new_scans = tasks.get([
@@ -243,21 +244,7 @@ def check_ids(
     for source in failed:
         del plan.work[source]  # not committed this night; its previous output stays as it was
     own = {work.source: (lo, hi) for work, (lo, hi, _, _) in zip(reads, new_scans) if lo is not None}
-    null_ids = sum(nulls for _, _, nulls, _ in new_scans)
-    starts = sorted(lo for lo, _ in own.values())
-    ends = sorted(hi for _, hi in own.values())
-
-    def overlapping(source: str, lo: Any, hi: Any) -> int:
-        """How many files read this night have an id range overlapping [lo, hi], the file's own new version aside."""
-        count = bisect.bisect_right(starts, hi) - bisect.bisect_left(ends, lo)
-        mine = own.get(source)
-        return count - (1 if mine and mine[0] <= hi and mine[1] >= lo else 0)
-
-    candidates = [
-        row for row in old_sources
-        if (row["file"] or row["error_file"]) and row["id_min"] is not None
-        and overlapping(row["source"], row["id_min"], row["id_max"]) > 0
-    ]
+    candidates = _overlapping_committed(old_sources, own)
     scan_old = tasks.remote(_scan_old, num_cpus=0.25)
     tasks.get([
         scan_old(output, [n for n in (row["file"], row["error_file"]) if n], id_type, tag, buckets, scratch)
@@ -272,6 +259,34 @@ def check_ids(
             f"input ids are not unique ({repeated} repeated, e.g. {', '.join(examples)}); nothing was committed"
         )
     collisions = [table for _, _, table in results if table is not None and table.num_rows]
+    moved = _moved_ids(plan, reads, candidates, collisions, id_type)
+    null_ids = sum(nulls for _, _, nulls, _ in new_scans)
+    opened = {name for row in candidates for name in (row["file"], row["error_file"]) if name}
+    return IdCheck(moved, null_ids, opened, failed)
+
+
+def _overlapping_committed(old_sources: list[dict[str, Any]], own: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
+    """The committed sources whose id range overlaps a file read this night (its own new version aside):
+    the only committed files that can hold one of its ids."""
+    starts = sorted(lo for lo, _ in own.values())
+    ends = sorted(hi for _, hi in own.values())
+
+    def overlapping(source: str, lo: Any, hi: Any) -> int:
+        count = bisect.bisect_right(starts, hi) - bisect.bisect_left(ends, lo)
+        mine = own.get(source)
+        return count - (1 if mine and mine[0] <= hi and mine[1] >= lo else 0)
+
+    return [
+        row for row in old_sources
+        if (row["file"] or row["error_file"]) and row["id_min"] is not None
+        and overlapping(row["source"], row["id_min"], row["id_max"]) > 0
+    ]
+
+
+def _moved_ids(plan: NightPlan, reads: list[SourceWork], candidates: list[dict[str, Any]],
+               collisions: list[pa.Table], id_type: pa.DataType) -> dict[str, pa.Array]:
+    """The ids each committed source lost to a file read this night (a move); ConfigError when the
+    source keeping them is unchanged in the input (a true duplicate). Adds those sources to ``plan.work``."""
     dropped = {row["source"] for row in plan.dropped}
     moved: dict[str, list[pa.Array]] = {}
     for table in collisions:
@@ -293,8 +308,7 @@ def check_ids(
             old = next(row for row in candidates if row["source"] == source)
             work = plan.work[source] = SourceWork(source, MOVED, None, old)
         work.moved_ids = ids
-    opened = {name for row in candidates for name in (row["file"], row["error_file"]) if name}
-    return IdCheck(result, null_ids, opened, failed)
+    return result
 
 
 def _groups(table: pa.Table) -> list[tuple[tuple[int, int], list]]:
