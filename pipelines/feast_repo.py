@@ -417,22 +417,8 @@ def write_feast_repo(
         features=[*source.vector_columns, CONTENT_HASH_COLUMN, *(n for n, _ in kept)], skipped_columns=skipped,
         config_written=False,
     )
-    if source.kind != PARQUET and source.history:
-        update.notes.append(
-            f"{output} is a {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps ({len(source.history_files)} "
-            "data files), so point-in-time joins are correct back to its oldest kept version (`fungi vacuum` "
-            "retires older ones); an id deleted with --prune is still found at its last version"
-        )
-    elif source.kind == DELTA:
-        update.notes.append(
-            f"{source.uri} is a Delta table: Feast reads its current version, so point-in-time joins are correct "
-            "only for rows that never changed (without --current-version Feast reads every row version it keeps)"
-        )
-    elif not source.history:
-        update.notes.append(
-            f"{source.uri} was featurized without --history: Feast reads its current files, so point-in-time joins "
-            "are correct only for rows that never changed (featurize with --history to keep every row version)"
-        )
+    note = _source_note(output, source)
+    update.notes.extend([note] if note else [])
     if skipped:
         update.notes.append(f"left out (no Feast type): {', '.join(skipped)}")
     repo_path.mkdir(parents=True, exist_ok=True)
@@ -440,13 +426,7 @@ def write_feast_repo(
     if source.kind == DELTA and not source.history:  # DuckDB reads DeltaFormat through its delta extension
         _install_duckdb_delta(update.notes)
 
-    vectors_root = repo_path / "data" / "fungi" / name
-    mirror = vectors_root / source.spec_hash
-    if concat_view:
-        update.fungi_files_written, update.fungi_files_kept = _sync_fungi_vectors(source, mirror)
-    for stale in sorted(vectors_root.glob("*")) if vectors_root.exists() else []:
-        if stale.is_dir() and (stale != mirror or not concat_view):
-            shutil.rmtree(stale)
+    mirror = _refresh_fungi_vectors(source, update, repo_path / "data" / "fungi" / name)
     if previous:
         update.removed_views = [v for v in previous.get("views", []) if v not in update.views]
 
@@ -456,6 +436,39 @@ def write_feast_repo(
         temporary.write_text(text)
         temporary.replace(definitions)
     return update
+
+
+def _source_note(output: str, source: FeatureOutput) -> str | None:
+    """What the repository's source misses or keeps, for point-in-time joins (None: a folder's --history, all)."""
+    if source.kind != PARQUET and source.history:
+        return (
+            f"{output} is a {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps "
+            f"({len(source.history_files)} data files), so point-in-time joins are correct back to its oldest kept "
+            "version (`fungi vacuum` retires older ones); an id deleted with --prune is still found at its last version"
+        )
+    if source.kind == DELTA:
+        return (
+            f"{source.uri} is a Delta table: Feast reads its current version, so point-in-time joins are correct "
+            "only for rows that never changed (without --current-version Feast reads every row version it keeps)"
+        )
+    if source.history:
+        return None
+    return (
+        f"{source.uri} was featurized without --history: Feast reads its current files, so point-in-time joins "
+        "are correct only for rows that never changed (featurize with --history to keep every row version)"
+    )
+
+
+def _refresh_fungi_vectors(source: FeatureOutput, update: RepoUpdate, vectors_root: Path) -> Path:
+    """Bring the ``fungi`` vectors of the output's spec up to date under ``vectors_root`` (other specs'
+    are deleted, and all of them without a fungi view); the folder of this spec's."""
+    mirror = vectors_root / source.spec_hash
+    if update.fungi_view:
+        update.fungi_files_written, update.fungi_files_kept = _sync_fungi_vectors(source, mirror)
+    for stale in sorted(vectors_root.glob("*")) if vectors_root.exists() else []:
+        if stale.is_dir() and (stale != mirror or not update.fungi_view):
+            shutil.rmtree(stale)
+    return mirror
 
 
 def load_definitions(repo: str | os.PathLike) -> list[Any]:
@@ -676,22 +689,29 @@ def _install_duckdb_delta(notes: list[str]) -> None:
     duckdb.install_extension(str(files[0]))
 
 
-def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tuple[str, str]], mirror: Path) -> str:
+def _view_tags(source: FeatureOutput, update: RepoUpdate) -> dict[str, str]:
+    """The tags of the output's feature views: where they come from and the whole spec."""
     spec = source.spec
-    objectives = [o["name"] for o in spec.get("objectives", [])]
-    header = {"output": source.root, "spec_hash": source.spec_hash, "views": update.views}
-    tags = {
+    return {
         "fungi.output": source.root,
         "fungi.source": update.source_kind,
         "fungi.spec_hash": source.spec_hash,
         "fungi.model": str(spec.get("model")),
         "fungi.modality": str(spec.get("modality")),
-        "fungi.objectives": ",".join(objectives),
+        "fungi.objectives": ",".join(o["name"] for o in spec.get("objectives", [])),
         "fungi.seed": str(spec.get("seed")),
         "fungi.embed_dim": str(source.dim("embedding")),
         "fungi.projection_dim": str(source.dim(source.vector_columns[1])) if len(source.vector_columns) > 1 else "",
         "fungi.spec": json.dumps(spec, sort_keys=True, separators=(",", ":")),
     }
+
+
+def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tuple[str, str]], mirror: Path) -> str:
+    """The repository's ``fungi_<name>.py``: entity, source, feature views and service of the output."""
+    spec = source.spec
+    objectives = [o["name"] for o in spec.get("objectives", [])]
+    header = {"output": source.root, "spec_hash": source.spec_hash, "views": update.views}
+    tags = _view_tags(source, update)
     endpoint = source.endpoint()
     types = sorted({"Array", "Float32", "String", *(t.replace("Array(", "").rstrip(")") for _, t in kept)})
     name, view = update.name, update.feature_view
@@ -747,34 +767,7 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         ")",
     ]
     if update.fungi_view:
-        concat = update.fungi_view
-        dim = sum(source.dim(c) for c in source.vector_columns)
-        blocks = ",".join(source.vector_columns)
-        lines += [
-            "",
-            f"{concat}_source = FileSource(",
-            f"    name={concat + '_source'!r},",
-            # the duckdb store (a Delta output's) reads a Parquet source only when told so, and by a glob
-            *([f"    path={str(mirror / '*.parquet')!r},", "    file_format=ParquetFormat(),"] if source.kind != PARQUET
-              else [f"    path={str(mirror)!r},"]),
-            f"    timestamp_field={EVENT_TIME_COLUMN!r},",
-            f"    description={f'the FUNGI concatenation of {blocks}, written by fungi feast from {source.source_path}'!r},",
-            ")",
-            "",
-            f"{concat} = FeatureView(",
-            f"    name={concat!r},",
-            f"    entities=[{name}_entity],",
-            "    ttl=timedelta(0),",
-            f"    source={concat}_source,",
-            "    online=True,",
-            "    schema=[",
-            f"        Field(name={ID_COLUMN!r}, dtype=String),",
-            _vector_field(FUNGI_FEATURE, dim, True, f"{blocks}: each block L2-normalised, concatenated, L2-normalised"),
-            "    ],",
-            f"    tags={_dict_source({**tags, 'fungi.blocks': blocks})},",
-            f"    description={'FUNGI concatenation (' + blocks + ') for vector search'!r},",
-            ")",
-        ]
+        lines += _fungi_view_lines(source, update, tags, mirror)
     views = ", ".join(update.views)
     lines += [
         "",
@@ -786,6 +779,38 @@ def _definitions_source(source: FeatureOutput, update: RepoUpdate, kept: list[tu
         ")",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fungi_view_lines(source: FeatureOutput, update: RepoUpdate, tags: dict[str, str], mirror: Path) -> list[str]:
+    """The ``<view>_fungi`` feature view over the FUNGI vectors ``fungi feast`` wrote under ``mirror``."""
+    concat, name = update.fungi_view, update.name
+    dim = sum(source.dim(c) for c in source.vector_columns)
+    blocks = ",".join(source.vector_columns)
+    return [
+        "",
+        f"{concat}_source = FileSource(",
+        f"    name={concat + '_source'!r},",
+        # the duckdb store (a table output's) reads a Parquet source only when told so, and by a glob
+        *([f"    path={str(mirror / '*.parquet')!r},", "    file_format=ParquetFormat(),"] if source.kind != PARQUET
+          else [f"    path={str(mirror)!r},"]),
+        f"    timestamp_field={EVENT_TIME_COLUMN!r},",
+        f"    description={f'the FUNGI concatenation of {blocks}, written by fungi feast from {source.source_path}'!r},",
+        ")",
+        "",
+        f"{concat} = FeatureView(",
+        f"    name={concat!r},",
+        f"    entities=[{name}_entity],",
+        "    ttl=timedelta(0),",
+        f"    source={concat}_source,",
+        "    online=True,",
+        "    schema=[",
+        f"        Field(name={ID_COLUMN!r}, dtype=String),",
+        _vector_field(FUNGI_FEATURE, dim, True, f"{blocks}: each block L2-normalised, concatenated, L2-normalised"),
+        "    ],",
+        f"    tags={_dict_source({**tags, 'fungi.blocks': blocks})},",
+        f"    description={'FUNGI concatenation (' + blocks + ') for vector search'!r},",
+        ")",
+    ]
 
 
 def _dict_source(values: dict[str, str]) -> str:

@@ -438,7 +438,7 @@ def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["delta", "iceberg"])
-def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tmp_path, local_ray, monkeypatch):
+def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tmp_path, monkeypatch):
     """`fungi featurize --output delta:...` / `iceberg:...` (the real job), a night that changes one
     row, then `fungi feast`: Feast's duckdb offline store reads every row version the table keeps, so
     a point-in-time join before the night finds the old row and one after it the new; materialization
@@ -460,7 +460,7 @@ def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tm
 
     def featurize(**settings) -> None:
         run_featurize(FeaturizeConfig(input=str(tmp_path / "in"), output=uri, modality="text",
-                                      model=f"hf:{tiny_text_dir}", objectives="kl", batch_size=4, actors=(1, 1),
+                                      model=f"hf:{tiny_text_dir}", objectives="kl", batch_size=4,
                                       **settings))
 
     featurize()
