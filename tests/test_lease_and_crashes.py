@@ -285,9 +285,8 @@ def test_kill_9_of_the_driver_before_a_table_commit_then_a_reader_and_a_rerun(ki
     night(source)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", uri,
-               "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--max-error-fraction", "0.5",
-               "--incremental", "--prune", "--batch-size", "4",
-               "--address", ray.get_runtime_context().gcs_address]  # the session's Ray: no start-up per run
+               "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--max-error-fraction", "0.5",
+               "--incremental", "--prune", "--batch-size", "4"]  # a small job: the CLI runs it in its process, no Ray
     killed = subprocess.run(command, env={**env, "FUNGI_COMMIT_CRASH_AFTER": "2"}, cwd=str(REPO),
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == 137, killed.stdout + killed.stderr
