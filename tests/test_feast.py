@@ -511,9 +511,16 @@ def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tm
         store = FeatureStore(repo_path=str(tmp_path / "repo_current"))
         store.apply(load_definitions(tmp_path / "repo_current"))
         np.testing.assert_allclose(joined(when, current.feature_view, "embedding"), rows(table, "embedding"), atol=1e-6)
+        assert cli_main(["feast", uri, "--repo", str(tmp_path / "repo_cli"), "--current-version"]) == 0
+        assert f"path={str(folder)!r}" in (tmp_path / "repo_cli" / "fungi_table.py").read_text()
     else:
         with pytest.raises(ConfigError, match="IcebergSource"):
             write_feast_repo(uri, tmp_path / "repo_current", current_version=True)
+        catalog = json.dumps({"type": "sql", "uri": f"sqlite:///{tmp_path / 'warehouse'}/catalog.db",
+                              "warehouse": f"file://{tmp_path / 'warehouse'}"})
+        assert cli_main(["feast", uri, "--repo", str(tmp_path / "repo_cli"), "--catalog", catalog]) == 0
+        assert (tmp_path / "repo_cli" / "fungi_texts.py").exists()
+        assert cli_main(["feast", uri, "--repo", str(tmp_path / "repo_cli"), "--current-version"]) == 2
 
     # a file no kept commit added (a killed run's) would be read by the glob: refused, with the way out
     stray = data / "part-0-0000-rdeadbeef0000.parquet"
