@@ -67,10 +67,10 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats import open_output as open_table
-from pipelines.formats.address import DELTA, ICEBERG, PARQUET, parse_address
+from pipelines.formats.address import DELTA, ICEBERG, PARQUET, TableAddress, parse_address
 from pipelines.formats.base import manifest_dims, restore_vectors
 from pipelines.formats.folder import history_path
-from pipelines.manifest import MANIFEST_NAME
+from pipelines.manifest import MANIFEST_NAME, Manifest
 from pipelines.storage import Location, exists
 
 ID_COLUMN = "id"
@@ -173,9 +173,8 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *, curr
     """
     options = dict(storage_options or {})
     address = parse_address(uri)
-    table, location = _open_committed(uri, options, current_version, catalog)
+    table, location, committed = _open_committed(uri, address, options, current_version, catalog)
     fs = location.filesystem()
-    committed = table.read_manifest()
     manifest, spec, spec_hash = committed.header(), committed.spec, committed.spec_hash
     if address.kind != PARQUET:
         paths = table.read_files(lambda files: files or [])
@@ -197,10 +196,10 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, *, curr
     return output
 
 
-def _open_committed(uri: str, options: dict[str, Any], current_version: bool,
-                    catalog: str | None) -> tuple[Any, Location]:
-    """The output (its format's handle) and its folder; ConfigError unless a committed fungi output."""
-    address = parse_address(uri)
+def _open_committed(uri: str, address: TableAddress, options: dict[str, Any], current_version: bool,
+                    catalog: str | None) -> tuple[Any, Location, Manifest]:
+    """The output (its format's handle), its folder and its committed manifest; ConfigError unless a
+    committed fungi output."""
     if address.kind == ICEBERG:
         if current_version:
             raise ConfigError(
@@ -229,7 +228,7 @@ def _open_committed(uri: str, options: dict[str, Any], current_version: bool,
             "Feast would read some sources' new rows and others' old ones; the next `fungi featurize` on this output "
             "finishes it first, then run this again"
         )
-    return table, location
+    return table, location, committed
 
 
 def _row_versions(uri: str, table: Any, location: Location, history: str | None,

@@ -111,6 +111,11 @@ def data_file_name(source: str, run_id: str | None = None) -> str:
     return f"{stem or 'part'}-{source_tag(source)}{version}.parquet"
 
 
+def run_of_data_file(data_name: str) -> str:
+    """The run id a table's data file name carries (:func:`data_file_name` with ``run_id``)."""
+    return posixpath.basename(data_name).removesuffix(".parquet").rsplit("-", 1)[-1]
+
+
 def error_file_name(data_name: str) -> str:
     """Name of the error file (under ``_errors/``) beside the data file ``data_name``."""
     return posixpath.basename(data_name).removesuffix(".parquet") + INTERNAL_SUFFIX

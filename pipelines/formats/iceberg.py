@@ -219,8 +219,7 @@ class IcebergOutput(LakeTable):
         for snapshot in remaining.snapshots():
             read |= self._table_files(_Version(remaining, snapshot))
         deleted = 0
-        data = self.location.child_path(self.data_dir.rstrip("/"))
-        for info in list_files(self.fs, data, ".parquet"):
+        for info in list_files(self.fs, self.data_folder, ".parquet"):
             if self._relative(info.path) not in read and info.mtime and info.mtime.timestamp() < cutoff.timestamp():
                 delete_file(self.fs, info.path)
                 deleted += 1

@@ -46,11 +46,11 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.base import (
-    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, OutputTable, T, restore_vectors,
-    table_properties,
+    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, OutputTable, T,
+    restore_vectors, table_properties,
 )
 from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
-from pipelines.stages import staged_final_path
+from pipelines.stages import run_of_data_file, staged_final_path
 from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ class LakeTable(OutputTable):
     def root(self) -> Location:
         """The table's folder."""
         return self.location
+
+    @property
+    def data_folder(self) -> str:
+        """The path of the folder that holds the table's data files (:attr:`data_dir` under the root)."""
+        return self.location.child_path(self.data_dir.rstrip("/")) if self.data_dir else self.location.path
 
     # -- the format's hooks -----------------------------------------------------------------
     @abstractmethod
@@ -275,10 +280,9 @@ class LakeTable(OutputTable):
         if latest is None:
             raise ConfigError(f"{self.uri}: fungi has not committed to this table")
         spec_of_run = {c[RUN_PROPERTY]: c.get(SPEC_HASH_PROPERTY) for c in self._commits(table) if RUN_PROPERTY in c}
-        files = list_files(self.fs, self.location.child_path(self.data_dir.rstrip("/")) if self.data_dir
-                           else self.location.path, ".parquet")
+        files = list_files(self.fs, self.data_folder, ".parquet")
         for info in files:
-            run = info.base_name.removesuffix(".parquet").rsplit("-", 1)[-1]
+            run = run_of_data_file(info.base_name)
             if run not in spec_of_run:
                 raise ConfigError(
                     f"{self.uri}: {info.base_name} is in the table's folder but no kept commit of fungi added it "
