@@ -47,10 +47,10 @@ OWN_RAY_MODULES = ("test_cluster.py", "test_gpu_check.py", "test_gpu_paths.py")
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist loadfile`` (``pyproject.toml``: two pytest-xdist workers), with
     :data:`OWN_RAY_MODULES` as one unit: a module's tests run on one worker, so its
-    module-scoped job outputs are built once, and no two multi-process Ray clusters start side
-    by side on the two cores (a new raylet has a fixed 30 s to register). xdist's ``loadgroup`` would say
-    this with marks, but xdist 3.8 cannot group under pytest 9.2 (it renames ``Item._nodeid``,
-    which pytest 9.2 no longer reads)."""
+    module-scoped job outputs are built once, and no two multi-process Ray clusters start
+    side by side on the two cores (a new raylet has a fixed 30 s to register). xdist's
+    ``loadgroup`` would say this with marks, but xdist 3.8 cannot group under pytest 9.2 (it
+    renames ``Item._nodeid``, which pytest 9.2 no longer reads)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
