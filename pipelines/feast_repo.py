@@ -81,7 +81,7 @@ DEFINITIONS_PREFIX = "fungi_"
 HEADER_MARK = "# fungi-feast: "
 STORE_TYPE = "pipelines.feast_online.FungiSqliteOnlineStore"
 DUCKDB_STORE = "duckdb"  # Feast's offline store that reads Delta and Parquet globs (a table's data files)
-TABLE_NAMES = {DELTA: "Delta", ICEBERG: "Iceberg"}
+TABLE_NAMES = {DELTA: "a Delta", ICEBERG: "an Iceberg"}  # with their article, for messages
 
 # Column names a FUNGI feature view cannot carry: what each collides with in Feast.
 RESERVED_NAMES = {
@@ -441,7 +441,7 @@ def _source_note(output: str, source: FeatureOutput) -> str | None:
     """What the repository's source misses or keeps, for point-in-time joins (None: a folder's --history, all)."""
     if source.kind != PARQUET and source.history:
         return (
-            f"{output} is a {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps "
+            f"{output} is {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps "
             f"({len(source.history_files)} data files), so point-in-time joins are correct back to its oldest kept "
             "version (`fungi vacuum` retires older ones); an id deleted with --prune is still found at its last version"
         )
@@ -643,8 +643,9 @@ def _write_config(repo: Path, project: str, notes: list[str], offline_store: str
             )
         return False
     path.write_text(
-        "# Written by `fungi feast` (never rewritten: edit freely). The local provider: Parquet files read by\n"
-        "# the file offline store, SQLite online store with sqlite-vec vector search (pipelines/feast_online.py).\n"
+        "# Written by `fungi feast` (never rewritten: edit freely). The local provider; the offline store reads\n"
+        "# the sources (`file`: Parquet folders; `duckdb`: also the data files of Delta and Iceberg tables); the\n"
+        "# SQLite online store with sqlite-vec vector search (pipelines/feast_online.py).\n"
         f"project: {project}\n"
         "provider: local\n"
         "registry: data/registry.db\n"

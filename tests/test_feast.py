@@ -475,8 +475,10 @@ def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tm
 
     update = write_feast_repo(uri, repo)
     assert update.source == str(data / "*.parquet") and update.source_kind == "history"
-    assert "duckdb" in (repo / "feature_store.yaml").read_text()
-    assert any("every row version" in note for note in update.notes)
+    config = (repo / "feature_store.yaml").read_text()
+    assert "type: duckdb" in config and "Parquet files read by\n# the file offline store" not in config
+    assert any(f"is {'a Delta' if kind == 'delta' else 'an Iceberg'} table: Feast reads every row version" in note
+               for note in update.notes), update.notes
     store = FeatureStore(repo_path=str(repo))
     store.apply(load_definitions(repo))
     when = datetime.now(timezone.utc) + timedelta(minutes=1)

@@ -98,3 +98,24 @@ def test_runnable_block(index: int, shell_env):
     if "fungi eval --train" in script:
         assert "| embedding+grad_kl+grad_simclr |" in result.stdout
         assert (workdir / "my_report" / "report.json").is_file()
+
+
+def test_the_pyiceberg_snippet_opens_the_default_catalog(tiny_text_dir, tmp_path, monkeypatch, capsys):
+    """The README's pyiceberg snippet opens a table fungi wrote into its default catalog (``fungi``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.job import FeaturizeConfig, run_featurize
+
+    snippet = re.search(r"<!-- pyiceberg-default-catalog -->\s*```python\n(.*?)```", README, re.S).group(1)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["one cat", "two dogs", "three birds"],
+                             "label": ["x", "y", "x"]}), tmp_path / "in" / "part-0.parquet")
+    monkeypatch.chdir(tmp_path)  # the default warehouse, ./fungi_warehouse
+    monkeypatch.delenv("FUNGI_WAREHOUSE", raising=False)
+    run_featurize(FeaturizeConfig(input=str(tmp_path / "in"), output="iceberg:lake.features", modality="text",
+                                  model=f"hf:{tiny_text_dir}", objectives="kl", keep_columns=("label",)))
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {})
+    snapshot, rows = capsys.readouterr().out.split()
+    assert int(snapshot) > 0 and rows == "3"
