@@ -27,7 +27,9 @@ Feast 0.67's SQLite vector search fixed or worked around:
   returned sorted by entity key, so every id keeps its own features and ``distance``
   (sort the response by ``distance`` for the ranking).
 
-Text search (``query_string``) is left to Feast's implementation.
+Text search (``query_string``) is left to Feast's implementation. Feast has no way to delete
+an entity's rows: :func:`delete_entities` does it, for the ids an output no longer holds
+(:mod:`pipelines.feast_deletions`).
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ logger = logging.getLogger(__name__)
 STORE_TYPE = "pipelines.feast_online.FungiSqliteOnlineStore"
 
 # vector_search_metric of the indexed Field -> sqlite-vec scalar distance function
+DELETE_CHUNK = 500  # entity keys per DELETE statement (SQLite's default limit is 999 variables)
 DISTANCE_FUNCTIONS = {"cosine": "vec_distance_cosine", "l2": "vec_distance_l2", "l1": "vec_distance_l1"}
 
 _auto_extension_lock = threading.Lock()
@@ -207,6 +210,41 @@ class FungiSqliteOnlineStore(SqliteOnlineStore):
         # hand them over sorted, or each row would get another row's features and distance.
         results.sort(key=lambda row: _entity_order(row[1]))
         return results
+
+
+def delete_entities(store: SqliteOnlineStore, config: RepoConfig, views: Sequence[FeatureView], join_key: str,
+                    ids: Sequence[str]) -> int:
+    """Delete every row of the entities ``join_key`` = each of ``ids`` (strings) from the online tables of
+    ``views``; returns how many of the ids had rows.
+
+    Feast has no delete: this is for ids the offline source no longer holds
+    (:mod:`pipelines.feast_deletions`). The vector search of :class:`FungiSqliteOnlineStore`
+    scans these tables, so a deleted id is neither looked up nor found. A view whose table
+    does not exist yet (never applied) is skipped.
+    """
+    conn = store._get_conn(config)
+    versioning = config.registry.enable_online_feature_view_versioning
+    keys = [
+        serialize_entity_key(EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=str(i))]),
+                             entity_key_serialization_version=config.entity_key_serialization_version)
+        for i in ids
+    ]
+    found: set[bytes] = set()
+    with conn:
+        for view in views:
+            table = _quote_id(_table_id(config.project, view, versioning))
+            for start in range(0, len(keys), DELETE_CHUNK):
+                chunk = keys[start:start + DELETE_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                try:
+                    found.update(key for (key,) in conn.execute(
+                        f"SELECT DISTINCT entity_key FROM {table} WHERE entity_key IN ({marks})", chunk))
+                except sqlite3.OperationalError as exc:
+                    if "no such table" in str(exc):
+                        break
+                    raise
+                conn.execute(f"DELETE FROM {table} WHERE entity_key IN ({marks})", chunk)
+    return len(found)
 
 
 def connect(db_path: str, vector: bool = True) -> sqlite3.Connection:

@@ -44,6 +44,10 @@ on the table: its current rows only, point-in-time correct for rows never change
 Iceberg table's current snapshot is Feast's ``IcebergSource``, with the catalog's settings:
 not written here).
 
+Every run also finds the ids the output no longer holds and removes them from the online
+store (:mod:`pipelines.feast_deletions`); :func:`materialize_repo` (``--materialize``)
+applies and materializes first, so that the removal follows the materialization.
+
 A second spec (another model or seed, featurized into another output) becomes another
 definitions file and feature views; re-running for the same output updates its file in
 place (a new spec there replaces the views of the old one).
@@ -57,6 +61,7 @@ import posixpath
 import re
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -66,6 +71,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
+from pipelines.feast_deletions import remove_deleted_ids, served_folder, track_deletions
 from pipelines.formats import open_output as open_table
 from pipelines.formats.address import DELTA, ICEBERG, PARQUET, TableAddress, parse_address
 from pipelines.formats.base import manifest_dims, restore_vectors
@@ -362,6 +368,10 @@ class RepoUpdate:
     fungi_files_kept: int = 0
     removed_views: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    deleted_found: int = 0  # ids the output lost since the last run (pipelines.feast_deletions)
+    deleted_removed: int = 0  # ids removed from the online store by this run
+    deleted_pending: int = 0  # ids deleted from the output that the online store may still serve
+    materialized: bool = False  # `--materialize`: applied and materialized by this run
 
     @property
     def views(self) -> list[str]:
@@ -434,7 +444,39 @@ def write_feast_repo(
         temporary = definitions.with_suffix(".py.tmp")
         temporary.write_text(text)
         temporary.replace(definitions)
+    served = served_folder(repo_path, name)
+    update.deleted_found = track_deletions(source, served)
+    _remove_deleted(update)
     return update
+
+
+def materialize_repo(update: RepoUpdate, end: datetime | None = None) -> RepoUpdate:
+    """``fungi feast --materialize``: apply the output's definitions, materialize its views up to ``end``
+    (now), then remove the ids the output no longer holds from the online store.
+
+    In this order, the removal follows the materialization, which pushes every id its window
+    holds (a ``--history`` source keeps the last version of a deleted id). Only fungi's objects are
+    applied (your own definitions are left to ``feast apply``); the views of the output's earlier spec
+    are deleted.
+    """
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(update.repo))
+    stale = [v for v in store.list_feature_views() if v.name in update.removed_views]
+    store.apply(load_definitions(update.repo), objects_to_delete=stale, partial=not stale)
+    store.materialize_incremental(end_date=end or datetime.now(timezone.utc), feature_views=update.views)
+    update.materialized = True
+    _remove_deleted(update)
+    return update
+
+
+def _remove_deleted(update: RepoUpdate) -> None:
+    """Remove the pending deleted ids from the online store (see :func:`remove_deleted_ids`)."""
+    removed, update.deleted_pending, note = remove_deleted_ids(update.repo, update.entity,
+                                                               served_folder(update.repo, update.name))
+    update.deleted_removed += removed
+    if note:
+        update.notes.append(note)
 
 
 def _source_note(output: str, source: FeatureOutput) -> str | None:
@@ -443,7 +485,8 @@ def _source_note(output: str, source: FeatureOutput) -> str | None:
         return (
             f"{output} is {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps "
             f"({len(source.history_files)} data files), so point-in-time joins are correct back to its oldest kept "
-            "version (`fungi vacuum` retires older ones); an id deleted with --prune is still found at its last version"
+            "version (`fungi vacuum` retires older ones); an id deleted with --prune is still found offline at its last "
+            "version (the online store drops it: see `fungi feast --materialize`)"
         )
     if source.kind == DELTA:
         return (
@@ -845,10 +888,21 @@ def describe(update: RepoUpdate) -> Iterable[str]:
         yield f"FUNGI vectors: {update.fungi_files_written} file(s) written, {update.fungi_files_kept} up to date"
     if update.removed_views:
         yield f"removed views: {', '.join(update.removed_views)} (`feast apply` deletes them)"
+    if update.materialized:
+        yield f"applied and materialized: {', '.join(update.views)}"
+    if update.deleted_found or update.deleted_removed or update.deleted_pending:
+        line = (f"deleted ids: {update.deleted_found} gone from the output since the last run, "
+                f"{update.deleted_removed} removed from the online store")
+        if update.deleted_pending:
+            line += (f", {update.deleted_pending} to remove once every view is materialized "
+                     "(`fungi feast --materialize` does it in one step)")
+        yield line
     for note in update.notes:
         yield f"note: {note}"
-    yield (
-        f"next: feast -c {update.repo} apply && "
-        f"feast -c {update.repo} materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)"
-    )
+    if not update.materialized:
+        yield (
+            f"next: feast -c {update.repo} apply && "
+            f"feast -c {update.repo} materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S); or this command with "
+            "--materialize, which also removes the ids the output deleted, after materializing"
+        )
 

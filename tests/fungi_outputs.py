@@ -87,8 +87,8 @@ class SyntheticOutput:
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim)
         return pa.table(columns)
 
-    def night(self, when: datetime, new: list[str], changed: list[str] = ()) -> pa.Table:
-        """One run: featurize ``new`` ids and new versions of ``changed`` ids at ``when``."""
+    def night(self, when: datetime, new: list[str], changed: list[str] = (), deleted: list[str] = ()) -> pa.Table:
+        """One run: featurize ``new`` ids and new versions of ``changed`` ids at ``when``; drop ``deleted`` (--prune)."""
         fresh = self.rows([*changed, *new], when)
         index = len(self.runs)
         metadata = {b"fungi.spec": json.dumps(self.spec, sort_keys=True).encode(), b"fungi.spec_hash": self.hash.encode()}
@@ -103,7 +103,7 @@ class SyntheticOutput:
             pq.write_table(fresh, self.root / f"part-{index:05d}-0.parquet")
         else:
             # the job replaces the files that held changed rows, and adds a file for the rest
-            gone = pa.compute.is_in(self.current.column("id"), pa.array(list(changed), pa.string()))
+            gone = pa.compute.is_in(self.current.column("id"), pa.array([*changed, *deleted], pa.string()))
             kept = self.current.filter(pa.compute.invert(gone))
             for old in self.root.glob("part-*.parquet"):
                 old.unlink()

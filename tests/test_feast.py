@@ -26,7 +26,9 @@ import pytest
 from fungi_outputs import SyntheticOutput, make_spec, spec_hash
 from fungi_ops.errors import ConfigError
 from pipelines.cli import main as cli_main
-from pipelines.feast_repo import check_event_time_column, fungi_vectors, load_definitions, write_feast_repo
+from pipelines.feast_repo import (
+    check_event_time_column, describe, fungi_vectors, load_definitions, materialize_repo, write_feast_repo,
+)
 
 pytest.importorskip("feast")
 pytest.importorskip("sqlite_vec")
@@ -308,6 +310,46 @@ def test_without_history_feast_reads_only_the_current_files(tmp_path, capsys):
     np.testing.assert_array_equal(matrix(got["grad_kl"]), output.matrix("grad_kl", IDS[:2]))
 
 
+def test_ids_deleted_from_the_output_leave_the_online_store_and_its_vector_search(tmp_path, capsys):
+    """A night deletes ids (--prune): `fungi feast --materialize` materializes, then removes them from the online
+    store and its search; `fungi feast` removes them again after a `feast materialize` window that pushed their
+    last version back from the history."""
+    from feast import FeatureStore
+
+    output = SyntheticOutput(tmp_path / "texts", make_spec(objectives=("kl",)))
+    output.night(NIGHT_1, IDS[:30])
+    repo, deleted = tmp_path / "repo", IDS[3:6]
+    assert cli_main(["feast", str(output.root), "--repo", str(repo)]) == 0
+    store = FeatureStore(repo_path=str(repo))
+    store.apply(load_definitions(repo))
+    store.materialize_incremental(end_date=NIGHT_1 + timedelta(hours=1))
+    view = f"texts_{output.hash[:8]}"
+    old = output.matrix("embedding", deleted)
+
+    def served(ids: list[str]) -> list:
+        return store.get_online_features(features=[f"{view}:embedding"],
+                                         entity_rows=[{"id": i} for i in ids]).to_dict()["embedding"]
+
+    def found(query: np.ndarray) -> list[str]:
+        return store.retrieve_online_documents_v2(features=[f"{view}:embedding"], query=query.tolist(),
+                                                  top_k=30).to_dict()["id"]
+
+    assert all(v is not None for v in served(deleted)) and set(deleted) <= set(found(old[0]))
+    output.night(NIGHT_2, NEW[:2], IDS[10:12], deleted=deleted)
+    assert cli_main(["feast", str(output.root), "--repo", str(repo), "--materialize"]) == 0
+    printed = capsys.readouterr().out
+    assert f"applied and materialized: {view}, {view}_fungi" in printed
+    assert "deleted ids: 3 gone from the output since the last run, 3 removed from the online store" in printed
+    assert served(deleted) == [None] * 3 and not set(deleted) & set(found(old[0]))
+    assert served(IDS[10:12])[0] is not None and len(found(old[0])) == 29  # 30 - 3 + 2 new
+
+    store.materialize(NIGHT_1 - timedelta(hours=1), NOW)  # a window that holds their last version
+    assert all(v is not None for v in served(deleted))
+    again = write_feast_repo(str(output.root), repo)
+    assert (again.deleted_found, again.deleted_removed, again.deleted_pending) == (0, 3, 0)
+    assert served(deleted) == [None] * 3 and not set(deleted) & set(found(old[0]))
+
+
 def test_an_s3_output_is_served_with_its_endpoint(s3_endpoint, tmp_path):
     import s3fs
     from feast import FeatureStore
@@ -506,6 +548,25 @@ def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tm
     np.testing.assert_allclose(matrix(got["embedding"]), matrix(table["embedding"].to_pylist()), atol=1e-6)
     concat = fungi_vectors(table, ["embedding", "grad_kl"])
     np.testing.assert_array_equal(matrix(got["fungi"]), concat)
+
+    # a night deletes "d" (--prune): `fungi feast --materialize` removes it from the online store and its search
+    def search(view: str, feature: str, query: np.ndarray) -> list[str]:
+        return store.retrieve_online_documents_v2(features=[f"{view}:{feature}"], query=query.tolist(),
+                                                  top_k=4).to_dict()["id"]
+
+    assert search(update.fungi_view, "fungi", concat[3]) == ["a", "b", "c", "d"]
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": texts[:3]}), tmp_path / "in" / "part-0.parquet")
+    featurize(incremental=True, prune=True)
+    assert sorted(read_output(uri)["id"].to_pylist()) == ["a", "b", "c"]
+    pruned = materialize_repo(write_feast_repo(uri, repo), end=datetime.now(timezone.utc) + timedelta(minutes=2))
+    assert (pruned.deleted_found, pruned.deleted_removed, pruned.deleted_pending) == (1, 1, 0)
+    assert "deleted ids: 1 gone from the output since the last run, 1 removed from the online store" in list(describe(pruned))
+    got = store.get_online_features(features=store.get_feature_service(update.name),
+                                    entity_rows=[{"id": i} for i in "abcd"]).to_dict()
+    assert got["embedding"][3] is None and got["fungi"][3] is None and all(v is not None for v in got["fungi"][:3])
+    assert search(update.fungi_view, "fungi", concat[3]) == ["a", "b", "c"]
+    assert search(update.feature_view, "embedding", matrix(table["embedding"].to_pylist())[3]) == ["a", "b", "c"]
+    assert write_feast_repo(uri, repo).deleted_found == 0  # nothing changed since: nothing read again
 
     if kind == "delta":
         current = write_feast_repo(uri, tmp_path / "repo_current", current_version=True)

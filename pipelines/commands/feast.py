@@ -16,14 +16,20 @@ Feast reads OUTPUT.history/ (every row version, beside the output) when the job 
 the current files (then point-in-time joins are correct only for rows never changed). A Delta or
 Iceberg output (delta:PATH, iceberg:NS.TABLE with --catalog) is read by Feast's duckdb offline store:
 every row version the table keeps (its data files since the last `fungi vacuum`), or a Delta table's
-current version with --current-version. Run it
-again after each `fungi featurize` night, then `feast materialize-incremental`. Another spec
+current version with --current-version.
+
+Every night, after `fungi featurize`: `fungi feast OUTPUT --repo DIR --materialize`. Materializing
+only writes; the ids the output no longer holds (deleted with --prune, or whose row now fails) are
+found from the data files that changed and removed from the online store, and so from vector
+search, after the materialization (without --materialize: at once, and again by the next run for
+views not yet materialized). Another spec
 (model, seed, ...) lives in another output: run it for that output too (another --name if the
 folder names are equal). Exit status 2 with one `error:` line for bad input.
 
 Examples:
   fungi feast my_features --repo my_repo
   feast -c my_repo apply && feast -c my_repo materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)
+  fungi feast my_features --repo my_repo --materialize     # every night, after fungi featurize
   fungi feast delta:lake/texts_features --repo my_repo
   fungi feast s3://lake/fungi/texts --repo repo --name texts \\
       --storage-options '{"endpoint_url": "http://minio:9000"}'
@@ -66,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--history): point-in-time joins are then correct only for rows never changed",
     )
     parser.add_argument(
+        "--materialize", action="store_true",
+        help="then apply fungi's definitions, materialize them up to now (as `feast apply` and `feast "
+        "materialize-incremental`) and remove from the online store the ids the output no longer holds: the "
+        "nightly step",
+    )
+    parser.add_argument(
         "--storage-options", metavar="JSON",
         help='JSON for s3fs to read OUTPUT, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; only the endpoint '
         "goes into the repository (Feast takes credentials from the AWS environment)",
@@ -75,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the repository; 0 on success, 2 on bad input."""
     from fungi_ops.errors import FungiError
-    from pipelines.feast_repo import describe, write_feast_repo
+    from pipelines.feast_repo import describe, materialize_repo, write_feast_repo
     from pipelines.storage import parse_storage_options
 
     try:
@@ -84,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             storage_options=parse_storage_options(args.storage_options), fungi_view=not args.no_fungi_view,
             current_version=args.current_version, catalog=args.catalog,
         )
+        if args.materialize:
+            materialize_repo(update)
     except (FungiError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
