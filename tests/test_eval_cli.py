@@ -129,3 +129,52 @@ def test_cli_constants_match_the_library():
     assert eval_command.task_defaults("segmentation") == (segmentation.DEFAULT_K, segmentation.DEFAULT_TEMPERATURE)
     assert args.memory_size == segmentation.DEFAULT_MEMORY_SIZE
     assert eval_command._INDEXES == ("auto", *INDEX_KINDS)
+
+
+def write_one_output(path) -> None:
+    """Both splits in one table, told apart by a kept ``split`` column (as `fungi featurize --keep-columns split`)."""
+    write_split(path / "a", 0)
+    write_split(path / "b", 1)
+    train, test = pq.read_table(path / "a"), pq.read_table(path / "b")
+    both = pa.concat_tables([
+        train.append_column("split", pa.array(["train"] * train.num_rows)),
+        test.append_column("split", pa.array(["test"] * test.num_rows)),
+    ])
+    (path / "out").mkdir()
+    pq.write_table(both.replace_schema_metadata(train.schema.metadata), path / "out" / "part-0.parquet")
+
+
+def test_eval_takes_train_and_test_from_one_output_by_a_kept_column(tmp_path, capsys):
+    write_one_output(tmp_path)
+    out = str(tmp_path / "out")
+    args = ["eval", "--train", out, "--test", out, "--k", "3", "--device", "cpu"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "warning: 48 of 48 test ids are also in train: those rows are scored against themselves" in captured.err
+
+    assert cli.main([*args, "--train-where", "split=train", "--test-where", "split=test", "--out",
+                     str(tmp_path / "report")]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err, captured.err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert (report["settings"]["train"]["rows"], report["settings"]["test"]["rows"]) == (24, 24)
+
+    assert cli.main([*args, "--train-where", "split=train"]) == 0  # the test table holds the train rows too
+    assert "warning: 24 of 48 test ids are also in train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--test-where", "fold=test", "error: filter fold=test: column 'fold' not found in"),
+    ("--test-where", "split=tset", "has split=tset; its values: 'test', 'train'"),
+    ("--train-where", "split", "expected COLUMN=VALUE (e.g. split=test), got 'split'"),
+])
+def test_eval_where_names_a_wrong_column_or_value(tmp_path, capsys, flag, value, message):
+    write_one_output(tmp_path)
+    out = str(tmp_path / "out")
+    code = cli.main(["eval", "--train", out, "--test", out, "--device", "cpu", flag, value]) if "=" in value else None
+    if code is None:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["eval", "--train", out, "--test", out, flag, value])
+        code = exit_info.value.code
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -50,6 +50,7 @@ _EXPORTS = {
     "FeatureTable": "fungi_ops.eval.io",
     "check_compatible": "fungi_ops.eval.io",
     "load_feature_table": "fungi_ops.eval.io",
+    "shared_ids": "fungi_ops.eval.io",
     "knn_classify": "fungi_ops.eval.knn",
     "knn_search": "fungi_ops.eval.knn",
     "knn_vote": "fungi_ops.eval.knn",

@@ -117,6 +117,7 @@ def load_feature_table(
     features: Sequence[str] | None = None,
     filesystem: pafs.FileSystem | None = None,
     files: Sequence[str] | None = None,
+    where: tuple[str, str] | None = None,
 ) -> FeatureTable:
     """Read a feature table written by the pipeline.
 
@@ -131,6 +132,10 @@ def load_feature_table(
             endpoint or credentials); by default it is derived from ``path``.
         files: the table's data files, when a table format says which they are (a fungi
             output's committed files); by default every Parquet file under ``path``.
+        where: ``(column, value)``: only the rows whose ``column`` (a kept column such as
+            ``split``) equals ``value`` (text, converted to the column's type). The filter is
+            pushed down to the Parquet scan (row groups whose statistics exclude the value are
+            skipped), so that one output yields its train and test splits.
 
     Raises:
         EvalInputError: no Parquet files, a missing label or feature column, files of one
@@ -146,10 +151,15 @@ def load_feature_table(
     columns = _select_feature_columns(names, features, source)
 
     wanted = [c for c in (ID_COLUMN, label_column) if c is not None and c in names] + columns
+    condition = _where_expression(dataset.schema, where, source) if where is not None else None
     try:
-        table = dataset.to_table(columns=wanted)
+        table = dataset.to_table(columns=wanted, filter=condition)
     except (OSError, pa.ArrowException) as exc:
         raise EvalInputError(f"cannot read columns {wanted} from {source}: {exc}") from exc
+    if table.num_rows == 0 and where is not None:
+        values = pc.unique(dataset.to_table(columns=[where[0]]).column(where[0])).to_pylist()
+        shown = ", ".join(repr(v) for v in sorted(values, key=str)[:10]) + (", ..." if len(values) > 10 else "")
+        raise EvalInputError(f"no row of {source} has {where[0]}={where[1]}; its values: {shown}")
     if table.num_rows == 0:
         raise EvalInputError(f"feature table {source} has no rows")
 
@@ -196,6 +206,17 @@ def open_feature_dataset(
         raise EvalInputError(f"no Parquet files found in {source}")
     spec, spec_hash = _read_spec(dataset, source)
     return dataset, spec, spec_hash
+
+
+def shared_ids(train: FeatureTable, test: FeatureTable) -> int:
+    """How many test rows have an id that a train row has too (0 for tables without an ``id`` column).
+
+    A test row found in the train table is its own nearest neighbour: the scores it gets
+    measure nothing (one output passed as both splits scores 100 %).
+    """
+    if train.ids.dtype.kind not in "OUS" or test.ids.dtype.kind not in "OUS":  # positions, not ids
+        return 0
+    return int(np.isin(test.ids, train.ids).sum())
 
 
 def check_compatible(train: FeatureTable, test: FeatureTable, columns: Sequence[str]) -> None:
@@ -281,6 +302,23 @@ def _read_spec(dataset: ds.FileSystemDataset, source: str) -> tuple[dict[str, An
         return json.loads(spec_bytes), spec_hash
     except json.JSONDecodeError as exc:
         raise EvalInputError(f"fungi.spec metadata of {source} is not valid JSON: {exc}") from exc
+
+
+def _where_expression(schema: pa.Schema, where: tuple[str, str], source: str) -> ds.Expression:
+    """``column == value`` with the text ``value`` converted to the column's type."""
+    column, value = where
+    if column not in schema.names:
+        raise EvalInputError(f"filter {column}={value}: column {column!r} not found in {source}; "
+                             f"columns: {', '.join(schema.names)}")
+    kind = schema.field(column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    try:
+        scalar = pa.scalar(value).cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise EvalInputError(f"filter {column}={value}: column {column!r} of {source} is {kind}, "
+                             f"which {value!r} is not") from None
+    return pc.field(column) == scalar
 
 
 def _row_name(ids: np.ndarray, index: int) -> str:

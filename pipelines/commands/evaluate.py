@@ -36,6 +36,10 @@ Tasks:
              over the classes, per class too. Also writes example.png (a test image,
              its truth and each prediction; the image from --image-column if kept).
 
+One output holding both splits (a kept `split` column): --train OUT --train-where split=train
+--test OUT --test-where split=test (the filter is pushed down to the Parquet scan). A warning
+counts the test ids that are also in train (scored against themselves).
+
 Few-shot: --shots N draws N train rows per class (stratified) for each of --seeds S
 draws (seeds 0..S-1) and reports mean ± std over the draws.
 
@@ -48,6 +52,7 @@ one-line "error: ..." message.
 
 Examples:
   fungi eval --train out/train --test out/test --label-column label --out eval_report
+  fungi eval --train delta:lake/feats --train-where split=train --test delta:lake/feats --test-where split=test
   fungi eval --train s3://bucket/feats/train --test s3://bucket/feats/test \\
       --features embedding,grad_kl --pca 768 --shots 5 --seeds 3 --task knn
   fungi eval --task clustering --train out/train --test out/test --pca 256 --seeds 10
@@ -86,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--test", required=True, metavar="PATH",
         help="test feature table, same format and spec as --train: scored by every task, clustered by clustering",
+    )
+    data.add_argument(
+        "--train-where", type=_where, metavar="COLUMN=VALUE",
+        help="take the train rows whose kept column equals VALUE (e.g. split=train): train and test from one output",
+    )
+    data.add_argument(
+        "--test-where", type=_where, metavar="COLUMN=VALUE",
+        help="take the test rows whose kept column equals VALUE (e.g. split=test)",
     )
     data.add_argument(
         "--version", type=int, metavar="N",
@@ -170,7 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load both tables, evaluate, print the table and write the report; 0 on success, 2 on bad input."""
-    from fungi_ops.eval import EvalInputError, evaluate, evaluate_segmentation, load_feature_table, write_report
+    from fungi_ops.eval import (
+        EvalInputError, evaluate, evaluate_segmentation, load_feature_table, shared_ids, write_report,
+    )
     from fungi_ops.eval.device import resolve_device
     from fungi_ops.eval.protocol import check_options, default_seeds
 
@@ -186,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
                 vote=args.vote, temperature=temperature,
             )
             resolve_device(args.device)
+            if args.task == "segmentation" and (args.train_where or args.test_where):
+                raise EvalInputError("--train-where and --test-where take rows of per-row tables; "
+                                     "--task segmentation reads dense tables: featurize each split to its own output")
             if args.task == "segmentation":
                 from fungi_ops.eval.dense_io import DenseReader
 
@@ -201,11 +219,18 @@ def run(args: argparse.Namespace) -> int:
                 # Clustering scores the test rows alone: the train table needs no label column.
                 train_labels = None if args.task == "clustering" else args.label_column
                 tables = [
-                    read_table_files(path, lambda source, files, fs, labels=labels: load_feature_table(
-                        source, label_column=labels, features=args.features, files=files, filesystem=fs),
-                        version=args.version, catalog=args.catalog)
-                    for path, labels in ((args.train, train_labels), (args.test, args.label_column))
+                    read_table_files(path, lambda source, files, fs, labels=labels, where=where: load_feature_table(
+                        source, label_column=labels, features=args.features, files=files, filesystem=fs,
+                        where=where), version=args.version, catalog=args.catalog)
+                    for path, labels, where in ((args.train, train_labels, args.train_where),
+                                                (args.test, args.label_column, args.test_where))
                 ]
+                shared = shared_ids(*tables) if args.task != "clustering" else 0
+                if shared:
+                    warnings.warn(
+                        f"{shared} of {tables[1].n_rows} test ids are also in train: those rows are scored against "
+                        "themselves (one output holding both splits: --train-where split=train --test-where split=test)"
+                    )
                 report = evaluate(
                     *tables, task=args.task, features=args.features, pca=args.pca, shots=args.shots,
                     seeds=seeds, k=k, vote=args.vote, temperature=temperature,
@@ -283,6 +308,14 @@ def _positive(value: float) -> float:
 _positive_int = _parsed(lambda text: int(_positive(int(text))), "a positive integer")
 _positive_float = _parsed(lambda text: _positive(float(text)), "a positive number")
 _float_list = _parsed(lambda text: tuple(_positive(float(v)) for v in text.split(",")), "comma-separated positive numbers")
+
+
+def _where(text: str) -> tuple[str, str]:
+    """``COLUMN=VALUE`` -> ``(column, value)``."""
+    column, equals, value = text.partition("=")
+    if not equals or not column.strip():
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE (e.g. split=test), got {text!r}")
+    return column.strip(), value
 
 
 def _feature_list(text: str) -> list[str]:
