@@ -163,3 +163,16 @@ def test_demo_end_to_end(tmp_path: Path, local_ray, capsys):
     assert (workdir / "report" / "report.png").stat().st_size > 0
     for path in (workdir / "data", features, features / "_errors", workdir / "report" / "report.md"):
         assert str(path) in out
+
+    # the same demo again: nothing rewritten, nothing read, Ray not needed, the report reused
+    stamps = {path: path.stat().st_mtime_ns for path in [*(workdir / "data").glob("*.parquet"),
+                                                           *(workdir / "report").iterdir()]}
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "written 0, failed 0" in out and "reusing it" in out and "| embedding+grad_kl |" in out
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    run = json.loads((features / "_fungi_manifest.json").read_text())["runs"][-1]
+    assert (run["files_read"], run["files_unchanged"]) == (0, 2)
+    assert cli_main([*args, "--k", "5"]) == 0  # another evaluation setting: evaluated again
+    assert "writing the report" in capsys.readouterr().out
+    assert json.loads((workdir / "report" / "report.json").read_text())["settings"]["k"] == 5
