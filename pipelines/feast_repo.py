@@ -676,8 +676,10 @@ def _write_config(repo: Path, project: str, notes: list[str], offline_store: str
             store = offline = {}
         if offline_store == DUCKDB_STORE and (not isinstance(offline, dict) or offline.get("type") != DUCKDB_STORE):
             raise ConfigError(
-                f"{path}: a Delta or Iceberg output is served by Feast's duckdb offline store (it reads DeltaFormat); set "
-                f"offline_store: {{type: {DUCKDB_STORE}}} there (it reads this repository's Parquet sources too)"
+                f"{path}: a Delta or Iceberg output is served by Feast's {DUCKDB_STORE} offline store, and this "
+                f"repository's is {offline.get('type') if isinstance(offline, dict) else offline}, for which "
+                "the sources of its Parquet folder outputs are written: serve the table from a repository of its own "
+                "(another --repo)"
             )
         if not isinstance(store, dict) or store.get("type") != STORE_TYPE or not store.get("vector_enabled"):
             notes.append(

@@ -515,6 +515,14 @@ def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tm
     table = read_output(uri).sort_by("id")
     assert not np.allclose(matrix(before["embedding"].to_pylist())[0], matrix(table["embedding"].to_pylist())[0])
 
+    plain = SyntheticOutput(tmp_path / "plain", make_spec(objectives=("kl",)))
+    plain.night(NIGHT_1, IDS[:3])
+    write_feast_repo(str(plain.root), tmp_path / "repo_folder")  # a repository first made for a Parquet folder
+    with pytest.raises(ConfigError, match="duckdb offline store, and this repository's is file, .*another --repo"):
+        write_feast_repo(uri, tmp_path / "repo_folder")
+    assert "Parquet folders; `duckdb`: also the data files of Delta and Iceberg tables" in (
+        tmp_path / "repo_folder" / "feature_store.yaml").read_text()
+
     update = write_feast_repo(uri, repo)
     assert update.source == str(data / "*.parquet") and update.source_kind == "history"
     config = (repo / "feature_store.yaml").read_text()
