@@ -485,8 +485,8 @@ def _source_note(output: str, source: FeatureOutput) -> str | None:
         return (
             f"{output} is {TABLE_NAMES[source.kind]} table: Feast reads every row version it keeps "
             f"({len(source.history_files)} data files), so point-in-time joins are correct back to its oldest kept "
-            "version (`fungi vacuum` retires older ones); an id deleted with --prune is still found offline at its last "
-            "version (the online store drops it: see `fungi feast --materialize`)"
+            "version (`fungi vacuum` retires older ones); an id deleted with --prune is still found offline at its "
+            "last version (the online store drops it: see `fungi feast --materialize`)"
         )
     if source.kind == DELTA:
         return (

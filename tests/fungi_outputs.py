@@ -88,7 +88,8 @@ class SyntheticOutput:
         return pa.table(columns)
 
     def night(self, when: datetime, new: list[str], changed: list[str] = (), deleted: list[str] = ()) -> pa.Table:
-        """One run: featurize ``new`` ids and new versions of ``changed`` ids at ``when``; drop ``deleted`` (--prune)."""
+        """One run: featurize ``new`` ids and new versions of ``changed`` ids at ``when``; drop ``deleted``
+        (as ``--prune`` does)."""
         fresh = self.rows([*changed, *new], when)
         index = len(self.runs)
         metadata = {b"fungi.spec": json.dumps(self.spec, sort_keys=True).encode(), b"fungi.spec_hash": self.hash.encode()}

@@ -568,7 +568,8 @@ def test_a_table_output_is_served_by_feasts_duckdb_store(kind, tiny_text_dir, tm
     assert sorted(read_output(uri)["id"].to_pylist()) == ["a", "b", "c"]
     pruned = materialize_repo(write_feast_repo(uri, repo), end=datetime.now(timezone.utc) + timedelta(minutes=2))
     assert (pruned.deleted_found, pruned.deleted_removed, pruned.deleted_pending) == (1, 1, 0)
-    assert "deleted ids: 1 gone from the output since the last run, 1 removed from the online store" in list(describe(pruned))
+    assert "deleted ids: 1 gone from the output since the last run, 1 removed from the online store" in list(
+        describe(pruned))
     got = store.get_online_features(features=store.get_feature_service(update.name),
                                     entity_rows=[{"id": i} for i in "abcd"]).to_dict()
     assert got["embedding"][3] is None and got["fungi"][3] is None and all(v is not None for v in got["fungi"][:3])
