@@ -247,16 +247,17 @@ class FeaturizeJob:
             cause = storage_cause(exc)
             if cause is None:
                 raise
-            raise StorageFailure(
-                f"storage failed: {describe_storage_error(cause)} (input {self.config.input}, output {self.table.uri}); "
-                + self.outcome("nothing was committed; run again once the store is reachable and writable (the next run "
-                               "cleans up)")
-            ) from exc
+            where = f"input {self.config.input}, output {self.table.uri}"
+            before = ("nothing was committed; run again once the store is reachable and writable "
+                      "(the next run cleans up)")
+            failed = describe_storage_error(cause)
+            raise StorageFailure(f"storage failed: {failed} ({where}); {self.outcome(before)}") from exc
 
     def outcome(self, before_commit: str) -> str:
         """What a run stopped now leaves: ``before_commit`` before its commit point, else its committed features."""
         if self.table.committed():
-            return "this run's features were committed (its commit point had passed); the next run finishes its clean-up"
+            return ("this run's features were committed (its commit point had passed); "
+                    "the next run finishes its clean-up")
         return before_commit
 
     def _run(self) -> RunSummary:

@@ -53,7 +53,9 @@ def test_ctrl_c_of_the_cli_is_one_line_and_the_next_run_cleans_up(tiny_text_dir,
     assert not (output / "_staging").exists()
 
 
-@pytest.mark.parametrize("signal_number, code, where", [(signal.SIGTERM, 143, "in process"), (signal.SIGINT, 130, "on Ray")])
+@pytest.mark.parametrize("signal_number, code, where", [
+    (signal.SIGTERM, 143, "in process"), (signal.SIGINT, 130, "on Ray"),
+])
 def test_sigterm_and_ctrl_c_on_ray_are_one_line(signal_number, code, where, tiny_text_dir, tmp_path, local_ray,
                                                 monkeypatch, capsys):
     """Issue 34.7: SIGTERM (Kubernetes, ``ray job stop``) is treated as Ctrl-C, with 128 + 15; Ctrl-C while

@@ -225,7 +225,8 @@ def test_a_run_leaves_no_staging_folder_or_lock_file_and_a_refused_run_writes_no
 
     after = listing()
     assert not any(name.startswith("_staging") or name.endswith(".lock") for name in after), sorted(after)
-    args = ["featurize", "--input", str(source), "--output", uri, "--modality", "text", "--model", f"hf:{tiny_text_dir}"]
+    args = ["featurize", "--input", str(source), "--output", uri, "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}"]
     assert main([*args, "--seed", "3"]) == 2 and "spec" in capsys.readouterr().err  # another spec: refused
     assert listing() == after
     hold_lease(root, host="another-host")

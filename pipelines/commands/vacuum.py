@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         cause = storage_cause(exc)
         if cause is None:
             raise
-        raise StorageFailure(f"storage failed: {describe_storage_error(cause)} (output {args.output}); {stopped}") from exc
+        failed = describe_storage_error(cause)
+        raise StorageFailure(f"storage failed: {failed} (output {args.output}); {stopped}") from exc
     print(f"vacuumed {table.uri}: " + ", ".join(f"{what} {count}" for what, count in removed.items()))
     return 0
