@@ -63,14 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:
+    except Exception as exc:  # another command's storage error: the line without the commit state
         cause = storage_cause(exc)
         if cause is None:
             raise
         print(f"error: storage failed: {describe_storage_error(cause)}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests, notebooks)
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests, notebooks)
 
 
 if __name__ == "__main__":

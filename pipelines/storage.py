@@ -266,8 +266,8 @@ class StorageFailure(RuntimeError):
 
 
 def storage_cause(exc: BaseException) -> BaseException | None:
-    """The storage error behind ``exc``, followed through exception chains and Ray's task errors; None
-    when there is none. The one that names the most: botocore's (its endpoint URL, bucket and key), else
+    """The storage error behind ``exc`` (itself one, or a Ray task's), followed through exception chains
+    and Ray's task errors; None when there is none. The one that names the most: botocore's (its endpoint URL, bucket and key), else
     an ``OSError`` with a path, else the deepest ``OSError`` (a refused connection)."""
     try:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -286,8 +286,11 @@ def storage_cause(exc: BaseException) -> BaseException | None:
         if isinstance(current, (OSError, *boto)):
             found.append(current)
         current = current.__cause__ or current.__context__
-    return next((e for e in found if isinstance(e, boto)), None) or next(
+    best = next((e for e in found if isinstance(e, boto)), None) or next(
         (e for e in found if getattr(e, "filename", None)), found[-1] if found else None)
+    if best is None or not (best is exc or isinstance(exc, OSError) or getattr(exc, "cause", None) is not None):
+        return None  # only raised while handling a storage error: a bug, whose traceback must show
+    return best
 
 
 def describe_storage_error(error: BaseException) -> str:

@@ -160,3 +160,32 @@ def test_an_s3_endpoint_that_dies_mid_run_is_one_error_line(tiny_text_dir, tmp_p
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: storage failed: ") and endpoint in lines[0], lines
     assert "output s3://lake/features" in lines[0] and "nothing was committed" in lines[0]
+
+
+def test_only_a_storage_error_itself_is_reported_as_one_line():
+    """A bug raised while handling a storage error keeps its traceback (storage_cause gives None); a storage
+    error, or one botocore raised under it, is found, the one naming the endpoint preferred."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipelines.storage import storage_cause
+
+    def raised(make):
+        try:
+            make()
+        except Exception as exc:  # noqa: BLE001 - what the CLI receives
+            return exc
+
+    def bug_while_handling():
+        try:
+            open("/nonexistent/fungi")
+        except FileNotFoundError:
+            raise KeyError("a bug")
+
+    def endpoint_gone():
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/lake/x")
+        except EndpointConnectionError as exc:
+            raise OSError("s3fs's wrapping") from exc
+
+    assert storage_cause(raised(bug_while_handling)) is None
+    assert isinstance(storage_cause(raised(endpoint_gone)), EndpointConnectionError)
