@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Sequence
 
@@ -42,10 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fungi`` console script; returns the process exit code."""
+    """Entry point of the ``fungi`` console script; returns the process exit code.
+
+    Ctrl-C and SIGTERM (:mod:`pipelines.interrupts`) and a failing store
+    (:class:`~pipelines.storage.StorageFailure`) end any command with one line, no traceback.
+    """
+    from pipelines.interrupts import Interrupted, raise_on_sigterm
+    from pipelines.storage import StorageFailure, describe_storage_error, storage_cause
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    previous = raise_on_sigterm()
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt as exc:
+        interrupted = exc if isinstance(exc, Interrupted) else Interrupted.of(exc)
+        print(f"interrupted: {interrupted.outcome}", file=sys.stderr)
+        return interrupted.exit_code
+    except StorageFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # another command's storage error: the line without the commit state
+        cause = storage_cause(exc)
+        if cause is None:
+            raise
+        print(f"error: storage failed: {describe_storage_error(cause)}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests, notebooks)
 
 
 if __name__ == "__main__":

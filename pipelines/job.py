@@ -32,27 +32,34 @@ commit and incremental runs do not tell the two apart.
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
 import pyarrow as pa
 
-from fungi_ops.errors import ConfigError
+from fungi_ops.errors import ConfigError, FungiError
 from pipelines.config import FeaturizeConfig, spec_settings
 from pipelines.formats import open_output
+from pipelines.formats.base import STAGING_DIR
 from pipelines.formats.folder import history_location, history_name
 from pipelines.formats.input_tables import InputListing, file_schemas, input_location, list_sources, live_row_counts
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
-from pipelines.lease import OutputLease
+from pipelines.interrupts import NOTHING_COMMITTED, Interrupted
+from pipelines.lease import LeaseLost, OutputLease
 from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
 from pipelines.plan import NightPlan, check_ids, plan_night
 from pipelines.setup_rows import SetupStage
 from pipelines.spec_resolution import ResolvedSpec, SpecResolver
-from pipelines.storage import InputFile, delete_tree
+from pipelines.storage import (
+    InputFile, StorageFailure, delete_empty_dir, delete_tree, describe_storage_error, storage_cause,
+)
 from pipelines.stream import Stream
 from pipelines.summary import RunIdentity, RunSummary, summarize
 from pipelines.tasks import InProcessTasks, RayTasks, Tasks, runs_in_process
+
+log = logging.getLogger(__name__)
 
 
 class FeaturizeJob:
@@ -225,7 +232,35 @@ class FeaturizeJob:
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> RunSummary:
-        """Execute the run (see the module docstring)."""
+        """Execute the run (see the module docstring).
+
+        An interrupt (Ctrl-C, SIGTERM) and a storage error leave as :class:`Interrupted` and
+        :class:`StorageFailure`, whose one line says whether this run's commit went through.
+        """
+        try:
+            return self._run()
+        except KeyboardInterrupt as exc:
+            raise Interrupted.of(exc, self.outcome(NOTHING_COMMITTED)) from None
+        except (ValueError, FungiError, LeaseLost):
+            raise
+        except Exception as exc:
+            cause = storage_cause(exc)
+            if cause is None:
+                raise
+            where = f"input {self.config.input}, output {self.table.uri}"
+            before = ("nothing was committed; run again once the store is reachable and writable "
+                      "(the next run cleans up)")
+            failed = describe_storage_error(cause)
+            raise StorageFailure(f"storage failed: {failed} ({where}); {self.outcome(before)}") from exc
+
+    def outcome(self, before_commit: str) -> str:
+        """What a run stopped now leaves: ``before_commit`` before its commit point, else its committed features."""
+        if self.table.committed():
+            return ("this run's features were committed (its commit point had passed); "
+                    "the next run finishes its clean-up")
+        return before_commit
+
+    def _run(self) -> RunSummary:
         from pipelines.ray_runtime import init_ray
 
         config = self.config
@@ -256,9 +291,23 @@ class FeaturizeJob:
                 summary = self.featurize_and_commit(plan, previous, schema, input_rows, listing, lease, tasks)
             except Exception:
                 if not self.table.committed():  # before the commit point: nothing of this run may stay
-                    delete_tree(self.output.filesystem(), self.staging.path)
+                    self.delete_staging(self.staging.path)
                 raise
+            self.delete_staging(None)
         return summary
+
+    def delete_staging(self, area: str | None) -> None:
+        """Delete this run's staging ``area`` (None: already gone), then ``_staging/`` if nothing else is in it.
+
+        Best effort: on a store that just failed, the next run deletes what is left.
+        """
+        fs = self.output.filesystem()
+        try:
+            if area is not None:
+                delete_tree(fs, area)
+            delete_empty_dir(fs, self.output.child_path(STAGING_DIR))
+        except Exception as exc:  # noqa: BLE001 - the error that stopped the run is the one to report
+            log.warning("could not delete the staging area of %s: %s", self.table.uri, exc)
 
     def tasks_for(self, plan: NightPlan, footer_rows: dict[str, int]) -> Tasks:
         """Where this run's tasks execute: this process for a small job, else Ray (started now if need be)."""

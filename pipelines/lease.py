@@ -1,10 +1,10 @@
 """One writer per output: a lease file created atomically, renewed while the run lives.
 
-``<output>/_fungi_lease.json`` names its holder (host, pid, run id, start, last renewal).
-It is created with an exclusive create: ``O_CREAT | O_EXCL`` under an ``flock`` on local
-and shared disks, a conditional ``PutObject`` with ``If-None-Match: *`` on S3 (S3, MinIO
-and Ceph support it). A second run on the same output finds the lease and stops with
-exit code 2, naming the holder, before touching anything.
+``<output>/_fungi_lease.json`` names its holder (host, pid, run id, start, last renewal) and
+the holder's own ``--lease-timeout``. It is created with an exclusive create: ``O_CREAT |
+O_EXCL`` under an ``flock`` on local and shared disks, a conditional ``PutObject`` with
+``If-None-Match: *`` on S3 (S3, MinIO and Ceph support it). A second run on the same output
+finds the lease and stops with exit code 2, naming the holder, before touching anything.
 
 The holder renews the lease every ``timeout / 4`` from a background thread, with a
 compare-and-swap (``If-Match`` on the ETag on S3, the ``flock`` on disks). A lease whose
@@ -12,11 +12,19 @@ holder died is taken over with the same compare-and-swap when
 
 * its holder ran on this host and that process no longer exists (a ``kill -9`` followed
   by a rerun needs no wait), or
-* it was not renewed for ``--lease-timeout`` seconds (a holder on another machine), or
+* it was not renewed for the timeout its *holder* recorded (a holder on another machine):
+  a run started with a short ``--lease-timeout`` judges nobody else's lease by it, or
 * the user passes ``--break-lease``.
 
-A holder that finds its lease taken (it was paused for longer than the timeout) stops
+A holder that finds its lease taken (it was paused for longer than its timeout) stops
 before its commit: :meth:`OutputLease.check` raises.
+
+On disks the lock file ``_fungi_lease.json.lock`` exists only while a process changes the
+lease (milliseconds): it is deleted before its ``flock`` is let go, and a process that
+locked a lock file that was deleted meanwhile locks the new one. The wait for it is bounded
+(``LOCK_WAIT_S``): a process stopped while it holds the lock (``SIGSTOP``, a frozen VM)
+refuses the next run with a message instead of hanging it; ``--break-lease`` deletes that
+lock file.
 """
 from __future__ import annotations
 
@@ -49,11 +57,20 @@ class Holder:
     process_started: float
     started: str
     renewed: float
+    timeout_s: float | None = None  # the holder's --lease-timeout (None: a lease an older fungi wrote)
 
     def describe(self) -> str:
         """One line for error messages."""
         renewed = datetime.fromtimestamp(self.renewed, timezone.utc).isoformat(timespec="seconds")
         return f"run {self.run_id} (host {self.host}, pid {self.pid}, started {self.started}, last renewed {renewed})"
+
+    def is_stale(self, default_timeout_s: float) -> bool:
+        """Not renewed for the holder's own timeout: its run is dead (or paused for longer than it allowed).
+
+        The holder's timeout, not the caller's: a run started with ``--lease-timeout 1`` must not
+        take over a live lease renewed every 150 s (a timeout of 600 s).
+        """
+        return time.time() - self.renewed > (self.timeout_s or default_timeout_s)
 
     def is_dead_here(self) -> bool:
         """True when the holder ran on this host and its process is gone (or the pid was reused)."""
@@ -75,24 +92,62 @@ class LeaseLost(RuntimeError):
     """This run's lease was taken over by another run: it must not commit."""
 
 
-class _LocalBackend:
-    """Lease file on a local or shared disk: mutations serialised by ``flock`` on a lock file."""
+LOCK_WAIT_S = 30.0  # the lock is held for milliseconds; 30 s without it means its holder is stopped
+LOCK_POLL_S = 0.05
 
-    def __init__(self, path: str) -> None:
+
+class _LocalBackend:
+    """Lease file on a local or shared disk: mutations serialised by ``flock`` on a lock file.
+
+    The lock file exists only while one process holds it (see the module docstring).
+    """
+
+    def __init__(self, path: str, output_uri: str, *, break_lock: bool = False) -> None:
         self.path = path
         self.lock_path = path + ".lock"
+        self.output_uri = output_uri
+        self.break_lock = break_lock
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        import fcntl
-
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        handle = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        handle = self._lock()
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             yield
         finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)  # before the lock is let go: a waiter on this file then retries
             os.close(handle)  # releases the lock
+
+    def _lock(self) -> int:
+        """A descriptor of the current lock file, locked; :class:`LeaseHeld` after ``LOCK_WAIT_S``."""
+        import fcntl
+
+        deadline, broken = time.monotonic() + LOCK_WAIT_S, False
+        while True:
+            handle = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(handle)
+                if time.monotonic() < deadline:
+                    time.sleep(LOCK_POLL_S)
+                    continue
+                if not self.break_lock or broken:
+                    raise LeaseHeld(
+                        f"the lock {self.lock_path} of the lease of {self.output_uri} has been held for "
+                        f"{LOCK_WAIT_S:.0f} s by a process that does not let go of it (stopped with SIGSTOP or "
+                        "Ctrl-Z, or on a frozen machine); nothing was committed. Resume or end that process; if "
+                        "no run of this output is alive, pass --break-lease (it deletes the lock)"
+                    ) from None
+                log.warning("deleting the lock %s, held for %.0f s (--break-lease)", self.lock_path, LOCK_WAIT_S)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_path)
+                deadline, broken = time.monotonic() + LOCK_WAIT_S, True
+                continue
+            if _same_file(handle, self.lock_path):
+                return handle
+            os.close(handle)  # its holder deleted it before letting go: lock the new one
 
     def read(self) -> tuple[dict | None, Any]:
         try:
@@ -175,6 +230,16 @@ class _S3Backend:
             self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
 
 
+def _same_file(handle: int, path: str) -> bool:
+    """Whether the open ``handle`` is the file now at ``path`` (not one deleted since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle)
+    return (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
+
+
 def _precondition_failed(exc: Exception) -> bool:
     text = f"{type(exc).__name__} {exc}"
     return isinstance(exc, FileExistsError) or "PreconditionFailed" in text or "pre-conditions" in text or "412" in text
@@ -191,7 +256,8 @@ class OutputLease:
         self.timeout_s = timeout_s
         self.break_lease = break_lease
         path = output.child_path(LEASE_NAME)
-        self.backend = _S3Backend(output, path) if output.is_s3 else _LocalBackend(path)
+        self.backend = (_S3Backend(output, path) if output.is_s3
+                        else _LocalBackend(path, output.uri, break_lock=break_lease))
         self._version: Any = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -209,6 +275,7 @@ class OutputLease:
             process_started=psutil.Process().create_time(),
             started=getattr(self, "_started", None) or datetime.now(timezone.utc).isoformat(timespec="seconds"),
             renewed=time.time(),
+            timeout_s=self.timeout_s,
         )
         self._started = holder.started
         return json.dumps(asdict(holder)).encode()
@@ -227,12 +294,12 @@ class OutputLease:
             holder, version = self._read()
             if holder is None:
                 continue  # released between our create and read: try again
-            stale = time.time() - holder.renewed > self.timeout_s
-            if not (self.break_lease or stale or holder.is_dead_here()):
+            if not (self.break_lease or holder.is_stale(self.timeout_s) or holder.is_dead_here()):
                 raise LeaseHeld(
                     f"output {self.output.uri} is being written by {holder.describe()}; "
                     f"wait for it, or if that run is dead pass --break-lease "
-                    f"(a lease not renewed for --lease-timeout {self.timeout_s:.0f} s is taken over)"
+                    f"(a lease not renewed for its run's --lease-timeout, "
+                    f"{holder.timeout_s or self.timeout_s:.0f} s, is taken over)"
                 )
             if self.backend.swap(version, body):
                 self.took_over = holder
@@ -256,14 +323,17 @@ class OutputLease:
                 except Exception as exc:  # noqa: BLE001 - a transient store error: retry next period
                     log.warning("could not renew the lease of %s: %s", self.output.uri, exc)
 
-    def check(self) -> None:
-        """Raise :class:`LeaseLost` if another run took the lease; called right before a commit."""
+    def check(self, stopped: str = "nothing was committed") -> None:
+        """Raise :class:`LeaseLost` if another run took the lease; called right before a commit.
+
+        ``stopped`` says what the holder leaves as it stops there.
+        """
         with self._lock:
             holder, version = self._read()
             if self._lost or holder is None or holder.run_id != self.run_id or version != self._version:
                 raise LeaseLost(
                     f"this run's lease on {self.output.uri} was taken over by "
-                    f"{self._lost or (holder.describe() if holder else 'nobody')}; nothing was committed"
+                    f"{self._lost or (holder.describe() if holder else 'nobody')}; {stopped}"
                 )
 
     def release(self) -> None:
@@ -276,7 +346,11 @@ class OutputLease:
                 self.backend.delete(self._version)
 
     def __enter__(self) -> "OutputLease":
-        self.acquire()
+        try:
+            self.acquire()
+        except BaseException:  # Ctrl-C right after the lease was created: give it back
+            self.release()
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -209,6 +209,7 @@ class IdCheck:
     null_ids: int
     opened: set[str]
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it could not be read
+    moved_from_dropped: int = 0  # ids of sources --prune drops whole that another file now writes: moved, not deleted
 
 
 def check_ids(
@@ -259,10 +260,10 @@ def check_ids(
             f"input ids are not unique ({repeated} repeated, e.g. {', '.join(examples)}); nothing was committed"
         )
     collisions = [table for _, _, table in results if table is not None and table.num_rows]
-    moved = _moved_ids(plan, reads, candidates, collisions, id_type)
+    moved, moved_from_dropped = _moved_ids(plan, reads, candidates, collisions, id_type)
     null_ids = sum(nulls for _, _, nulls, _ in new_scans)
     opened = {name for row in candidates for name in (row["file"], row["error_file"]) if name}
-    return IdCheck(moved, null_ids, opened, failed)
+    return IdCheck(moved, null_ids, opened, failed, moved_from_dropped)
 
 
 def _overlapping_committed(old_sources: list[dict[str, Any]], own: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
@@ -284,17 +285,22 @@ def _overlapping_committed(old_sources: list[dict[str, Any]], own: dict[str, tup
 
 
 def _moved_ids(plan: NightPlan, reads: list[SourceWork], candidates: list[dict[str, Any]],
-               collisions: list[pa.Table], id_type: pa.DataType) -> dict[str, pa.Array]:
-    """The ids each committed source lost to a file read this night (a move); ConfigError when the
-    source keeping them is unchanged in the input (a true duplicate). Adds those sources to ``plan.work``."""
+               collisions: list[pa.Table], id_type: pa.DataType) -> tuple[dict[str, pa.Array], int]:
+    """The ids each committed source lost to a file read this night (a move), and how many ids moved out
+    of sources that --prune drops whole; ConfigError when the source keeping them is unchanged in the
+    input (a true duplicate). Adds those sources to ``plan.work``."""
     dropped = {row["source"] for row in plan.dropped}
     moved: dict[str, list[pa.Array]] = {}
+    moved_from_dropped = 0
     for table in collisions:
         for (new_tag, old_tag), group in _groups(table):
             new_source, owner = reads[new_tag].source, candidates[old_tag]
             owner_work = plan.work.get(owner["source"])
-            if owner["source"] == new_source or owner["source"] in dropped:
-                continue  # its own old version, or a source --prune removes whole
+            if owner["source"] == new_source:
+                continue  # its own old version
+            if owner["source"] in dropped:
+                moved_from_dropped += len(group)  # its file goes whole; the summary counts these as moved
+                continue
             if owner["source"] in plan.listed and not (owner_work and owner_work.reads_payloads):
                 raise ConfigError(
                     f"input ids are not unique: {', '.join(map(str, group[:5]))} in {new_source} are also in "
@@ -308,7 +314,7 @@ def _moved_ids(plan: NightPlan, reads: list[SourceWork], candidates: list[dict[s
             old = next(row for row in candidates if row["source"] == source)
             work = plan.work[source] = SourceWork(source, MOVED, None, old)
         work.moved_ids = ids
-    return result
+    return result, moved_from_dropped
 
 
 def _groups(table: pa.Table) -> list[tuple[tuple[int, int], list]]:

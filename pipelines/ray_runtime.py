@@ -7,16 +7,34 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``) if given, else start a local Ray."""
+    """Connect to ``address`` (or ``RAY_ADDRESS``) if given, else start a local Ray.
+
+    ``ray.init`` replaces the driver's SIGTERM handler with ``sys.exit(15)``; a handler set before
+    (the CLI's, :mod:`pipelines.interrupts`) is put back, so SIGTERM still ends a run with one line.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(address, num_cpus)
+    finally:
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced it with sys.exit(15): keep the CLI's
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
+    """``ray.init`` with fungi's runtime env and log levels."""
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     # Inside a submitted Ray job, Ray merges this with the job's runtime env and refuses a

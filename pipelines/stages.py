@@ -782,7 +782,8 @@ class _SourceFinalizer:
             self.counts["moved"] += _count(pc.and_(dropped, _ids_in(table, self.moved)))
             if self.prune and (self.current is not None or not self.work["listed"]):
                 gone = pc.invert(_ids_in(table, self.current)) if self.current is not None else dropped
-                self.counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(_ids_in(table, self.touched))))
+                stayed = pc.or_(_ids_in(table, self.touched), _ids_in(table, self.moved))  # written again here or elsewhere
+                self.counts["deleted"] += _count(pc.and_(pc.and_(dropped, gone), pc.invert(stayed)))
 
     # -- 3. the files -------------------------------------------------------------------------
     def write_data(self, new_name: str, staging: Location, metadata: dict[bytes, bytes], dense: bool,

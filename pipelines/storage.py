@@ -250,3 +250,49 @@ def delete_tree(fs: pafs.FileSystem, path: str) -> None:
     """Delete a directory and everything below it, if it exists."""
     if exists(fs, path):
         fs.delete_dir(path)
+
+
+def delete_empty_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Delete a directory if it exists and holds nothing (a run's ``_staging/`` once its own area is gone)."""
+    if exists(fs, path) and not fs.get_file_info(pafs.FileSelector(path)):
+        fs.delete_dir(path)
+
+
+class StorageFailure(RuntimeError):
+    """A store failed under a command (an unwritable folder, an S3 endpoint gone): one ``error:`` line, exit 1.
+
+    Not a setting (exit 2): the same command can succeed once the store is back.
+    """
+
+
+def storage_cause(exc: BaseException) -> BaseException | None:
+    """The storage error behind ``exc`` (itself one, or a Ray task's), followed through exception chains
+    and Ray's task errors; None when there is none. The one that names the most: botocore's (its endpoint URL, bucket and key), else
+    an ``OSError`` with a path, else the deepest ``OSError`` (a refused connection)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+        boto: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
+    except ImportError:  # no S3 support installed
+        boto = ()
+    found: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # a RayTaskError: its str is the remote traceback
+        if isinstance(cause, BaseException):
+            current = cause
+            continue
+        if isinstance(current, (OSError, *boto)):
+            found.append(current)
+        current = current.__cause__ or current.__context__
+    best = next((e for e in found if isinstance(e, boto)), None) or next(
+        (e for e in found if getattr(e, "filename", None)), found[-1] if found else None)
+    if best is None or not (best is exc or isinstance(exc, OSError) or getattr(exc, "cause", None) is not None):
+        return None  # only raised while handling a storage error: a bug, whose traceback must show
+    return best
+
+
+def describe_storage_error(error: BaseException) -> str:
+    """``error`` in one line: its type and message (an ``OSError``'s names its path)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

@@ -95,7 +95,7 @@ def summarize(run: RunIdentity, manifest: Manifest, plan: NightPlan, results: li
         for key, value in result["counts"].items():
             totals[key] = totals.get(key, 0) + value
     failed_files = [*id_check.failed.values(), *(r["failed"] for r in results if r["failed"])]
-    dropped_rows = sum(row["rows"] + row["errors"] for row in plan.dropped)
+    dropped_rows = sum(row["rows"] + row["errors"] for row in plan.dropped) - id_check.moved_from_dropped
     present = pc.filter(manifest.sources, manifest.sources.column("present"))
     rows_in = int(pc.sum(present.column("input_rows")).as_py() or 0)
     processed = totals.get("written", 0) + totals.get("failed_new", 0) + totals.get("failed_known", 0)
@@ -122,7 +122,7 @@ def summarize(run: RunIdentity, manifest: Manifest, plan: NightPlan, results: li
         rows_failed_known=summary.rows_failed_known,
         rows_removed_failed=totals.get("removed_failed", 0),
         rows_deleted=summary.rows_deleted,
-        rows_moved=totals.get("moved", 0),
+        rows_moved=totals.get("moved", 0) + id_check.moved_from_dropped,
         files_read=len(plan.to_read) + len(id_check.failed),
         files_unchanged=len(plan.unchanged),
         files_failed=failed_files,

@@ -92,6 +92,25 @@ def test_an_id_moved_to_another_file_is_written_once(tiny_text_dir, tmp_path):
     assert last_run(output)["rows_moved"] == 8
 
 
+@pytest.mark.parametrize("old_file", ["rewritten", "deleted"])
+def test_a_moved_id_is_not_counted_as_deleted_with_prune(tiny_text_dir, tmp_path, old_file):
+    """An id that moves from one input file to another is moved, not deleted: 18 ids in, 18 out
+    (issue 31.10); with its old file gone (``--prune`` drops it whole), only its other ids are deleted."""
+    source, output = lake(tmp_path / "in"), tmp_path / "out"
+    run_featurize(config(tiny_text_dir, source, output))
+    if old_file == "rewritten":  # f1-000 moves from part-1 to part-3
+        write_part(source, "part-1.parquet", [f"f1-{r:03d}" for r in range(1, 6)],
+                   [f"text {i} of file 1" for i in range(1, 6)])
+    else:  # part-1 is gone; f1-000 goes on in part-3
+        (source / "part-1.parquet").unlink()
+    write_part(source, "part-3.parquet", ["f1-000"], ["text 0 of file 1"])
+    summary = run_featurize(config(tiny_text_dir, source, output, incremental=True, prune=True))
+    deleted = 0 if old_file == "rewritten" else 5
+    assert summary.rows_deleted == deleted and (", deleted" in summary.line()) == bool(deleted)
+    assert (last_run(output)["rows_deleted"], last_run(output)["rows_moved"]) == (deleted, 1)
+    assert len(features(output)) == 18 - deleted and ids_of(features(output)).count("f1-000") == 1
+
+
 def test_an_id_already_in_an_unchanged_file_is_refused(tiny_text_dir, tmp_path, capsys):
     from pipelines.cli import main
 

@@ -117,6 +117,124 @@ def test_the_lease_is_renewed_and_a_stolen_lease_stops_the_commit(tmp_path):
     thief.release()
 
 
+def test_a_live_lease_is_judged_by_its_holders_timeout_not_the_takers(tmp_path):
+    """Issue 31.7: a run started with --lease-timeout 1 does not take over a lease renewed 30 s ago by a
+    run on another host whose own timeout is 600 s; a lease past its holder's own timeout is taken over."""
+    output = Location(str(tmp_path / "out"))
+    hold_lease(tmp_path / "out", run_id="vacuum-1234", host="another-host", renewed=time.time() - 30, timeout_s=600)
+    with pytest.raises(LeaseHeld, match="vacuum-1234.*its run's --lease-timeout, 600 s"):
+        OutputLease(output, "rhasty", timeout_s=1).acquire()
+    hold_lease(tmp_path / "out", run_id="rshort", host="another-host", renewed=time.time() - 30, timeout_s=10)
+    lease = OutputLease(output, "rpatient", timeout_s=600)
+    lease.acquire()
+    assert lease.took_over.run_id == "rshort"
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["timeout_s"] == 600  # judged by it in turn
+    lease.release()
+
+
+def delta_output(tiny_text_dir: str, tmp_path: Path) -> str:
+    """A Delta output with one committed version (a small in-process run)."""
+    uri = f"delta:{tmp_path / 'table'}"
+    run_featurize(config(tiny_text_dir, lake(tmp_path / "in", files=2, rows=2), uri))
+    return uri
+
+
+def test_a_vacuum_whose_lease_is_taken_over_stops_before_its_commit(tiny_text_dir, tmp_path, monkeypatch, capsys):
+    """Issue 31.7: the vacuum re-checks its lease right before the table's commit; a lost lease is one
+    error line (exit 1), and the table is left as it was."""
+    from pipelines.cli import main
+    from pipelines.formats.delta import DeltaOutput
+
+    uri = delta_output(tiny_text_dir, tmp_path)
+    table = Path(uri.removeprefix("delta:"))
+    before = sorted(p.relative_to(table) for p in table.rglob("*") if p.name != LEASE_NAME)
+    real_existing = DeltaOutput._existing
+
+    def taken_over_meanwhile(self, version):  # another run breaks the lease while the vacuum reads the table
+        OutputLease(self.root, "rthief", timeout_s=600, break_lease=True).acquire()
+        return real_existing(self, version)
+
+    monkeypatch.setattr(DeltaOutput, "_existing", taken_over_meanwhile)
+    code = main(["vacuum", uri, "--retention-hours", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "error: this run's lease on" in err and "rthief" in err and "nothing was vacuumed" in err
+    assert sorted(p.relative_to(table) for p in table.rglob("*") if p.name != LEASE_NAME) == before
+
+
+def test_a_stopped_holder_of_the_lease_lock_refuses_the_next_run_after_a_bounded_wait(tiny_text_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Issue 31.8: a process stopped (SIGSTOP) while it holds the lease's flock does not hang the next run
+    for ever: it is refused after LOCK_WAIT_S with a message, and --break-lease (vacuum's too) goes on."""
+    import signal
+
+    from pipelines import lease as lease_module
+    from pipelines.cli import main
+
+    uri = delta_output(tiny_text_dir, tmp_path)
+    table = Path(uri.removeprefix("delta:"))
+    lock = table / (LEASE_NAME + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys; handle = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+        "fcntl.flock(handle, fcntl.LOCK_EX); print('locked', flush=True); os.kill(os.getpid(), signal.SIGSTOP)"
+    ), str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        monkeypatch.setattr(lease_module, "LOCK_WAIT_S", 1.0)
+        started = time.monotonic()
+        code = main(["vacuum", uri, "--retention-hours", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and time.monotonic() - started < 30
+        assert f"error: the lock {lock} of the lease of" in err and "has been held for 1 s" in err
+        assert "--break-lease" in err and err.count("\n") == 1
+        assert main(["vacuum", uri, "--retention-hours", "0", "--break-lease"]) == 0
+        assert not lock.exists() and not (table / LEASE_NAME).exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_vacuum_names_a_flag_it_has_when_its_output_is_leased(tiny_text_dir, tmp_path, capsys):
+    """Issue 31.8: vacuum's refusal tells the user to pass --break-lease, which vacuum now takes."""
+    from pipelines.cli import main
+
+    uri = delta_output(tiny_text_dir, tmp_path)
+    table = Path(uri.removeprefix("delta:"))
+    hold_lease(table, host="another-host")
+    assert main(["vacuum", uri]) == 2
+    assert "--break-lease" in capsys.readouterr().err
+    assert main(["vacuum", uri, "--break-lease"]) == 0
+    assert not (table / LEASE_NAME).exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "delta"])
+def test_a_run_leaves_no_staging_folder_or_lock_file_and_a_refused_run_writes_nothing(kind, tiny_text_dir, tmp_path,
+                                                                                    capsys):
+    """Issue 34.13: after a successful run no empty ``_staging/`` and no ``_fungi_lease.json.lock``; a run
+    refused by the lease, or by another spec, changes no file of the output."""
+    from pipelines.cli import main
+
+    source = lake(tmp_path / "in", files=2, rows=2)
+    root = tmp_path / "out"
+    uri = str(root) if kind == "folder" else f"delta:{root}"
+    run_featurize(config(tiny_text_dir, source, uri))
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True))
+
+    def listing() -> dict[str, float]:
+        return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
+
+    after = listing()
+    assert not any(name.startswith("_staging") or name.endswith(".lock") for name in after), sorted(after)
+    args = ["featurize", "--input", str(source), "--output", uri, "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}"]
+    assert main([*args, "--seed", "3"]) == 2 and "spec" in capsys.readouterr().err  # another spec: refused
+    assert listing() == after
+    hold_lease(root, host="another-host")
+    after = listing()
+    assert main(args) == 2 and "is being written by" in capsys.readouterr().err
+    assert listing() == after
+
+
 # -- crash safety ----------------------------------------------------------------------------------------
 
 

@@ -148,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--lease-timeout", type=float,
-        help="seconds after which the lease of a run that stopped renewing it is taken over (default: 600)",
+        help="seconds this run's lease may go unrenewed before another run takes it over (default: 600); recorded "
+        "in the lease, so each lease is judged by its own run's timeout, never by the taker's",
     )
     run.add_argument("--break-lease", action="store_true", help="take over the output's lease now (its run must be dead)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

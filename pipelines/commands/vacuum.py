@@ -11,9 +11,10 @@ and setup states that only those versions name. Iceberg's metadata files (manife
 manifests of expired snapshots) are left to the catalog's own maintenance.
 
 It takes the output's lease, like `fungi featurize`: it never runs beside a featurizing run
-of the same output. After it, time travel reaches back --retention-hours only. A Parquet
-folder keeps no old versions (with --history, its row versions are the point): refused.
-Exit status 2 with one `error:` line for bad input.
+of the same output, and stops before the table's commit if another run took the lease over.
+After it, time travel reaches back --retention-hours only. A Parquet folder keeps no old
+versions (with --history, its row versions are the point): refused. Exit status 2 with one
+`error:` line for bad input or a held lease, 1 for a lost lease or a failing store.
 
 Examples:
   fungi vacuum delta:/lake/features --retention-hours 168
@@ -42,16 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", metavar="JSON", help="JSON for the object store (as for fungi featurize)")
     parser.add_argument(
         "--lease-timeout", type=float, default=DEFAULT_LEASE_TIMEOUT_S, metavar="S",
-        help="a lease not renewed for S seconds is taken over, as for fungi featurize (default: %(default)s)",
+        help="this vacuum's lease may go S seconds unrenewed before another run takes it over, as for "
+        "fungi featurize (default: %(default)s)",
     )
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take over the output's lease now (its run must be dead), as for fungi featurize")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Vacuum the output under its lease; 0 on success, 2 on bad input or a held lease."""
+    """Vacuum the output under its lease; 0 on success, 2 on bad input or a held lease, 1 on a lost lease."""
     from fungi_ops.errors import ConfigError, FungiError
     from pipelines.formats import open_output
-    from pipelines.lease import OutputLease
-    from pipelines.storage import parse_storage_options
+    from pipelines.interrupts import Interrupted
+    from pipelines.lease import LeaseLost, OutputLease
+    from pipelines.storage import StorageFailure, describe_storage_error, parse_storage_options, storage_cause
+
+    stopped = "the vacuum stopped partway (every kept version is whole); run it again"
 
     try:
         if args.retention_hours < 0:
@@ -62,10 +69,22 @@ def run(args: argparse.Namespace) -> int:
                 f"{table.uri} is a Parquet folder: it keeps no old versions to vacuum (each night replaces a "
                 "source's file in place); vacuum is for delta: and iceberg: outputs"
             )
-        with OutputLease(table.root, "vacuum-" + uuid.uuid4().hex[:8], timeout_s=args.lease_timeout):
-            removed = table.vacuum(args.retention_hours)
-    except (FungiError, ValueError, OSError) as exc:
+        with OutputLease(table.root, "vacuum-" + uuid.uuid4().hex[:8], timeout_s=args.lease_timeout,
+                         break_lease=args.break_lease) as lease:
+            removed = table.vacuum(args.retention_hours, lease.check)
+    except (FungiError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LeaseLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        raise Interrupted.of(exc, stopped) from None
+    except Exception as exc:
+        cause = storage_cause(exc)
+        if cause is None:
+            raise
+        failed = describe_storage_error(cause)
+        raise StorageFailure(f"storage failed: {failed} (output {args.output}); {stopped}") from exc
     print(f"vacuumed {table.uri}: " + ", ".join(f"{what} {count}" for what, count in removed.items()))
     return 0

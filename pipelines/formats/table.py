@@ -298,17 +298,21 @@ class LakeTable(OutputTable):
         return files
 
     # -- maintenance --------------------------------------------------------------------------
-    def vacuum(self, retention_hours: float) -> dict[str, int]:
+    def vacuum(self, retention_hours: float, check_lease: Callable[[str], None]) -> dict[str, int]:
         """The format's vacuum of versions older than the retention, then fungi's files no kept version names.
 
         Kept: the manifest folders and error files of fungi's commits within the retention
-        and of its latest commit; the setup state of the current spec.
+        and of its latest commit; the setup state of the current spec. ``check_lease`` (the
+        vacuum's :meth:`~pipelines.lease.OutputLease.check`) runs before the format's commit and
+        before fungi's files are deleted: a vacuum whose lease was taken over stops there.
         """
         table = self._existing(None)
         cutoff = (time.time() - retention_hours * 3600) * 1000
         commits = [c for c in self._commits(table) if RUN_PROPERTY in c]  # newest first, read before expiring
+        check_lease("nothing was vacuumed")
         counts = {"data files": self._vacuum_table(table, retention_hours), "manifests": 0, "error files": 0,
                   "setup states": 0}
+        check_lease(f"the {self.kind} versions past the retention were vacuumed; fungi's files of them were kept")
         kept = {c[MANIFEST_PROPERTY] for c in commits if c["timestamp"] >= cutoff} | {commits[0][MANIFEST_PROPERTY]}
         errors_kept: set[str] = set()
         setup_kept: set[str] = set()

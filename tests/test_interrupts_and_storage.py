@@ -1,0 +1,191 @@
+"""A run stopped from outside: Ctrl-C and SIGTERM (in process and on Ray), and a store that fails
+under it (a path that cannot be written, an S3 endpoint that dies). Each ends in one line that
+says what was committed, with the exit code the README's table gives, and no traceback; the next
+run cleans up.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lakes import config, features, ids_of, lake, write_part
+from pipelines.cli import main
+from pipelines.job import run_featurize
+from pipelines.lease import LEASE_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
+
+
+def featurize_command(source: Path, output: str, model_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", output,
+            "--modality", "text", "--model", f"hf:{model_dir}", "--batch-size", "1", *extra]
+
+
+def stderr_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_ctrl_c_of_the_cli_is_one_line_and_the_next_run_cleans_up(tiny_text_dir, tmp_path):
+    """Issue 34.7, as a shell user sees it: SIGINT once the run has staged its first files: one
+    line, exit 130, no traceback, the lease given back, nothing committed; the next run commits every row
+    and leaves no staging."""
+    source, output = lake(tmp_path / "in", files=2, rows=60), tmp_path / "out"
+    process = subprocess.Popen(featurize_command(source, str(output), tiny_text_dir),
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(REPO),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (output / "_staging").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the run holds the lease and stages its id check: 120 batches of one row to go
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stdout + stderr
+    assert stderr_lines(stderr)[-1:] == ["interrupted: nothing committed; the next run cleans up"], stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not (output / LEASE_NAME).exists() and not (output / "_fungi_manifest.json").exists()
+    assert run_featurize(config(tiny_text_dir, source, output)).rows_written == 120
+    assert not (output / "_staging").exists()
+
+
+@pytest.mark.parametrize("signal_number, code, where", [
+    (signal.SIGTERM, 143, "in process"), (signal.SIGINT, 130, "on Ray"),
+])
+def test_sigterm_and_ctrl_c_on_ray_are_one_line(signal_number, code, where, tiny_text_dir, tmp_path, local_ray,
+                                                monkeypatch, capsys):
+    """Issue 34.7: SIGTERM (Kubernetes, ``ray job stop``) is treated as Ctrl-C, with 128 + 15; Ctrl-C while
+    the driver waits on Ray's actors is the same one line. The signal is sent to this process mid-stream."""
+    import threading
+
+    from pipelines.stream import Stream
+
+    source, output = lake(tmp_path / "in", files=2, rows=60), tmp_path / "out"
+    real = Stream.run
+
+    def signalled_mid_stream(self, *args, **kwargs):
+        if where == "on Ray":  # while the driver waits in Ray Data
+            threading.Timer(3.0, os.kill, (os.getpid(), signal_number)).start()
+        else:
+            os.kill(os.getpid(), signal_number)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stream, "run", signalled_mid_stream)
+    extra = ["--address", local_ray, "--actors", "1"] if where == "on Ray" else []
+    code_now = main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+                     "--model", f"hf:{tiny_text_dir}", "--batch-size", "1", *extra])
+    assert code_now == code
+    err = capsys.readouterr().err  # on Ray, Ray Data's INFO lines on the dataset it started come first
+    assert stderr_lines(err)[-1:] == ["interrupted: nothing committed; the next run cleans up"], err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is not None and not (output / LEASE_NAME).exists()
+    monkeypatch.undo()
+    assert run_featurize(config(tiny_text_dir, source, output)).rows_written == 120
+    assert not (output / "_staging").exists()
+
+
+def test_an_interrupt_after_the_commit_point_says_the_features_are_committed(tiny_text_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Issue 34.7: the line tells the truth when the run stopped after its commit point."""
+    import pipelines.formats.base as base
+
+    source, output = lake(tmp_path / "in", files=2, rows=2), tmp_path / "out"
+
+    def interrupt_after_commit(count: int, what: str) -> None:
+        if "commit point" in what:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "crash_from_env", lambda: interrupt_after_commit)
+    code = main(["featurize", "--input", str(source), "--output", f"delta:{output}", "--modality", "text",
+                 "--model", f"hf:{tiny_text_dir}"])
+    err = capsys.readouterr().err
+    assert code == 130 and stderr_lines(err) == [
+        "interrupted: this run's features were committed (its commit point had passed); the next run finishes its "
+        "clean-up"
+    ], err
+    monkeypatch.undo()
+    assert run_featurize(config(tiny_text_dir, source, f"delta:{output}", incremental=True)).rows_written == 0
+    assert not (output / "_staging").exists()
+
+
+def test_a_path_that_cannot_be_written_is_one_error_line(tiny_text_dir, tmp_path, capsys):
+    """Issue 31.9: a store error at the output (here a file where a folder is needed; a read-only folder
+    fails the same way, but tests run as root) names the path and what was committed, exit 1, no traceback."""
+    source = lake(tmp_path / "in", files=1, rows=2)
+    (tmp_path / "a-file").write_text("not a folder")
+    output = tmp_path / "a-file" / "out"
+    code = main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+                 "--model", f"hf:{tiny_text_dir}"])
+    lines = stderr_lines(capsys.readouterr().err)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: storage failed: NotADirectoryError: [Errno 20] Not a directory: ")
+    assert str(output) in lines[0] and "nothing was committed" in lines[0]
+
+
+def test_an_s3_endpoint_that_dies_mid_run_is_one_error_line(tiny_text_dir, tmp_path, monkeypatch, capsys):
+    """Issue 31.9: the S3 endpoint goes away after the run took its lease: one line naming the endpoint
+    and the output, nothing committed (exit 1), instead of a chain of tracebacks."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipelines.job import FeaturizeJob
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("lake")
+    source = lake(tmp_path / "in", files=2, rows=2)
+    real = FeaturizeJob.featurize_and_commit
+
+    def endpoint_dies(self, *args, **kwargs):
+        server.stop()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeaturizeJob, "featurize_and_commit", endpoint_dies)
+    try:
+        code = main(["featurize", "--input", str(source), "--output", "s3://lake/features", "--modality", "text",
+                     "--model", f"hf:{tiny_text_dir}", "--storage-options",
+                     '{"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}'])
+    finally:
+        server.stop()
+    lines = stderr_lines(capsys.readouterr().err)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: storage failed: ") and endpoint in lines[0], lines
+    assert "output s3://lake/features" in lines[0] and "nothing was committed" in lines[0]
+
+
+def test_only_a_storage_error_itself_is_reported_as_one_line():
+    """A bug raised while handling a storage error keeps its traceback (storage_cause gives None); a storage
+    error, or one botocore raised under it, is found, the one naming the endpoint preferred."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipelines.storage import storage_cause
+
+    def raised(make):
+        try:
+            make()
+        except Exception as exc:  # noqa: BLE001 - what the CLI receives
+            return exc
+
+    def bug_while_handling():
+        try:
+            open("/nonexistent/fungi")
+        except FileNotFoundError:
+            raise KeyError("a bug")
+
+    def endpoint_gone():
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/lake/x")
+        except EndpointConnectionError as exc:
+            raise OSError("s3fs's wrapping") from exc
+
+    assert storage_cause(raised(bug_while_handling)) is None
+    assert isinstance(storage_cause(raised(endpoint_gone)), EndpointConnectionError)
