@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fungi_ops.errors import ConfigError
+from delta_dv import delete_rows, live_adds
 from lakes import config, features, ids_of, last_run
 from pipelines.formats.address import parse_address
-from pipelines.formats.input_tables import IcebergRead, iceberg_source, list_sources, read_columns
+from pipelines.formats.input_tables import IcebergRead, iceberg_source, list_sources, live_row_counts, read_columns
 from pipelines.job import run_featurize
 from pipelines.manifest import read_manifest
 from pipelines.storage import InputFile, Location
@@ -194,46 +195,62 @@ def test_a_delta_input_on_s3_after_a_delete(tiny_text_dir, s3_endpoint):
     assert written.input["table_version"] == 2
 
 
-Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+def dv_lake(path, files: int = 3, count: int = 6):
+    """A Delta table that supports deletion vectors: ``files`` appends of ``count`` rows (``a``, ``b``, ...)."""
+    from deltalake import write_deltalake
+
+    for index in range(files):
+        write_deltalake(str(path), rows("abcdefgh"[index], count), mode="append",
+                        configuration={"delta.enableDeletionVectors": "true"})
+    return path
 
 
-def inline_deletion_vector(positions: list[int]) -> dict:
-    """A Delta deletion vector stored inline (deltalake does not write them): a RoaringBitmapArray
-    of one 32-bit bitmap with one array container, Z85-encoded, as the Delta protocol spells it."""
-    import struct
-
-    values = sorted(positions)
-    bitmap = (struct.pack("<II", 12346, 1) + struct.pack("<HH", 0, len(values) - 1) + struct.pack("<I", 16)
-              + b"".join(struct.pack("<H", v) for v in values))
-    data = struct.pack("<iqI", 1681511377, 1, 0) + bitmap
-    assert len(data) % 4 == 0  # Z85 encodes 4-byte groups
-    text = []
-    for start in range(0, len(data), 4):
-        value, group = int.from_bytes(data[start:start + 4], "big"), []
-        for _ in range(5):
-            value, digit = divmod(value, 85)
-            group.append(Z85[digit])
-        text.extend(reversed(group))
-    return {"storageType": "i", "pathOrInlineDv": "".join(text), "sizeInBytes": len(data), "cardinality": len(values)}
+def file_of(lake, prefix: str) -> str:
+    """The log path of the data file holding the ids ``{prefix}-...``."""
+    return next(p for p, add in live_adds(lake).items() if f'"{prefix}-000"' in add["stats"])
 
 
-def test_a_delta_input_with_deletion_vectors_is_refused(tmp_path):
-    from deltalake import DeltaTable, write_deltalake
+def deltalake_view(lake) -> tuple[list[str], dict[str, list[bool]]]:
+    """What deltalake itself reads: the live ids (its DataFusion scan: ``to_pyarrow_table`` refuses deletion
+    vectors) and each file's keep mask (its ``deletion_vectors()``)."""
+    from deltalake import DeltaTable
 
-    lake = tmp_path / "lake"
-    write_deltalake(str(lake), rows("a", 10), configuration={"delta.enableDeletionVectors": "true"})
-    assert len(list_sources(f"delta:{lake}", {}, None).files) == 1  # enabled but unused: read as it is
-    log = [json.loads(line) for line in (lake / "_delta_log" / f"{0:020d}.json").read_text().splitlines()]
-    add = next(entry["add"] for entry in log if "add" in entry)
-    commit = [
-        {"commitInfo": {"timestamp": 1, "operation": "DELETE", "operationParameters": {}}},
-        {"remove": {"path": add["path"], "dataChange": True, "deletionTimestamp": 1, "size": add["size"]}},
-        {"add": {**add, "deletionVector": inline_deletion_vector([2, 5])}},
-    ]
-    (lake / "_delta_log" / f"{1:020d}.json").write_text("\n".join(json.dumps(entry) for entry in commit) + "\n")
-    assert len(pa.RecordBatchReader.from_stream(DeltaTable(str(lake)).scan()).read_all()) == 8  # a real vector
-    with pytest.raises(ConfigError, match="has deletion vectors.*PURGE"):
-        list_sources(f"delta:{lake}", {}, None)
+    table = DeltaTable(str(lake))
+    masks = pa.RecordBatchReader.from_stream(table.deletion_vectors()).read_all().to_pylist()
+    scan = pa.RecordBatchReader.from_stream(table.scan(columns=["id"])).read_all()
+    return (sorted(scan.column("id").to_pylist()),
+            {m["filepath"].rsplit("/", 1)[1]: m["selection_vector"] for m in masks})
+
+
+def test_delta_deletion_vectors_inline_and_in_files_are_applied_and_make_their_file_changed(tmp_path):
+    from deltalake import DeltaTable
+
+    from pipelines.tasks import InProcessTasks
+
+    lake = dv_lake(tmp_path / "lake")
+    a, b, c = file_of(lake, "a"), file_of(lake, "b"), file_of(lake, "c")
+    before = {f.relpath: f.identity for f in list_sources(f"delta:{lake}", {}, None).files}
+    delete_rows(lake, {a: [1, 3]}, storage="i")
+    delete_rows(lake, {b: [0, 5], c: [2]}, storage="u", prefix="xy")  # one vector file, two offsets
+    live, masks = deltalake_view(lake)  # the fixture as deltalake reads it
+    assert masks == {a: [True, False, True, False, True, True], b: [False, True, True, True, True, False],
+                     c: [True, True, False, True, True, True]}
+    assert live == sorted({f"{p}-{i:03d}" for p in "abc" for i in range(6)} - {"a-001", "a-003", "b-000", "b-005", "c-002"})
+    assert len(list((lake / "xy").glob("deletion_vector_*.bin"))) == 1
+
+    listing = list_sources(f"delta:{lake}", {}, None)
+    read = sorted(v for f in listing.files for v in read_columns(listing.location, f, ["id"]).column(0).to_pylist())
+    assert read == live
+    counts = live_row_counts(listing.location, listing.files, {f.relpath: 6 for f in listing.files}, InProcessTasks())
+    assert counts == {a: 4, b: 4, c: 5}
+    assert all(f.identity != before[f.relpath] for f in listing.files)  # each file gained a vector
+
+    DeltaTable(str(lake)).create_checkpoint()  # the descriptors now come from the checkpoint
+    delete_rows(lake, {a: [1, 3, 4]}, storage="u")  # a's vector grows (moves to a file)
+    after = {f.relpath: f for f in list_sources(f"delta:{lake}", {}, None).files}
+    assert {p for p, f in after.items() if f.identity != {g.relpath: g.identity for g in listing.files}[p]} == {a}
+    assert read_columns(listing.location, after[a], ["id"]).column(0).to_pylist() == ["a-000", "a-002", "a-005"]
+    assert deltalake_view(lake)[1][a] == [True, False, True, False, False, True]
 
 
 def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
