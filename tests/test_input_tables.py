@@ -253,18 +253,46 @@ def test_delta_deletion_vectors_inline_and_in_files_are_applied_and_make_their_f
     assert deltalake_view(lake)[1][a] == [True, False, True, False, False, True]
 
 
+def test_a_delta_input_with_deletion_vectors_is_featurized_live_and_a_night_prunes_new_deletions(tiny_text_dir, tmp_path):
+    """Nights of a table whose DELETEs write deletion vectors: the deleted ids are pruned, no live row
+    is featurized again (the changed file is re-read, its rows skipped by their content hashes)."""
+    lake, output = dv_lake(tmp_path / "lake"), tmp_path / "out"
+    a, b, c = file_of(lake, "a"), file_of(lake, "b"), file_of(lake, "c")
+    delete_rows(lake, {a: [1]}, storage="i")
+    delete_rows(lake, {b: [2, 3]}, storage="u", prefix="dv")
+    first = run_featurize(config(tiny_text_dir, f"delta:{lake}", output))
+    live = deltalake_view(lake)[0]
+    assert ids_of(features(output)) == live and {"a-001", "b-002", "b-003"}.isdisjoint(live)
+    assert (first.rows_in, first.rows_written) == (15, 15)
+    before = features(output)
+
+    delete_rows(lake, {a: [1, 4], c: [0]}, storage="u")  # a's vector grows, c gains one; b is untouched
+    night = run_featurize(config(tiny_text_dir, f"delta:{lake}", output, incremental=True, prune=True))
+    live = deltalake_view(lake)[0]
+    after = features(output)
+    assert ids_of(after) == live and {"a-004", "c-000"}.isdisjoint(live) and len(live) == 13
+    assert (night.rows_in, night.rows_skipped, night.rows_written, night.rows_deleted) == (13, 13, 0, 2)
+    record = last_run(output)
+    assert (record["files_read"], record["files_unchanged"]) == (2, 1)
+    kept = before.filter(pa.compute.is_in(before.column("id"), pa.array(live)))
+    assert after.select(kept.column_names).equals(kept)  # every live row as committed, bit for bit
+
+
 def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
-    """--setup-from delta:PATH: the draw (the job's task, run as a plain function) sees no deleted row."""
-    from deltalake import DeltaTable, write_deltalake
+    """--setup-from delta:PATH: the draw (the job's task, run as a plain function) sees no deleted row,
+    whether its file was rewritten without it or its deletion vector marks it."""
+    from deltalake import DeltaTable
 
     from pipelines.setup_rows import select_setup_rows
     from pipelines.spec_resolution import resolve_spec_here
 
-    write_deltalake(str(tmp_path / "train"), rows("t", 6))
-    DeltaTable(str(tmp_path / "train")).delete("id = 't-003'")
+    train = dv_lake(tmp_path / "train", files=2, count=3)
+    DeltaTable(str(train)).delete("id = 'a-001'")  # copy-on-write: a's file rewritten
+    delete_rows(train, {file_of(train, "b"): [2]})  # b-002 in b's deletion vector
     settings = config(tiny_text_dir, tmp_path / "unused", tmp_path / "out", objectives="kl,simclr:num_negatives=8;text_views=2")
     spec = resolve_spec_here(settings)
     listing = list_sources(f"delta:{tmp_path / 'train'}", {}, None, what="setup data", flag="--setup-from")
     order, skipped, (keys, samples) = select_setup_rows(spec.json, spec.decoder, listing.location, listing.files, "id",
                                                         "text", spec.setup_rows, 1, 2)
-    assert sorted(keys) == [f"t-{i:03d}" for i in range(6) if i != 3] and not skipped and len(samples) == 5
+    assert sorted(keys) == ["a-000", "a-002", "b-000", "b-001"] == deltalake_view(train)[0]
+    assert not skipped and len(samples) == 4
