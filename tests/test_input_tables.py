@@ -7,6 +7,7 @@ bookkeeping: which data files a night reads, and that deleted rows reach ``--pru
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -251,6 +252,32 @@ def test_delta_deletion_vectors_inline_and_in_files_are_applied_and_make_their_f
     assert {p for p, f in after.items() if f.identity != {g.relpath: g.identity for g in listing.files}[p]} == {a}
     assert read_columns(listing.location, after[a], ["id"]).column(0).to_pylist() == ["a-000", "a-002", "a-005"]
     assert deltalake_view(lake)[1][a] == [True, False, True, False, False, True]
+
+
+def test_delta_deletion_vectors_on_s3_and_checkpoint_names(s3_endpoint, tmp_path):
+    """Vector files are found under an S3 table's root; the newest complete checkpoint is the one read."""
+    import s3fs
+
+    from pipelines.formats.input_tables import _newest_checkpoint
+
+    lake = dv_lake(tmp_path / "lake", files=2, count=4)
+    delete_rows(lake, {file_of(lake, "a"): [0, 3]}, storage="u", prefix="p1")
+    delete_rows(lake, {file_of(lake, "b"): [1]}, storage="i")
+    bucket = f"dv-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir(bucket)
+    fs.put(str(lake), f"{bucket}/docs", recursive=True)
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    listing = list_sources(f"delta:s3://{bucket}/docs", options, None)
+    read = sorted(v for f in listing.files for v in read_columns(listing.location, f, ["id"]).column(0).to_pylist())
+    assert read == deltalake_view(lake)[0] == ["a-001", "a-002", "b-000", "b-002", "b-003"]
+
+    names = [f"{7:020d}.checkpoint.0000000001.0000000002.parquet",  # multi-part, a part missing
+             f"{5:020d}.checkpoint.parquet", f"{9:020d}.checkpoint.parquet", f"{6:020d}.checkpoint.4a1c-e2.json",
+             f"{6:020d}.json"]
+    assert _newest_checkpoint(names, 8) == (6, [f"{6:020d}.checkpoint.4a1c-e2.json"])
+    assert _newest_checkpoint(names + [f"{7:020d}.checkpoint.0000000002.0000000002.parquet"], 8)[0] == 7
+    assert _newest_checkpoint(names, 4) == (-1, [])
 
 
 def test_a_delta_input_with_deletion_vectors_is_featurized_live_and_a_night_prunes_new_deletions(tiny_text_dir, tmp_path):
