@@ -253,6 +253,11 @@ def test_delta_deletion_vectors_inline_and_in_files_are_applied_and_make_their_f
     assert read_columns(listing.location, after[a], ["id"]).column(0).to_pylist() == ["a-000", "a-002", "a-005"]
     assert deltalake_view(lake)[1][a] == [True, False, True, False, False, True]
 
+    vector_file = next((lake / "xy").glob("deletion_vector_*.bin"))  # holds b's and c's vectors
+    vector_file.write_bytes(vector_file.read_bytes()[:-1] + b"\0")  # c's CRC-32 no longer matches
+    with pytest.raises(ValueError, match="deletion vector at .*deletion_vector_.*corrupt"):
+        read_columns(listing.location, after[c], ["id"])
+
 
 def test_delta_deletion_vectors_on_s3_and_checkpoint_names(s3_endpoint, tmp_path):
     """Vector files are found under an S3 table's root; the newest complete checkpoint is the one read."""

@@ -234,8 +234,9 @@ def delta_deletion_vectors(location: Location, version: int, live_paths: Sequenc
     live = {unquote(path) for path in live_paths}
     missing = live - vectors.keys()
     if missing:
-        raise RuntimeError(f"the Delta log at {log} names no add action for {len(missing)} live file(s), "
-                           f"e.g. {sorted(missing)[0]}: fungi cannot read its deletion vectors")
+        raise ConfigError(f"the Delta log at {log} names no add action for {len(missing)} live file(s), e.g. "
+                          f"{sorted(missing)[0]}, in its checkpoint or the commits after it: fungi cannot read their "
+                          "deletion vectors; checkpoint the table (deltalake: DeltaTable.create_checkpoint()) and run again")
     return {path: vector for path, vector in vectors.items() if vector and path in live}
 
 
@@ -495,8 +496,7 @@ def deletion_vector_positions(fs: Any, read: DeltaRead) -> np.ndarray:
     else:
         with fs.open_input_file(read.path) as handle:
             handle.seek(1 if read.offset is None else read.offset)
-            header = handle.read(4)
-            size = int.from_bytes(header, "big")
+            size = int.from_bytes(handle.read(4), "big")
             data = handle.read(size)
             checksum = int.from_bytes(handle.read(4), "big")
         if size != read.size or len(data) != size or zlib.crc32(data) != checksum:
