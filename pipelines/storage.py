@@ -99,8 +99,8 @@ class InputFile:
     nanoseconds on a local or shared disk, the ETag on S3 (a content digest; S3's
     modification time has one-second resolution and would miss two writes in a second).
     A table's data file is immutable: its identity is what else decides its live rows (an
-    Iceberg file's delete files), and ``read`` says how to read them
-    (:class:`pipelines.formats.input_tables.IcebergRead`; None: the file as it is).
+    Iceberg file's delete files, a Delta file's deletion vector), and ``read`` says how to read
+    them (:class:`pipelines.formats.input_tables.IcebergRead` or ``DeltaRead``; None: the file as it is).
     """
 
     path: str

@@ -7,6 +7,7 @@ bookkeeping: which data files a night reads, and that deleted rows reach ``--pru
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fungi_ops.errors import ConfigError
+from delta_dv import delete_rows, live_adds
 from lakes import config, features, ids_of, last_run
 from pipelines.formats.address import parse_address
-from pipelines.formats.input_tables import IcebergRead, iceberg_source, list_sources, read_columns
+from pipelines.formats.input_tables import IcebergRead, iceberg_source, list_sources, live_row_counts, read_columns
 from pipelines.job import run_featurize
 from pipelines.manifest import read_manifest
 from pipelines.storage import InputFile, Location
@@ -194,60 +196,135 @@ def test_a_delta_input_on_s3_after_a_delete(tiny_text_dir, s3_endpoint):
     assert written.input["table_version"] == 2
 
 
-Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+def dv_lake(path, files: int = 3, count: int = 6):
+    """A Delta table that supports deletion vectors: ``files`` appends of ``count`` rows (``a``, ``b``, ...)."""
+    from deltalake import write_deltalake
+
+    for index in range(files):
+        write_deltalake(str(path), rows("abcdefgh"[index], count), mode="append",
+                        configuration={"delta.enableDeletionVectors": "true"})
+    return path
 
 
-def inline_deletion_vector(positions: list[int]) -> dict:
-    """A Delta deletion vector stored inline (deltalake does not write them): a RoaringBitmapArray
-    of one 32-bit bitmap with one array container, Z85-encoded, as the Delta protocol spells it."""
-    import struct
-
-    values = sorted(positions)
-    bitmap = (struct.pack("<II", 12346, 1) + struct.pack("<HH", 0, len(values) - 1) + struct.pack("<I", 16)
-              + b"".join(struct.pack("<H", v) for v in values))
-    data = struct.pack("<iqI", 1681511377, 1, 0) + bitmap
-    assert len(data) % 4 == 0  # Z85 encodes 4-byte groups
-    text = []
-    for start in range(0, len(data), 4):
-        value, group = int.from_bytes(data[start:start + 4], "big"), []
-        for _ in range(5):
-            value, digit = divmod(value, 85)
-            group.append(Z85[digit])
-        text.extend(reversed(group))
-    return {"storageType": "i", "pathOrInlineDv": "".join(text), "sizeInBytes": len(data), "cardinality": len(values)}
+def file_of(lake, prefix: str) -> str:
+    """The log path of the data file holding the ids ``{prefix}-...``."""
+    return next(p for p, add in live_adds(lake).items() if f'"{prefix}-000"' in add["stats"])
 
 
-def test_a_delta_input_with_deletion_vectors_is_refused(tmp_path):
-    from deltalake import DeltaTable, write_deltalake
+def deltalake_view(lake) -> tuple[list[str], dict[str, list[bool]]]:
+    """What deltalake itself reads: the live ids (its DataFusion scan: ``to_pyarrow_table`` refuses deletion
+    vectors) and each file's keep mask (its ``deletion_vectors()``)."""
+    from deltalake import DeltaTable
 
-    lake = tmp_path / "lake"
-    write_deltalake(str(lake), rows("a", 10), configuration={"delta.enableDeletionVectors": "true"})
-    assert len(list_sources(f"delta:{lake}", {}, None).files) == 1  # enabled but unused: read as it is
-    log = [json.loads(line) for line in (lake / "_delta_log" / f"{0:020d}.json").read_text().splitlines()]
-    add = next(entry["add"] for entry in log if "add" in entry)
-    commit = [
-        {"commitInfo": {"timestamp": 1, "operation": "DELETE", "operationParameters": {}}},
-        {"remove": {"path": add["path"], "dataChange": True, "deletionTimestamp": 1, "size": add["size"]}},
-        {"add": {**add, "deletionVector": inline_deletion_vector([2, 5])}},
-    ]
-    (lake / "_delta_log" / f"{1:020d}.json").write_text("\n".join(json.dumps(entry) for entry in commit) + "\n")
-    assert len(pa.RecordBatchReader.from_stream(DeltaTable(str(lake)).scan()).read_all()) == 8  # a real vector
-    with pytest.raises(ConfigError, match="has deletion vectors.*PURGE"):
-        list_sources(f"delta:{lake}", {}, None)
+    table = DeltaTable(str(lake))
+    masks = pa.RecordBatchReader.from_stream(table.deletion_vectors()).read_all().to_pylist()
+    scan = pa.RecordBatchReader.from_stream(table.scan(columns=["id"])).read_all()
+    return (sorted(scan.column("id").to_pylist()),
+            {m["filepath"].rsplit("/", 1)[1]: m["selection_vector"] for m in masks})
+
+
+def test_delta_deletion_vectors_inline_and_in_files_are_applied_and_make_their_file_changed(tmp_path):
+    from deltalake import DeltaTable
+
+    from pipelines.tasks import InProcessTasks
+
+    lake = dv_lake(tmp_path / "lake")
+    a, b, c = file_of(lake, "a"), file_of(lake, "b"), file_of(lake, "c")
+    before = {f.relpath: f.identity for f in list_sources(f"delta:{lake}", {}, None).files}
+    delete_rows(lake, {a: [1, 3]}, storage="i")
+    delete_rows(lake, {b: [0, 5], c: [2]}, storage="u", prefix="xy")  # one vector file, two offsets
+    live, masks = deltalake_view(lake)  # the fixture as deltalake reads it
+    assert masks == {a: [True, False, True, False, True, True], b: [False, True, True, True, True, False],
+                     c: [True, True, False, True, True, True]}
+    assert live == sorted({f"{p}-{i:03d}" for p in "abc" for i in range(6)} - {"a-001", "a-003", "b-000", "b-005", "c-002"})
+    assert len(list((lake / "xy").glob("deletion_vector_*.bin"))) == 1
+
+    listing = list_sources(f"delta:{lake}", {}, None)
+    read = sorted(v for f in listing.files for v in read_columns(listing.location, f, ["id"]).column(0).to_pylist())
+    assert read == live
+    counts = live_row_counts(listing.location, listing.files, {f.relpath: 6 for f in listing.files}, InProcessTasks())
+    assert counts == {a: 4, b: 4, c: 5}
+    assert all(f.identity != before[f.relpath] for f in listing.files)  # each file gained a vector
+
+    DeltaTable(str(lake)).create_checkpoint()  # the descriptors now come from the checkpoint
+    delete_rows(lake, {a: [1, 3, 4]}, storage="u")  # a's vector grows (moves to a file)
+    after = {f.relpath: f for f in list_sources(f"delta:{lake}", {}, None).files}
+    assert {p for p, f in after.items() if f.identity != {g.relpath: g.identity for g in listing.files}[p]} == {a}
+    assert read_columns(listing.location, after[a], ["id"]).column(0).to_pylist() == ["a-000", "a-002", "a-005"]
+    assert deltalake_view(lake)[1][a] == [True, False, True, False, False, True]
+
+    vector_file = next((lake / "xy").glob("deletion_vector_*.bin"))  # holds b's and c's vectors
+    vector_file.write_bytes(vector_file.read_bytes()[:-1] + b"\0")  # c's CRC-32 no longer matches
+    with pytest.raises(ValueError, match="deletion vector at .*deletion_vector_.*corrupt"):
+        read_columns(listing.location, after[c], ["id"])
+
+
+def test_delta_deletion_vectors_on_s3_and_checkpoint_names(s3_endpoint, tmp_path):
+    """Vector files are found under an S3 table's root; the newest complete checkpoint is the one read."""
+    import s3fs
+
+    from pipelines.formats.input_tables import _newest_checkpoint
+
+    lake = dv_lake(tmp_path / "lake", files=2, count=4)
+    delete_rows(lake, {file_of(lake, "a"): [0, 3]}, storage="u", prefix="p1")
+    delete_rows(lake, {file_of(lake, "b"): [1]}, storage="i")
+    bucket = f"dv-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir(bucket)
+    fs.put(str(lake), f"{bucket}/docs", recursive=True)
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    listing = list_sources(f"delta:s3://{bucket}/docs", options, None)
+    read = sorted(v for f in listing.files for v in read_columns(listing.location, f, ["id"]).column(0).to_pylist())
+    assert read == deltalake_view(lake)[0] == ["a-001", "a-002", "b-000", "b-002", "b-003"]
+
+    names = [f"{7:020d}.checkpoint.0000000001.0000000002.parquet",  # multi-part, a part missing
+             f"{5:020d}.checkpoint.parquet", f"{9:020d}.checkpoint.parquet", f"{6:020d}.checkpoint.4a1c-e2.json",
+             f"{6:020d}.json"]
+    assert _newest_checkpoint(names, 8) == (6, [f"{6:020d}.checkpoint.4a1c-e2.json"])
+    assert _newest_checkpoint(names + [f"{7:020d}.checkpoint.0000000002.0000000002.parquet"], 8)[0] == 7
+    assert _newest_checkpoint(names, 4) == (-1, [])
+
+
+def test_a_delta_input_with_deletion_vectors_is_featurized_live_and_a_night_prunes_new_deletions(tiny_text_dir, tmp_path):
+    """Nights of a table whose DELETEs write deletion vectors: the deleted ids are pruned, no live row
+    is featurized again (the changed file is re-read, its rows skipped by their content hashes)."""
+    lake, output = dv_lake(tmp_path / "lake"), tmp_path / "out"
+    a, b, c = file_of(lake, "a"), file_of(lake, "b"), file_of(lake, "c")
+    delete_rows(lake, {a: [1]}, storage="i")
+    delete_rows(lake, {b: [2, 3]}, storage="u", prefix="dv")
+    first = run_featurize(config(tiny_text_dir, f"delta:{lake}", output))
+    live = deltalake_view(lake)[0]
+    assert ids_of(features(output)) == live and {"a-001", "b-002", "b-003"}.isdisjoint(live)
+    assert (first.rows_in, first.rows_written) == (15, 15)
+    before = features(output)
+
+    delete_rows(lake, {a: [1, 4], c: [0]}, storage="u")  # a's vector grows, c gains one; b is untouched
+    night = run_featurize(config(tiny_text_dir, f"delta:{lake}", output, incremental=True, prune=True))
+    live = deltalake_view(lake)[0]
+    after = features(output)
+    assert ids_of(after) == live and {"a-004", "c-000"}.isdisjoint(live) and len(live) == 13
+    assert (night.rows_in, night.rows_skipped, night.rows_written, night.rows_deleted) == (13, 13, 0, 2)
+    record = last_run(output)
+    assert (record["files_read"], record["files_unchanged"]) == (2, 1)
+    kept = before.filter(pa.compute.is_in(before.column("id"), pa.array(live)))
+    assert after.select(kept.column_names).equals(kept)  # every live row as committed, bit for bit
 
 
 def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
-    """--setup-from delta:PATH: the draw (the job's task, run as a plain function) sees no deleted row."""
-    from deltalake import DeltaTable, write_deltalake
+    """--setup-from delta:PATH: the draw (the job's task, run as a plain function) sees no deleted row,
+    whether its file was rewritten without it or its deletion vector marks it."""
+    from deltalake import DeltaTable
 
     from pipelines.setup_rows import select_setup_rows
     from pipelines.spec_resolution import resolve_spec_here
 
-    write_deltalake(str(tmp_path / "train"), rows("t", 6))
-    DeltaTable(str(tmp_path / "train")).delete("id = 't-003'")
+    train = dv_lake(tmp_path / "train", files=2, count=3)
+    DeltaTable(str(train)).delete("id = 'a-001'")  # copy-on-write: a's file rewritten
+    delete_rows(train, {file_of(train, "b"): [2]})  # b-002 in b's deletion vector
     settings = config(tiny_text_dir, tmp_path / "unused", tmp_path / "out", objectives="kl,simclr:num_negatives=8;text_views=2")
     spec = resolve_spec_here(settings)
     listing = list_sources(f"delta:{tmp_path / 'train'}", {}, None, what="setup data", flag="--setup-from")
     order, skipped, (keys, samples) = select_setup_rows(spec.json, spec.decoder, listing.location, listing.files, "id",
                                                         "text", spec.setup_rows, 1, 2)
-    assert sorted(keys) == [f"t-{i:03d}" for i in range(6) if i != 3] and not skipped and len(samples) == 5
+    assert sorted(keys) == ["a-000", "a-002", "b-000", "b-001"] == deltalake_view(train)[0]
+    assert not skipped and len(samples) == 4
