@@ -191,3 +191,58 @@ def test_a_table_on_s3_takes_a_first_run_and_a_night(tiny_text_dir, tmp_path, s3
     assert len(read_output(uri, storage_options=options, version=0)) == 12
     frame = pl.scan_delta(output.table_uri, storage_options=output.delta_options).select("id").collect()
     assert sorted(frame["id"].to_list()) == NEW_IDS
+
+
+def two_versions(tiny_text_dir: str, tmp_path: Path) -> tuple[Path, str, list[str]]:
+    """A table of version 0 (12 rows) and version 1 (one input file changed): version 0's ids."""
+    source, table_dir = lake(tmp_path / "in", files=3, rows=4), tmp_path / "table"
+    uri = f"delta:{table_dir}"
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True))
+    first = delta_rows(table_dir)
+    write_part(source, "part-0.parquet", [f"f0-{r:03d}" for r in range(4)], [f"changed {r}" for r in range(4)])
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True))
+    assert DeltaTable(str(table_dir)).version() == 1
+    return table_dir, uri, first
+
+
+def test_a_fractional_retention_keeps_the_versions_inside_it(tiny_text_dir, tmp_path):
+    """Issue 31.1: Delta counts whole hours; --retention-hours 0.9 used to become 0 and drop version 0."""
+    table_dir, uri, first = two_versions(tiny_text_dir, tmp_path)
+    assert cli_main(["vacuum", uri, "--retention-hours", "0.9"]) == 0
+    assert delta_rows(table_dir, version=0) == first  # version 1 replaced version 0 seconds ago
+    assert ids_of(read_output(uri, version=0).sort_by("id")) == first
+    assert len(list(table_dir.glob("*.parquet"))) == 4  # part-0's first file kept for version 0
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0
+    assert len(list(table_dir.glob("*.parquet"))) == 3
+
+
+def test_an_overwrite_that_keeps_a_new_column_adds_it_to_the_delta_schema(tiny_text_dir, tmp_path):
+    """Issue 31.2: every Delta reader sees a column that an --overwrite added, in the same commit."""
+    source, table_dir = tmp_path / "in", tmp_path / "table"
+    for index in range(2):
+        write_part(source, f"part-{index}.parquet", [f"f{index}-{r}" for r in range(3)],
+                   [f"text {r} of {index}" for r in range(3)], label=[f"l{r}" for r in range(3)])
+    uri = f"delta:{table_dir}"
+    run_featurize(config(tiny_text_dir, source, uri))
+    assert "label" not in DeltaTable(str(table_dir)).schema().to_arrow().names
+    run_featurize(config(tiny_text_dir, source, uri, overwrite=True, keep_columns=("label",)))
+    table = DeltaTable(str(table_dir))
+    assert "label" in table.schema().to_arrow().names
+    assert sorted(table.to_pyarrow_table(columns=["label"])["label"].to_pylist()) == ["l0", "l0", "l1", "l1", "l2", "l2"]
+    assert sorted(pl.scan_delta(str(table_dir)).select("label").collect()["label"].to_list())[0] == "l0"
+    assert read_output(uri).column("label").null_count == 0
+    assert "label" not in read_output(uri, version=0).column_names  # version 0 keeps its own columns
+
+
+def test_fungi_finds_its_table_after_many_commits_of_another_writer(tiny_text_dir, tmp_path):
+    """Issue 31.6: 120 commits that change no file (table properties) once hid fungi's last commit."""
+    table_dir, uri, _ = two_versions(tiny_text_dir, tmp_path)
+    table = DeltaTable(str(table_dir))
+    for interval in range(120):
+        table.alter.set_table_properties({"delta.checkpointInterval": str(100 + interval)})
+    assert DeltaTable(str(table_dir)).version() == 121
+    assert read_output(uri).schema.field("embedding").type.list_size == 32  # fixed-size: fungi's dims found
+    assert not open_output(uri).holds_foreign_data()
+    write_part(tmp_path / "in", "part-1.parquet", ["f1-000"], ["changed again"])
+    summary = run_featurize(config(tiny_text_dir, tmp_path / "in", uri, incremental=True))
+    assert summary.rows_written == 1 and delta_rows(table_dir).count("f1-000") == 1

@@ -120,13 +120,13 @@ class IcebergOutput(LakeTable):
             return None
         return _Version(table, snapshot)
 
-    def _commits(self, table: _Version, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        """Snapshot summaries from ``table``'s snapshot back along its parents (newest first)."""
-        snapshot, seen = table.snapshot, 0
-        while snapshot is not None and (limit is None or seen < limit):
+    def _commits(self, table: _Version) -> Iterator[dict[str, Any]]:
+        """Snapshot summaries from ``table``'s snapshot back along its parents (newest first; the table's metadata,
+        in memory: no read per snapshot)."""
+        snapshot = table.snapshot
+        while snapshot is not None:
             yield {**snapshot.summary.additional_properties, "timestamp": snapshot.timestamp_ms,
                    "version": snapshot.snapshot_id}
-            seen += 1
             parent = snapshot.parent_snapshot_id
             snapshot = table.table.snapshot_by_id(parent) if parent is not None else None
 

@@ -55,7 +55,6 @@ from pipelines.storage import Location, delete_file, delete_tree, exists, list_f
 
 log = logging.getLogger(__name__)
 VERSIONS_DIR = "_fungi_versions"  # one folder per committed run: that version's fungi manifest
-HISTORY_SCAN = 100  # commits looked at to find fungi's latest (another engine's commits may follow it)
 
 
 class CommitConflict(Exception):
@@ -95,8 +94,8 @@ class LakeTable(OutputTable):
         """The handle of the current version (or ``version``; ConfigError when it does not exist); None: no table."""
 
     @abstractmethod
-    def _commits(self, table: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        """The commits from ``table``'s version back (newest first, at most ``limit``), ending where history ends."""
+    def _commits(self, table: Any) -> Iterator[dict[str, Any]]:
+        """The commits from ``table``'s version back (newest first), ending where history ends."""
 
     @abstractmethod
     def _table_files(self, table: Any) -> set[str]:
@@ -123,10 +122,11 @@ class LakeTable(OutputTable):
 
     # -- state --------------------------------------------------------------------------------
     def _fungi_commit(self, table: Any) -> dict[str, Any] | None:
-        """What fungi's latest commit up to ``table``'s version recorded (looked for in the last commits)."""
+        """What fungi's latest commit up to ``table``'s version recorded, however many commits of other writers
+        follow it (the history walked back; a format with a pointer to it overrides this)."""
         if table is None:
             return None
-        return next((c for c in self._commits(table, HISTORY_SCAN) if RUN_PROPERTY in c), None)
+        return next((c for c in self._commits(table) if RUN_PROPERTY in c), None)
 
     def _relative(self, path: str) -> str:
         """A data file's path or URI, relative to the root."""
