@@ -246,3 +246,32 @@ def test_fungi_finds_its_table_after_many_commits_of_another_writer(tiny_text_di
     write_part(tmp_path / "in", "part-1.parquet", ["f1-000"], ["changed again"])
     summary = run_featurize(config(tiny_text_dir, tmp_path / "in", uri, incremental=True))
     assert summary.rows_written == 1 and delta_rows(table_dir).count("f1-000") == 1
+
+
+def test_a_first_run_where_every_row_fails_exits_by_the_error_fraction_and_leaves_nothing(tiny_text_dir, tmp_path,
+                                                                                       capsys):
+    """Issue 31.11: all rows failing on a new table is a run's failure (exit 1), not a bad setting (exit 2),
+    and no errors file or manifest folder of the run is left uncommitted."""
+    source, table_dir = tmp_path / "in", tmp_path / "table"
+    for index in range(2):
+        write_part(source, f"part-{index}.parquet", [f"f{index}-{r}" for r in range(5)], [""] * 5)
+    args = ["featurize", "--input", str(source), "--output", f"delta:{table_dir}", "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}", "--objectives", "kl", "--batch-size", "4", "--incremental"]
+
+    def left_behind() -> list[str]:
+        return sorted(str(p.relative_to(table_dir)) for p in table_dir.rglob("*")
+                      if p.is_file() and not p.name.startswith("_fungi_lease"))
+
+    assert cli_main(args) == 1
+    captured = capsys.readouterr()
+    assert "failed 10" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "100.0%" in errors[0] and "nothing was committed" in errors[0]
+    assert left_behind() == [] and not (table_dir / "_delta_log").exists()
+
+    assert cli_main([*args, "--max-error-fraction", "1"]) == 0  # every failure allowed: still nothing to commit
+    assert "warning:" in capsys.readouterr().err and left_behind() == []
+
+    write_part(source, "part-0.parquet", ["f0-0"], ["now some text"])
+    assert cli_main(args) == 1  # part-1's five rows still fail (5 of 6 > 0.01)
+    assert delta_rows(table_dir) == ["f0-0"]

@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.base import (
-    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, OutputTable, T,
-    restore_vectors, table_properties,
+    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, NothingToCommit,
+    OutputTable, T, restore_vectors, table_properties,
 )
 from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
 from pipelines.stages import run_of_data_file, staged_final_path
@@ -194,6 +194,9 @@ class LakeTable(OutputTable):
     def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
         """Make ``new`` the table's state in one commit of the format (see the module docstring)."""
         table = self._table()
+        if table is None and not new.data_files():  # checked before anything is written: nothing to undo
+            raise NothingToCommit(f"{self.uri}: every row failed and a new table needs one feature row; nothing was "
+                                  "committed")
         if table is not None and previous is not None and not overwrite:
             self._refuse_drift(table, previous)
         new.version = (previous.version if previous else 0) + 1
@@ -206,8 +209,6 @@ class LakeTable(OutputTable):
         current = self._table_files(table) if table is not None else set()
         keep = set(new.data_files())
         removed = sorted(current - keep) if overwrite else sorted(set(previous.data_files() if previous else ()) - keep)
-        if table is None and not added:
-            raise ConfigError(f"{self.uri}: the first run wrote no feature rows; nothing to make a table of")
         properties = {**table_properties(new, run_id), MANIFEST_PROPERTY: f"{VERSIONS_DIR}/{run_id}"}
         try:
             self._write_version(table, [name for name in added if name not in current], removed,
