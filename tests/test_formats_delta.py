@@ -275,3 +275,49 @@ def test_a_first_run_where_every_row_fails_exits_by_the_error_fraction_and_leave
     write_part(source, "part-0.parquet", ["f0-0"], ["now some text"])
     assert cli_main(args) == 1  # part-1's five rows still fail (5 of 6 > 0.01)
     assert delta_rows(table_dir) == ["f0-0"]
+
+
+def test_a_dead_runs_files_are_deleted_whatever_vacuum_removed(tiny_text_dir, tmp_path, monkeypatch):
+    """Issue 31.5: a night killed after its manifest and a first data file (commit step 2); then (a) a vacuum
+    and a night, (b) the state an older vacuum and recovery left (its staging and manifest gone, its files
+    not), (c) its manifest gone, its staging kept: nothing of the dead run survives, and the row versions
+    (fungi feast's glob) are readable again."""
+    source, table_dir = lake(tmp_path / "in", files=3, rows=4), tmp_path / "table"
+    uri = f"delta:{table_dir}"
+    run_featurize(config(tiny_text_dir, source, uri))
+    night(source)
+    with monkeypatch.context() as patch:
+        patch.setattr("pipelines.formats.base.crash_from_env", lambda: crash_at(2))
+        with pytest.raises(Crash):
+            run_featurize(config(tiny_text_dir, source, uri, incremental=True, prune=True))
+    (table_dir / "_fungi_lease.json").unlink(missing_ok=True)
+    [dead] = [p.name for p in (table_dir / "_staging").iterdir()]
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(table_dir, snapshot)
+
+    def of_dead_run() -> list[str]:
+        return sorted(str(p.relative_to(table_dir)) for p in table_dir.rglob(f"*{dead}*"))
+
+    def restart(*, drop_staging: bool) -> None:
+        shutil.rmtree(table_dir)
+        shutil.copytree(snapshot, table_dir)
+        shutil.rmtree(table_dir / "_fungi_versions" / dead)  # what an older vacuum deleted
+        if drop_staging:
+            shutil.rmtree(table_dir / "_staging")
+
+    assert any(name.endswith(".parquet") and "/" not in name for name in of_dead_run())  # a data file moved in
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0  # (a)
+    assert of_dead_run() == []
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True, prune=True))
+    assert delta_rows(table_dir) == NEW_IDS
+    assert open_output(uri).row_version_files()
+
+    restart(drop_staging=True)  # (b)
+    with pytest.raises(ConfigError, match="fungi vacuum"):
+        open_output(uri).row_version_files()
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0
+    assert of_dead_run() == [] and open_output(uri).row_version_files()
+
+    restart(drop_staging=False)  # (c)
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True, prune=True))
+    assert of_dead_run() == [] and delta_rows(table_dir) == NEW_IDS

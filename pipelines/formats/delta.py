@@ -166,10 +166,11 @@ class DeltaOutput(LakeTable):
         return table.to_pyarrow_table(columns=columns)
 
     def _vacuum_table(self, table: Any, retention_hours: float) -> int:
-        """Delta's VACUUM of the files removed from the log before the retention.
+        """Delta's full VACUUM: the files removed from the log before the retention, and the files the log never
+        named (a dead run's) older than it.
 
         Delta counts the retention in whole hours: a fractional one is rounded up (a file is kept a little
         longer, never less long), so every version inside the retention stays readable.
         """
         hours = math.ceil(retention_hours)
-        return len(table.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False))
+        return len(table.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True))

@@ -49,12 +49,13 @@ from pipelines.formats.base import (
     DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, NothingToCommit,
     OutputTable, T, restore_vectors, table_properties,
 )
-from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
+from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX, Manifest, read_manifest, write_header, write_sources_table
 from pipelines.stages import run_of_data_file, staged_final_path
-from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files, write_atomic
 
 log = logging.getLogger(__name__)
 VERSIONS_DIR = "_fungi_versions"  # one folder per committed run: that version's fungi manifest
+COMMITTING_MARKER = "committing"  # in a run's staging area from its commit's start: an emptied folder vanishes on S3
 
 
 class CommitConflict(Exception):
@@ -118,7 +119,7 @@ class LakeTable(OutputTable):
     @abstractmethod
     def _vacuum_table(self, table: Any, retention_hours: float) -> int:
         """Forget versions older than the retention (the current one kept), delete the data files only they
-        read; the number of data files deleted."""
+        read and those no version reads that are older than the retention; the number of data files deleted."""
 
     # -- state --------------------------------------------------------------------------------
     def _fungi_commit(self, table: Any) -> dict[str, Any] | None:
@@ -154,20 +155,25 @@ class LakeTable(OutputTable):
         """Undo what dead runs left (their moved-in files, manifests, staging), then check the lineage."""
         table = self._table()
         commit = self._fungi_commit(table)
-        committed_run = commit[RUN_PROPERTY] if commit else None
-        staging_root = self.location.child_path(STAGING_DIR)
-        if exists(self.fs, staging_root):
-            for info in self.fs.get_file_info(pafs.FileSelector(staging_root)):
-                dead = posixpath.basename(info.path)
-                if dead == run_id:
-                    continue
-                if dead != committed_run:
-                    self._forget(dead)
-                delete_tree(self.fs, info.path)
+        self._clear_dead_runs(table, commit[RUN_PROPERTY] if commit else None, live_run=run_id)
         manifest = read_manifest(self.location.join(commit[MANIFEST_PROPERTY])) if commit else None
         if manifest is not None and not tolerate_unreadable:
             self._refuse_drift(table, manifest)
         return manifest
+
+    def _clear_dead_runs(self, table: Any, committed_run: str | None, live_run: str | None = None) -> None:
+        """Under the lease: forget every run with a staging area but ``live_run`` (a run that died before its
+        commit point; ``committed_run`` died after it, and only its staging is deleted)."""
+        staging_root = self.location.child_path(STAGING_DIR)
+        if not exists(self.fs, staging_root):
+            return
+        for info in self.fs.get_file_info(pafs.FileSelector(staging_root)):
+            dead = posixpath.basename(info.path)
+            if dead == live_run:
+                continue
+            if dead != committed_run:
+                self._forget(dead, table)
+            delete_tree(self.fs, info.path)
 
     def _refuse_drift(self, table: Any, manifest: Manifest) -> None:
         """ConfigError when the table's files are not those fungi's manifest names (another engine rewrote them)."""
@@ -180,15 +186,21 @@ class LakeTable(OutputTable):
                 "rebuild with --overwrite"
             )
 
-    def _forget(self, run_id: str) -> None:
-        """Delete the files a run that never committed moved in, and its manifest folder."""
-        folder = self.location.join(VERSIONS_DIR, run_id)
-        if exists(self.fs, folder.child_path("_fungi_manifest.json")):
-            rows = read_manifest(folder).sources.to_pylist()
-            for name in (n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
-                delete_file(self.fs, self.location.child_path(name))
+    def _forget(self, run_id: str, table: Any) -> None:
+        """Delete the files a run that never committed moved in, and its manifest folder.
+
+        Its files are found by the run id in their names (:func:`run_of_data_file`: the data folder
+        and ``_errors/`` are listed), so none is missed whatever deleted its manifest (a vacuum,
+        a kill before the manifest was whole); a file ``table``'s version reads is never deleted.
+        """
+        referenced = self._table_files(table) if table is not None else set()
+        for folder in {self.data_folder, self.location.child_path(ERRORS_DIR)}:
+            for info in list_files(self.fs, folder):
+                name = self._relative(info.path)
+                if run_of_data_file(info.base_name.removesuffix(INTERNAL_SUFFIX)) == run_id and name not in referenced:
+                    delete_file(self.fs, info.path)
         log.warning("deleting what run %s left: it died before its commit", run_id)
-        delete_tree(self.fs, folder.path)
+        delete_tree(self.fs, self.location.child_path(VERSIONS_DIR, run_id))
 
     # -- commit -------------------------------------------------------------------------------
     def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
@@ -201,6 +213,7 @@ class LakeTable(OutputTable):
             self._refuse_drift(table, previous)
         new.version = (previous.version if previous else 0) + 1
         new.pending = None
+        write_atomic(self.fs, self.staging_area(run_id).child_path(COMMITTING_MARKER), b"")  # findable until deleted
         folder = self.location.join(VERSIONS_DIR, run_id)
         write_sources_table(folder, new)
         write_header(folder, new)
@@ -214,7 +227,7 @@ class LakeTable(OutputTable):
             self._write_version(table, [name for name in added if name not in current], removed,
                                 {k: str(v) for k, v in properties.items()}, overwrite=overwrite)
         except CommitConflict as exc:
-            self._forget(run_id)
+            self._forget(run_id, self._table())
             raise ConfigError(
                 f"{self.uri} changed since this run read it (another writer committed): nothing was committed; "
                 f"run again ({exc})"
@@ -273,8 +286,8 @@ class LakeTable(OutputTable):
 
         :class:`ConfigError` names the first file that glob would read wrongly: one of
         another spec (kept after an ``--overwrite`` until vacuum), or one no kept commit of
-        fungi's added (a killed run's, which the next ``fungi featurize`` deletes; another
-        engine's).
+        fungi's added (a killed run's, which the next ``fungi featurize`` or ``fungi vacuum``
+        deletes; another engine's).
         """
         table = self._existing(None)
         latest = self._fungi_commit(table)
@@ -287,7 +300,8 @@ class LakeTable(OutputTable):
             if run not in spec_of_run:
                 raise ConfigError(
                     f"{self.uri}: {info.base_name} is in the table's folder but no kept commit of fungi added it "
-                    "(a killed run's: the next `fungi featurize` on this output deletes it; or another engine's): "
+                    "(a killed run's: the next `fungi featurize` or `fungi vacuum` on this output deletes it; or "
+                    "another engine's): "
                     "the row versions cannot be read by a glob; serve the current version only"
                 )
             if spec_of_run[run] != latest.get(SPEC_HASH_PROPERTY):
@@ -303,11 +317,15 @@ class LakeTable(OutputTable):
         """The format's vacuum of versions older than the retention, then fungi's files no kept version names.
 
         Kept: the manifest folders and error files of fungi's commits within the retention
-        and of its latest commit; the setup state of the current spec.
+        and of its latest commit; the setup state of the current spec. Dead runs are forgotten
+        first (:meth:`_clear_dead_runs`, as the next run would), so no vacuum deletes what
+        their recovery needs; a data file no version reads (a dead run's whose staging is
+        gone) is the format's vacuum's to delete.
         """
         table = self._existing(None)
         cutoff = (time.time() - retention_hours * 3600) * 1000
         commits = [c for c in self._commits(table) if RUN_PROPERTY in c]  # newest first, read before expiring
+        self._clear_dead_runs(table, commits[0][RUN_PROPERTY] if commits else None)
         counts = {"data files": self._vacuum_table(table, retention_hours), "manifests": 0, "error files": 0,
                   "setup states": 0}
         kept = {c[MANIFEST_PROPERTY] for c in commits if c["timestamp"] >= cutoff} | {commits[0][MANIFEST_PROPERTY]}
