@@ -167,13 +167,12 @@ class LakeTable(OutputTable):
         staging_root = self.location.child_path(STAGING_DIR)
         if not exists(self.fs, staging_root):
             return
-        for info in self.fs.get_file_info(pafs.FileSelector(staging_root)):
-            dead = posixpath.basename(info.path)
-            if dead == live_run:
-                continue
-            if dead != committed_run:
-                self._forget(dead, table)
-            delete_tree(self.fs, info.path)
+        areas = {posixpath.basename(info.path): info.path
+                 for info in self.fs.get_file_info(pafs.FileSelector(staging_root))}
+        areas.pop(live_run, None)
+        self._forget(set(areas) - {committed_run}, table)
+        for path in areas.values():
+            delete_tree(self.fs, path)
 
     def _refuse_drift(self, table: Any, manifest: Manifest) -> None:
         """ConfigError when the table's files are not those fungi's manifest names (another engine rewrote them)."""
@@ -186,21 +185,25 @@ class LakeTable(OutputTable):
                 "rebuild with --overwrite"
             )
 
-    def _forget(self, run_id: str, table: Any) -> None:
-        """Delete the files a run that never committed moved in, and its manifest folder.
+    def _forget(self, runs: set[str], table: Any) -> None:
+        """Delete the files that runs which never committed moved in, and their manifest folders.
 
-        Its files are found by the run id in their names (:func:`run_of_data_file`: the data folder
-        and ``_errors/`` are listed), so none is missed whatever deleted its manifest (a vacuum,
-        a kill before the manifest was whole); a file ``table``'s version reads is never deleted.
+        Their files are found by the run id in their names (:func:`run_of_data_file`: the data
+        folder and ``_errors/`` are listed once), so none is missed whatever deleted a run's
+        manifest (a vacuum, a kill before it was whole); a file ``table``'s version reads is never
+        deleted.
         """
+        if not runs:
+            return
+        log.warning("deleting what run(s) %s left: they died before their commit", ", ".join(sorted(runs)))
         referenced = self._table_files(table) if table is not None else set()
         for folder in {self.data_folder, self.location.child_path(ERRORS_DIR)}:
             for info in list_files(self.fs, folder):
-                name = self._relative(info.path)
-                if run_of_data_file(info.base_name.removesuffix(INTERNAL_SUFFIX)) == run_id and name not in referenced:
+                run = run_of_data_file(info.base_name.removesuffix(INTERNAL_SUFFIX))
+                if run in runs and self._relative(info.path) not in referenced:
                     delete_file(self.fs, info.path)
-        log.warning("deleting what run %s left: it died before its commit", run_id)
-        delete_tree(self.fs, self.location.child_path(VERSIONS_DIR, run_id))
+        for run in runs:
+            delete_tree(self.fs, self.location.child_path(VERSIONS_DIR, run))
 
     # -- commit -------------------------------------------------------------------------------
     def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
@@ -227,7 +230,7 @@ class LakeTable(OutputTable):
             self._write_version(table, [name for name in added if name not in current], removed,
                                 {k: str(v) for k, v in properties.items()}, overwrite=overwrite)
         except CommitConflict as exc:
-            self._forget(run_id, self._table())
+            self._forget({run_id}, self._table())
             raise ConfigError(
                 f"{self.uri} changed since this run read it (another writer committed): nothing was committed; "
                 f"run again ({exc})"
