@@ -151,8 +151,8 @@ class DeltaOutput(LakeTable):
                                               storage_options=self.delta_options, commit_properties=commit_properties)
                 return
             if overwrite and added and set(removed) == self._table_files(table):
-                table.create_write_transaction(adds, mode="overwrite", schema=Schema.from_arrow(self._file_schema(added[0])),
-                                               commit_properties=commit_properties)
+                schema = Schema.from_arrow(self._file_schema(added[0]))
+                table.create_write_transaction(adds, mode="overwrite", schema=schema, commit_properties=commit_properties)
                 return
             now = int(time.time() * 1000)
             actions = [*adds, *(RemoveAction(name, True, now) for name in removed)]
