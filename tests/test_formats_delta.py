@@ -266,7 +266,8 @@ def test_a_first_run_where_every_row_fails_exits_by_the_error_fraction_and_leave
     captured = capsys.readouterr()
     assert "failed 10" in captured.out
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "100.0%" in errors[0] and "nothing was committed" in errors[0]
+    assert len(errors) == 1 and "100.0%" in errors[0]
+    assert "(10 failed)" in errors[0] and "nothing was committed" in errors[0]
     assert left_behind() == [] and not (table_dir / "_delta_log").exists()
 
     assert cli_main([*args, "--max-error-fraction", "1"]) == 0  # every failure allowed: still nothing to commit

@@ -210,8 +210,8 @@ class LakeTable(OutputTable):
         """Make ``new`` the table's state in one commit of the format (see the module docstring)."""
         table = self._table()
         if table is None and not new.data_files():  # checked before anything is written: nothing to undo
-            raise NothingToCommit(f"{self.uri}: every row failed and a new table needs one feature row; nothing was "
-                                  "committed")
+            raise NothingToCommit(f"{self.uri}: no row was featurized ({new.errors} failed) and a new table needs one "
+                                  "feature row: nothing was committed")
         if table is not None and previous is not None and not overwrite:
             self._refuse_drift(table, previous)
         new.version = (previous.version if previous else 0) + 1
