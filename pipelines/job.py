@@ -42,7 +42,7 @@ import pyarrow as pa
 from fungi_ops.errors import ConfigError, FungiError
 from pipelines.config import FeaturizeConfig, spec_settings
 from pipelines.formats import open_output
-from pipelines.formats.base import STAGING_DIR
+from pipelines.formats.base import STAGING_DIR, NothingToCommit
 from pipelines.formats.folder import history_location, history_name
 from pipelines.formats.input_tables import InputListing, file_schemas, input_location, list_sources, live_row_counts
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
@@ -346,7 +346,11 @@ class FeaturizeJob:
         record.input_version = self.listing.version
         manifest.runs.append(record)
         lease.check()
-        self.table.commit(manifest, previous, self.run_id, overwrite=self.config.overwrite)
+        try:
+            self.table.commit(manifest, previous, self.run_id, overwrite=self.config.overwrite)
+        except NothingToCommit as exc:  # the exit code follows --max-error-fraction, as for any failed rows
+            delete_tree(self.output.filesystem(), self.staging.path)
+            summary.uncommitted = str(exc)
         return summary
 
 

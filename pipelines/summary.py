@@ -47,6 +47,7 @@ class RunSummary:
     wall_s: float
     max_error_fraction: float
     files_failed: list[str] = dataclasses.field(default_factory=list)
+    uncommitted: str | None = None  # why the run committed nothing (a new table with no feature row), if it did not
     first_write_s: float | None = None
     steady_rows_per_s: float | None = None
 

@@ -191,3 +191,134 @@ def test_a_table_on_s3_takes_a_first_run_and_a_night(tiny_text_dir, tmp_path, s3
     assert len(read_output(uri, storage_options=options, version=0)) == 12
     frame = pl.scan_delta(output.table_uri, storage_options=output.delta_options).select("id").collect()
     assert sorted(frame["id"].to_list()) == NEW_IDS
+
+
+def two_versions(tiny_text_dir: str, tmp_path: Path) -> tuple[Path, str, list[str]]:
+    """A table of version 0 (12 rows) and version 1 (one input file changed): version 0's ids."""
+    source, table_dir = lake(tmp_path / "in", files=3, rows=4), tmp_path / "table"
+    uri = f"delta:{table_dir}"
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True))
+    first = delta_rows(table_dir)
+    write_part(source, "part-0.parquet", [f"f0-{r:03d}" for r in range(4)], [f"changed {r}" for r in range(4)])
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True))
+    assert DeltaTable(str(table_dir)).version() == 1
+    return table_dir, uri, first
+
+
+def test_a_fractional_retention_keeps_the_versions_inside_it(tiny_text_dir, tmp_path):
+    """Issue 31.1: Delta counts whole hours; --retention-hours 0.9 used to become 0 and drop version 0."""
+    table_dir, uri, first = two_versions(tiny_text_dir, tmp_path)
+    assert cli_main(["vacuum", uri, "--retention-hours", "0.9"]) == 0
+    assert delta_rows(table_dir, version=0) == first  # version 1 replaced version 0 seconds ago
+    assert ids_of(read_output(uri, version=0).sort_by("id")) == first
+    assert len(list(table_dir.glob("*.parquet"))) == 4  # part-0's first file kept for version 0
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0
+    assert len(list(table_dir.glob("*.parquet"))) == 3
+
+
+def test_an_overwrite_that_keeps_a_new_column_adds_it_to_the_delta_schema(tiny_text_dir, tmp_path):
+    """Issue 31.2: every Delta reader sees a column that an --overwrite added, in the same commit."""
+    source, table_dir = tmp_path / "in", tmp_path / "table"
+    for index in range(2):
+        write_part(source, f"part-{index}.parquet", [f"f{index}-{r}" for r in range(3)],
+                   [f"text {r} of {index}" for r in range(3)], label=[f"l{r}" for r in range(3)])
+    uri = f"delta:{table_dir}"
+    run_featurize(config(tiny_text_dir, source, uri))
+    assert "label" not in DeltaTable(str(table_dir)).schema().to_arrow().names
+    run_featurize(config(tiny_text_dir, source, uri, overwrite=True, keep_columns=("label",)))
+    table = DeltaTable(str(table_dir))
+    assert "label" in table.schema().to_arrow().names
+    assert sorted(table.to_pyarrow_table(columns=["label"])["label"].to_pylist()) == ["l0", "l0", "l1", "l1", "l2", "l2"]
+    assert sorted(pl.scan_delta(str(table_dir)).select("label").collect()["label"].to_list())[0] == "l0"
+    assert read_output(uri).column("label").null_count == 0
+    assert "label" not in read_output(uri, version=0).column_names  # version 0 keeps its own columns
+
+
+def test_fungi_finds_its_table_after_many_commits_of_another_writer(tiny_text_dir, tmp_path):
+    """Issue 31.6: 120 commits that change no file (table properties) once hid fungi's last commit."""
+    table_dir, uri, _ = two_versions(tiny_text_dir, tmp_path)
+    table = DeltaTable(str(table_dir))
+    for interval in range(120):
+        table.alter.set_table_properties({"delta.checkpointInterval": str(100 + interval)})
+    assert DeltaTable(str(table_dir)).version() == 121
+    assert read_output(uri).schema.field("embedding").type.list_size == 32  # fixed-size: fungi's dims found
+    assert not open_output(uri).holds_foreign_data()
+    write_part(tmp_path / "in", "part-1.parquet", ["f1-000"], ["changed again"])
+    summary = run_featurize(config(tiny_text_dir, tmp_path / "in", uri, incremental=True))
+    assert summary.rows_written == 1 and delta_rows(table_dir).count("f1-000") == 1
+
+
+def test_a_first_run_where_every_row_fails_exits_by_the_error_fraction_and_leaves_nothing(tiny_text_dir, tmp_path,
+                                                                                       capsys):
+    """Issue 31.11: all rows failing on a new table is a run's failure (exit 1), not a bad setting (exit 2),
+    and no errors file or manifest folder of the run is left uncommitted."""
+    source, table_dir = tmp_path / "in", tmp_path / "table"
+    for index in range(2):
+        write_part(source, f"part-{index}.parquet", [f"f{index}-{r}" for r in range(5)], [""] * 5)
+    args = ["featurize", "--input", str(source), "--output", f"delta:{table_dir}", "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}", "--objectives", "kl", "--batch-size", "4", "--incremental"]
+
+    def left_behind() -> list[str]:
+        return sorted(str(p.relative_to(table_dir)) for p in table_dir.rglob("*")
+                      if p.is_file() and not p.name.startswith("_fungi_lease"))
+
+    assert cli_main(args) == 1
+    captured = capsys.readouterr()
+    assert "failed 10" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "100.0%" in errors[0]
+    assert "(10 failed)" in errors[0] and "nothing was committed" in errors[0]
+    assert left_behind() == [] and not (table_dir / "_delta_log").exists()
+
+    assert cli_main([*args, "--max-error-fraction", "1"]) == 0  # every failure allowed: still nothing to commit
+    assert "warning:" in capsys.readouterr().err and left_behind() == []
+
+    write_part(source, "part-0.parquet", ["f0-0"], ["now some text"])
+    assert cli_main(args) == 1  # part-1's five rows still fail (5 of 6 > 0.01)
+    assert delta_rows(table_dir) == ["f0-0"]
+
+
+def test_a_dead_runs_files_are_deleted_whatever_vacuum_removed(tiny_text_dir, tmp_path, monkeypatch):
+    """Issue 31.5: a night killed after its manifest and a first data file (commit step 2); then (a) a vacuum
+    and a night, (b) the state an older vacuum and recovery left (its staging and manifest gone, its files
+    not), (c) its manifest gone, its staging kept: nothing of the dead run survives, and the row versions
+    (fungi feast's glob) are readable again."""
+    source, table_dir = lake(tmp_path / "in", files=3, rows=4), tmp_path / "table"
+    uri = f"delta:{table_dir}"
+    run_featurize(config(tiny_text_dir, source, uri))
+    night(source)
+    with monkeypatch.context() as patch:
+        patch.setattr("pipelines.formats.base.crash_from_env", lambda: crash_at(2))
+        with pytest.raises(Crash):
+            run_featurize(config(tiny_text_dir, source, uri, incremental=True, prune=True))
+    (table_dir / "_fungi_lease.json").unlink(missing_ok=True)
+    [dead] = [p.name for p in (table_dir / "_staging").iterdir()]
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(table_dir, snapshot)
+
+    def of_dead_run() -> list[str]:
+        return sorted(str(p.relative_to(table_dir)) for p in table_dir.rglob(f"*{dead}*"))
+
+    def restart(*, drop_staging: bool) -> None:
+        shutil.rmtree(table_dir)
+        shutil.copytree(snapshot, table_dir)
+        shutil.rmtree(table_dir / "_fungi_versions" / dead)  # what an older vacuum deleted
+        if drop_staging:
+            shutil.rmtree(table_dir / "_staging")
+
+    assert any(name.endswith(".parquet") and "/" not in name for name in of_dead_run())  # a data file moved in
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0  # (a)
+    assert of_dead_run() == []
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True, prune=True))
+    assert delta_rows(table_dir) == NEW_IDS
+    assert open_output(uri).row_version_files()
+
+    restart(drop_staging=True)  # (b)
+    with pytest.raises(ConfigError, match="fungi vacuum"):
+        open_output(uri).row_version_files()
+    assert cli_main(["vacuum", uri, "--retention-hours", "0"]) == 0
+    assert of_dead_run() == [] and open_output(uri).row_version_files()
+
+    restart(drop_staging=False)  # (c)
+    run_featurize(config(tiny_text_dir, source, uri, incremental=True, prune=True))
+    assert of_dead_run() == [] and delta_rows(table_dir) == NEW_IDS

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from lakes import Crash, config, crash_at, ids_of, lake
+from lakes import Crash, config, crash_at, ids_of, lake, write_part
 from test_formats_delta import NEW_IDS, night
 from fungi_ops.errors import ConfigError
 from pipelines.cli import main as cli_main
@@ -217,3 +217,20 @@ def test_a_warehouse_on_s3_takes_a_first_run_and_a_night(tiny_text_dir, tmp_path
     for task in table.scan().plan_files():
         assert task.file.file_path.startswith(f"s3://{bucket}/") and s3.exists(task.file.file_path)
     assert not s3.exists(f"{table.metadata.location}/_staging")  # the night's staging area is gone
+
+
+def test_an_overwrite_that_drops_a_column_keeps_the_older_snapshots_readable(tiny_text_dir, tmp_path, warehouse):
+    """Issue 31.3: --keep-columns label, then --overwrite with another spec and no label: the name mapping
+    keeps label's entry, so the first snapshot's files (no field ids) are read whole (time travel)."""
+    source = tmp_path / "in"
+    for index in range(2):
+        write_part(source, f"part-{index}.parquet", [f"f{index}-{r}" for r in range(3)],
+                   [f"text {r} of {index}" for r in range(3)], label=[f"l{r}" for r in range(3)])
+    run_featurize(config(tiny_text_dir, source, URI, keep_columns=("label",)))
+    first = iceberg_table().current_snapshot().snapshot_id
+    run_featurize(config(tiny_text_dir, source, URI, overwrite=True, projection_dim=32, seed=7))
+    assert "label" not in iceberg_table().schema().column_names
+    old = read_output(URI, version=first)
+    assert sorted(old.column("label").to_pylist()) == ["l0", "l0", "l1", "l1", "l2", "l2"]
+    assert iceberg_table().scan(snapshot_id=first).to_arrow().column("label").null_count == 0
+    assert "label" not in read_output(URI).column_names and read_output(URI).num_rows == 6

@@ -328,3 +328,28 @@ def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
                                                         "text", spec.setup_rows, 1, 2)
     assert sorted(keys) == ["a-000", "a-002", "b-000", "b-001"] == deltalake_view(train)[0]
     assert not skipped and len(samples) == 4
+
+
+def test_a_renamed_column_of_files_without_field_ids_is_read_through_the_name_mapping(tiny_text_dir, tmp_path):
+    """Issue 31.4: files added with add_files carry no field ids; after ``text`` -> ``body`` the older file's
+    rows are read through the table's name mapping (as pyiceberg reads them), not as nulls."""
+    from pipelines.formats.address import load_catalog
+
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    catalog_text = json.dumps({"type": "sql", "uri": f"sqlite:///{warehouse}/catalog.db", "warehouse": f"file://{warehouse}"})
+    catalog = load_catalog(catalog_text)
+    catalog.create_namespace("inp")
+    table = catalog.create_table("inp.ren", schema=rows("a", 1).schema)
+    pq.write_table(rows("a", 10), tmp_path / "f1.parquet")
+    table.add_files([str(tmp_path / "f1.parquet")])
+    with table.update_schema() as update:
+        update.rename_column("text", "body")
+    pq.write_table(rows("b", 5).rename_columns(["id", "body"]), tmp_path / "f2.parquet")
+    table.add_files([str(tmp_path / "f2.parquet")])
+    assert table.scan().to_arrow().column("body").null_count == 0  # pyiceberg's own reader
+
+    output = tmp_path / "out"
+    summary = run_featurize(config(tiny_text_dir, "iceberg:inp.ren", output, catalog=catalog_text, data_column="body"))
+    assert (summary.rows_written, summary.rows_failed) == (15, 0)
+    assert ids_of(features(output)) == sorted(table.scan().to_arrow().column("id").to_pylist())

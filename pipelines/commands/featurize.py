@@ -221,9 +221,12 @@ def run(args: argparse.Namespace) -> int:
     for message in summary.files_failed:
         print(f"error: {message}; this file was not committed (its previous features are kept)", file=sys.stderr)
     if summary.failed_fraction > summary.max_error_fraction:
+        where = summary.uncommitted or f"see {summary.output}/_errors/"
         print(
             f"error: {summary.failed_fraction:.1%} of the rows featurized failed for the first time (> --max-error-fraction "
-            f"{summary.max_error_fraction}); see {summary.output}/_errors/",
+            f"{summary.max_error_fraction}); {where}",
             file=sys.stderr,
         )
+    elif summary.uncommitted:
+        print(f"warning: {summary.uncommitted}", file=sys.stderr)
     return 0 if summary.ok else 1

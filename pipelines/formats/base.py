@@ -62,6 +62,11 @@ def crash_from_env() -> Fault | None:
     return crash
 
 
+class NothingToCommit(Exception):
+    """A run of a table output that has no table yet wrote no feature row (every row failed): a table's
+    columns come from its first data file, so nothing is committed and nothing of the run is left."""
+
+
 class OutputTable(ABC):
     """An output in some format: its committed state, its commit, its readers.
 

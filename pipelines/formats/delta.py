@@ -6,12 +6,17 @@ counts and min/max of ``id``, for file skipping) and the remove actions of the f
 supersede, its commit info carrying fungi's properties. On S3 the commit is a conditional put
 (no lock service). Fungi reads its commit infos from the log's own files
 (``_delta_log/<version>.json``) rather than through ``DeltaTable.history``, whose listing of
-the log never returns on some S3 stores (moto's). Vectors are ``list<float>``: Polars refuses
-a file whose type is not the table's.
+the log never returns on some S3 stores (moto's). Each fungi commit also carries a Delta
+application transaction (``txn``, app id ``fungi``) whose version is the Delta version of that
+commit: the table's state keeps it (checkpoints included) whatever other writers commit after
+it, so fungi finds its latest commit in one read, not by walking the history back. An
+``--overwrite`` replaces the table's schema in its commit (a kept column added, a dropped one
+gone). Vectors are ``list<float>``: Polars refuses a file whose type is not the table's.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Iterator
 
@@ -19,10 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.base import Fault
+from pipelines.formats.base import RUN_PROPERTY, Fault
 from pipelines.formats.input_tables import delta_storage_options
 from pipelines.formats.table import CommitConflict, LakeTable
 from pipelines.storage import Location, read_bytes
+
+
+APP_ID = "fungi"  # the Delta application transaction whose version is fungi's latest commit
 
 
 class DeltaOutput(LakeTable):
@@ -76,14 +84,25 @@ class DeltaOutput(LakeTable):
                 return {**action["commitInfo"], "version": version}
         return {"version": version}
 
-    def _commits(self, table: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def _commits(self, table: Any) -> Iterator[dict[str, Any]]:
         """Commit infos from ``table``'s version back (newest first), ending where the log was cleaned up."""
-        oldest = 0 if limit is None else max(0, table.version() - limit + 1)
-        for version in range(table.version(), oldest - 1, -1):
+        for version in range(table.version(), -1, -1):
             commit = self._commit_info(version)
             if commit is None:
                 return
             yield commit
+
+    def _fungi_commit(self, table: Any) -> dict[str, Any] | None:
+        """Fungi's latest commit up to ``table``'s version: the one its ``fungi`` transaction names (one log
+        read, however many commits other writers made since); the history walked back for a table whose
+        fungi commits predate that transaction."""
+        if table is None:
+            return None
+        version = table.transaction_version(APP_ID)
+        commit = self._commit_info(version) if version is not None and version <= table.version() else None
+        if commit is not None and RUN_PROPERTY in commit:
+            return commit
+        return super()._fungi_commit(table)
 
     def _table_files(self, table: Any) -> set[str]:
         """Paths (relative to the root) of the data files of a table version."""
@@ -113,17 +132,27 @@ class DeltaOutput(LakeTable):
 
     def _write_version(self, table: Any, added: list[str], removed: list[str], properties: dict[str, str], *,
                        overwrite: bool) -> None:
-        """One Delta version: the table's creation with its files, or one transaction of adds and removes."""
+        """One Delta version: the table's creation with its files, or one transaction of adds and removes.
+
+        An ``--overwrite`` that keeps none of the current files is a Delta overwrite (every current file
+        removed) with the new files' schema: the table's columns become theirs in the same commit.
+        """
         from deltalake import Schema
         from deltalake.exceptions import CommitFailedError
-        from deltalake.transaction import CommitProperties, RemoveAction, create_table_with_add_actions
+        from deltalake.transaction import CommitProperties, RemoveAction, Transaction, create_table_with_add_actions
 
-        commit_properties = CommitProperties(custom_metadata=properties)
+        version = 0 if table is None else table.version() + 1  # a concurrent commit of that version fails ours
+        commit_properties = CommitProperties(custom_metadata=properties,
+                                             app_transactions=[Transaction(app_id=APP_ID, version=version)])
         adds = [self._add(name) for name in added]
         try:
             if table is None:
                 create_table_with_add_actions(self.table_uri, Schema.from_arrow(self._file_schema(added[0])), adds, mode="error",
                                               storage_options=self.delta_options, commit_properties=commit_properties)
+                return
+            if overwrite and added and set(removed) == self._table_files(table):
+                schema = Schema.from_arrow(self._file_schema(added[0]))
+                table.create_write_transaction(adds, mode="overwrite", schema=schema, commit_properties=commit_properties)
                 return
             now = int(time.time() * 1000)
             actions = [*adds, *(RemoveAction(name, True, now) for name in removed)]
@@ -137,5 +166,11 @@ class DeltaOutput(LakeTable):
         return table.to_pyarrow_table(columns=columns)
 
     def _vacuum_table(self, table: Any, retention_hours: float) -> int:
-        """Delta's VACUUM of the files removed from the log before the retention."""
-        return len(table.vacuum(retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False))
+        """Delta's full VACUUM: the files removed from the log before the retention, and the files the log never
+        named (a dead run's) older than it.
+
+        Delta counts the retention in whole hours: a fractional one is rounded up (a file is kept a little
+        longer, never less long), so every version inside the retention stays readable.
+        """
+        hours = math.ceil(retention_hours)
+        return len(table.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True))

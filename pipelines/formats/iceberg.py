@@ -15,8 +15,9 @@ the table in that same commit (``create_table_transaction``): a kill before it l
   ``add_files``; Spark, Trino, pyiceberg and Polars read them through it.
 * ``commit.retry.num-retries`` is 0: a concurrent commit fails ours (pyiceberg's
   ``CommitFailedException``) instead of being retried over a state this run never planned.
-* ``--overwrite`` with another spec may change the columns: the table's schema is replaced
-  in the same commit.
+* ``--overwrite`` with another spec may change the columns: the table's schema is evolved
+  in the same commit, and the name mapping keeps a dropped column's name for the older
+  snapshots (time travel across the change).
 * Time travel: a snapshot id (``fungi eval --version``, :func:`pipelines.formats.read_output`).
 """
 from __future__ import annotations
@@ -120,13 +121,13 @@ class IcebergOutput(LakeTable):
             return None
         return _Version(table, snapshot)
 
-    def _commits(self, table: _Version, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        """Snapshot summaries from ``table``'s snapshot back along its parents (newest first)."""
-        snapshot, seen = table.snapshot, 0
-        while snapshot is not None and (limit is None or seen < limit):
+    def _commits(self, table: _Version) -> Iterator[dict[str, Any]]:
+        """Snapshot summaries from ``table``'s snapshot back along its parents (newest first; the table's metadata,
+        in memory: no read per snapshot)."""
+        snapshot = table.snapshot
+        while snapshot is not None:
             yield {**snapshot.summary.additional_properties, "timestamp": snapshot.timestamp_ms,
                    "version": snapshot.snapshot_id}
-            seen += 1
             parent = snapshot.parent_snapshot_id
             snapshot = table.table.snapshot_by_id(parent) if parent is not None else None
 
@@ -179,19 +180,23 @@ class IcebergOutput(LakeTable):
         return transaction
 
     def _replace_schema(self, transaction: Any, first_file: str | None) -> None:
-        """``--overwrite``: make the table's columns those of the new files (a new spec may change them)."""
+        """``--overwrite``: make the table's columns those of the new files (a new spec may change them).
+
+        pyiceberg's schema update keeps the name mapping's entries of a dropped column (as Iceberg's
+        own engines do): the older snapshots' files, which carry no field ids, are read through the
+        table's one mapping, so time travel to a snapshot before the change still finds that column.
+        """
         if first_file is None:
             return
         schema = self._file_schema(first_file)
         current = transaction.table_metadata.schema()
         if current.as_arrow().equals(_iceberg_arrow(schema), check_metadata=False):
             return
-        with transaction.update_schema(allow_incompatible_changes=True) as update:
+        with transaction.update_schema(allow_incompatible_changes=True) as update:  # updates the name mapping too
             for field in current.fields:
                 if field.name not in schema.names:
                     update.delete_column(field.name)
             update.union_by_name(schema)
-        transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
 
     def _data_file(self, transaction: Any, name: str) -> Any:
         """The Iceberg DataFile of one of our files: size, row count and column statistics from its footer."""

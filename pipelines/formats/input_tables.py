@@ -62,12 +62,15 @@ class IcebergRead:
     ``data_uri`` is the file's path as the table's delete files name it; ``deletes`` the
     positional delete files that apply to it (paths on the input's filesystem);
     ``field_ids`` the table's column names and Iceberg field ids, so that a file written
-    before a column was renamed is read by field id, not by its old name.
+    before a column was renamed is read by field id, not by its old name; ``name_mapping``
+    the table's name mapping (``schema.name-mapping.default``: each field id's names, the old
+    ones included), how a file without field ids (one added with ``add_files``) is read.
     """
 
     data_uri: str
     deletes: tuple[str, ...]
     field_ids: tuple[tuple[str, int], ...]
+    name_mapping: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -333,13 +336,15 @@ def _list_iceberg(address: TableAddress, storage_options: dict[str, Any], catalo
             raise
         raise ConfigError(_equality_message(address)) from None
     field_ids = tuple((f.name, f.field_id) for f in table.schema().fields)
-    files = [iceberg_source(task, location, field_ids, address) for task in tasks]
+    mapping = table.name_mapping()
+    name_mapping = tuple((f.field_id, tuple(f.names)) for f in mapping or () if f.field_id is not None)
+    files = [iceberg_source(task, location, field_ids, address, name_mapping) for task in tasks]
     return InputListing(address, location, sorted(files, key=lambda f: f.relpath), snapshot.snapshot_id,
                         table.schema().as_arrow())
 
 
 def iceberg_source(task: Any, location: Location, field_ids: tuple[tuple[str, int], ...],
-                   address: TableAddress) -> InputFile:
+                   address: TableAddress, name_mapping: tuple[tuple[int, tuple[str, ...]], ...] = ()) -> InputFile:
     """One file scan task as a source: identity = its delete files; equality deletes refused."""
     from pyiceberg.manifest import DataFileContent
 
@@ -349,7 +354,8 @@ def iceberg_source(task: Any, location: Location, field_ids: tuple[tuple[str, in
     path = _filesystem_path(task.file.file_path)
     relpath = posixpath.relpath(path, location.path) if path.startswith(location.path + "/") else path
     identity = hashlib.sha256("\n".join(d.file_path for d in deletes).encode()).hexdigest()[:16] if deletes else "-"
-    read = IcebergRead(task.file.file_path, tuple(_filesystem_path(d.file_path) for d in deletes), field_ids)
+    read = IcebergRead(task.file.file_path, tuple(_filesystem_path(d.file_path) for d in deletes), field_ids,
+                       name_mapping)
     return InputFile(path, relpath, int(task.file.file_size_in_bytes), f"iceberg:{identity}", read)
 
 
@@ -454,10 +460,13 @@ def live_row_counts(location: Location, sources: Sequence[InputFile], footer_row
 
 
 def _physical_names(file_schema: pa.Schema, read: IcebergRead, columns: list[str]) -> list[str | None]:
-    """The file's column for each wanted table column: by Iceberg field id, else by name; None if absent."""
+    """The file's column for each wanted table column: by Iceberg field id (the file's own, else through
+    the table's name mapping, as Iceberg's readers do), else by name; None if absent."""
     by_id = {
         int(f.metadata[FIELD_ID_KEY]): f.name for f in file_schema if f.metadata and FIELD_ID_KEY in f.metadata
     }
+    if not by_id:
+        by_id = {field_id: name for field_id, names in read.name_mapping for name in names if name in file_schema.names}
     ids = dict(read.field_ids)
     names = []
     for column in columns:

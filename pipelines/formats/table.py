@@ -46,16 +46,16 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.base import (
-    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, OutputTable, T,
-    restore_vectors, table_properties,
+    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, NothingToCommit,
+    OutputTable, T, restore_vectors, table_properties,
 )
-from pipelines.manifest import ERRORS_DIR, Manifest, read_manifest, write_header, write_sources_table
+from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX, Manifest, read_manifest, write_header, write_sources_table
 from pipelines.stages import run_of_data_file, staged_final_path
-from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
+from pipelines.storage import Location, delete_file, delete_tree, exists, list_files, write_atomic
 
 log = logging.getLogger(__name__)
 VERSIONS_DIR = "_fungi_versions"  # one folder per committed run: that version's fungi manifest
-HISTORY_SCAN = 100  # commits looked at to find fungi's latest (another engine's commits may follow it)
+COMMITTING_MARKER = "committing"  # in a run's staging area from its commit's start: an emptied folder vanishes on S3
 
 
 class CommitConflict(Exception):
@@ -95,8 +95,8 @@ class LakeTable(OutputTable):
         """The handle of the current version (or ``version``; ConfigError when it does not exist); None: no table."""
 
     @abstractmethod
-    def _commits(self, table: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        """The commits from ``table``'s version back (newest first, at most ``limit``), ending where history ends."""
+    def _commits(self, table: Any) -> Iterator[dict[str, Any]]:
+        """The commits from ``table``'s version back (newest first), ending where history ends."""
 
     @abstractmethod
     def _table_files(self, table: Any) -> set[str]:
@@ -119,14 +119,15 @@ class LakeTable(OutputTable):
     @abstractmethod
     def _vacuum_table(self, table: Any, retention_hours: float) -> int:
         """Forget versions older than the retention (the current one kept), delete the data files only they
-        read; the number of data files deleted."""
+        read and those no version reads that are older than the retention; the number of data files deleted."""
 
     # -- state --------------------------------------------------------------------------------
     def _fungi_commit(self, table: Any) -> dict[str, Any] | None:
-        """What fungi's latest commit up to ``table``'s version recorded (looked for in the last commits)."""
+        """What fungi's latest commit up to ``table``'s version recorded, however many commits of other writers
+        follow it (the history walked back; a format with a pointer to it overrides this)."""
         if table is None:
             return None
-        return next((c for c in self._commits(table, HISTORY_SCAN) if RUN_PROPERTY in c), None)
+        return next((c for c in self._commits(table) if RUN_PROPERTY in c), None)
 
     def _relative(self, path: str) -> str:
         """A data file's path or URI, relative to the root."""
@@ -154,20 +155,24 @@ class LakeTable(OutputTable):
         """Undo what dead runs left (their moved-in files, manifests, staging), then check the lineage."""
         table = self._table()
         commit = self._fungi_commit(table)
-        committed_run = commit[RUN_PROPERTY] if commit else None
-        staging_root = self.location.child_path(STAGING_DIR)
-        if exists(self.fs, staging_root):
-            for info in self.fs.get_file_info(pafs.FileSelector(staging_root)):
-                dead = posixpath.basename(info.path)
-                if dead == run_id:
-                    continue
-                if dead != committed_run:
-                    self._forget(dead)
-                delete_tree(self.fs, info.path)
+        self._clear_dead_runs(table, commit[RUN_PROPERTY] if commit else None, live_run=run_id)
         manifest = read_manifest(self.location.join(commit[MANIFEST_PROPERTY])) if commit else None
         if manifest is not None and not tolerate_unreadable:
             self._refuse_drift(table, manifest)
         return manifest
+
+    def _clear_dead_runs(self, table: Any, committed_run: str | None, live_run: str | None = None) -> None:
+        """Under the lease: forget every run with a staging area but ``live_run`` (a run that died before its
+        commit point; ``committed_run`` died after it, and only its staging is deleted)."""
+        staging_root = self.location.child_path(STAGING_DIR)
+        if not exists(self.fs, staging_root):
+            return
+        areas = {posixpath.basename(info.path): info.path
+                 for info in self.fs.get_file_info(pafs.FileSelector(staging_root))}
+        areas.pop(live_run, None)
+        self._forget(set(areas) - {committed_run}, table)
+        for path in areas.values():
+            delete_tree(self.fs, path)
 
     def _refuse_drift(self, table: Any, manifest: Manifest) -> None:
         """ConfigError when the table's files are not those fungi's manifest names (another engine rewrote them)."""
@@ -180,24 +185,38 @@ class LakeTable(OutputTable):
                 "rebuild with --overwrite"
             )
 
-    def _forget(self, run_id: str) -> None:
-        """Delete the files a run that never committed moved in, and its manifest folder."""
-        folder = self.location.join(VERSIONS_DIR, run_id)
-        if exists(self.fs, folder.child_path("_fungi_manifest.json")):
-            rows = read_manifest(folder).sources.to_pylist()
-            for name in (n for row in rows if row["run_id"] == run_id for n in (row["file"], row["error_file"]) if n):
-                delete_file(self.fs, self.location.child_path(name))
-        log.warning("deleting what run %s left: it died before its commit", run_id)
-        delete_tree(self.fs, folder.path)
+    def _forget(self, runs: set[str], table: Any) -> None:
+        """Delete the files that runs which never committed moved in, and their manifest folders.
+
+        Their files are found by the run id in their names (:func:`run_of_data_file`: the data
+        folder and ``_errors/`` are listed once), so none is missed whatever deleted a run's
+        manifest (a vacuum, a kill before it was whole); a file ``table``'s version reads is never
+        deleted.
+        """
+        if not runs:
+            return
+        log.warning("deleting what run(s) %s left: they died before their commit", ", ".join(sorted(runs)))
+        referenced = self._table_files(table) if table is not None else set()
+        for folder in {self.data_folder, self.location.child_path(ERRORS_DIR)}:
+            for info in list_files(self.fs, folder):
+                run = run_of_data_file(info.base_name.removesuffix(INTERNAL_SUFFIX))
+                if run in runs and self._relative(info.path) not in referenced:
+                    delete_file(self.fs, info.path)
+        for run in runs:
+            delete_tree(self.fs, self.location.child_path(VERSIONS_DIR, run))
 
     # -- commit -------------------------------------------------------------------------------
     def commit(self, new: Manifest, previous: Manifest | None, run_id: str, *, overwrite: bool) -> None:
         """Make ``new`` the table's state in one commit of the format (see the module docstring)."""
         table = self._table()
+        if table is None and not new.data_files():  # checked before anything is written: nothing to undo
+            raise NothingToCommit(f"{self.uri}: no row was featurized ({new.errors} failed) and a new table needs one "
+                                  "feature row: nothing was committed")
         if table is not None and previous is not None and not overwrite:
             self._refuse_drift(table, previous)
         new.version = (previous.version if previous else 0) + 1
         new.pending = None
+        write_atomic(self.fs, self.staging_area(run_id).child_path(COMMITTING_MARKER), b"")  # findable until deleted
         folder = self.location.join(VERSIONS_DIR, run_id)
         write_sources_table(folder, new)
         write_header(folder, new)
@@ -206,14 +225,12 @@ class LakeTable(OutputTable):
         current = self._table_files(table) if table is not None else set()
         keep = set(new.data_files())
         removed = sorted(current - keep) if overwrite else sorted(set(previous.data_files() if previous else ()) - keep)
-        if table is None and not added:
-            raise ConfigError(f"{self.uri}: the first run wrote no feature rows; nothing to make a table of")
         properties = {**table_properties(new, run_id), MANIFEST_PROPERTY: f"{VERSIONS_DIR}/{run_id}"}
         try:
             self._write_version(table, [name for name in added if name not in current], removed,
                                 {k: str(v) for k, v in properties.items()}, overwrite=overwrite)
         except CommitConflict as exc:
-            self._forget(run_id)
+            self._forget({run_id}, self._table())
             raise ConfigError(
                 f"{self.uri} changed since this run read it (another writer committed): nothing was committed; "
                 f"run again ({exc})"
@@ -272,8 +289,8 @@ class LakeTable(OutputTable):
 
         :class:`ConfigError` names the first file that glob would read wrongly: one of
         another spec (kept after an ``--overwrite`` until vacuum), or one no kept commit of
-        fungi's added (a killed run's, which the next ``fungi featurize`` deletes; another
-        engine's).
+        fungi's added (a killed run's, which the next ``fungi featurize`` or ``fungi vacuum``
+        deletes; another engine's).
         """
         table = self._existing(None)
         latest = self._fungi_commit(table)
@@ -286,7 +303,8 @@ class LakeTable(OutputTable):
             if run not in spec_of_run:
                 raise ConfigError(
                     f"{self.uri}: {info.base_name} is in the table's folder but no kept commit of fungi added it "
-                    "(a killed run's: the next `fungi featurize` on this output deletes it; or another engine's): "
+                    "(a killed run's: the next `fungi featurize` or `fungi vacuum` on this output deletes it; or "
+                    "another engine's): "
                     "the row versions cannot be read by a glob; serve the current version only"
                 )
             if spec_of_run[run] != latest.get(SPEC_HASH_PROPERTY):
@@ -302,14 +320,18 @@ class LakeTable(OutputTable):
         """The format's vacuum of versions older than the retention, then fungi's files no kept version names.
 
         Kept: the manifest folders and error files of fungi's commits within the retention
-        and of its latest commit; the setup state of the current spec. ``check_lease`` (the
-        vacuum's :meth:`~pipelines.lease.OutputLease.check`) runs before the format's commit and
-        before fungi's files are deleted: a vacuum whose lease was taken over stops there.
+        and of its latest commit; the setup state of the current spec. Dead runs are forgotten
+        first (:meth:`_clear_dead_runs`, as the next run would), so no vacuum deletes what
+        their recovery needs; a data file no version reads (a dead run's whose staging is
+        gone) is the format's vacuum's to delete. ``check_lease`` (the vacuum's
+        :meth:`~pipelines.lease.OutputLease.check`) runs before anything is deleted and before
+        fungi's own files are: a vacuum whose lease was taken over stops there.
         """
         table = self._existing(None)
         cutoff = (time.time() - retention_hours * 3600) * 1000
         commits = [c for c in self._commits(table) if RUN_PROPERTY in c]  # newest first, read before expiring
         check_lease("nothing was vacuumed")
+        self._clear_dead_runs(table, commits[0][RUN_PROPERTY] if commits else None)
         counts = {"data files": self._vacuum_table(table, retention_hours), "manifests": 0, "error files": 0,
                   "setup states": 0}
         check_lease(f"the {self.kind} versions past the retention were vacuumed; fungi's files of them were kept")
