@@ -124,6 +124,47 @@ def test_bad_settings_exit_2_with_one_line_write_nothing_and_keep_the_input(case
     assert not (source / "_fungi_manifest.json").exists() and not (tmp_path / "_fungi_manifest.json").exists()
 
 
+def modality_input(root: Path, modality: str) -> Path:
+    """Two rows of the modality's own payloads: only the model can be wrong."""
+    from conftest import png_bytes, wav_bytes
+
+    payload = {"text": ["one", "two"], "image": [png_bytes(32, 32), png_bytes(32, 32, 1)],
+               "audio": [wav_bytes(0.2), wav_bytes(0.3)]}[modality]
+    return write(root / "part-0.parquet", id=["a", "b"], **{modality: payload}).parent
+
+
+@pytest.mark.parametrize("model, modality, message", [
+    ("tiny_text_dir", "image", "is a text model, not an image one: use --modality text"),
+    ("tiny_text_dir", "audio", "is a text model, not an audio one: use --modality text"),
+    ("tiny_ast_dir", "text", "is an audio model, not a text one: use --modality audio"),
+    ("tiny_ast_dir", "image", "is an audio model, not an image one: use --modality audio"),
+    ("tiny_vit_dir", "text", "is an image model, not a text one: use --modality image"),
+    ("tiny_vit_dir", "audio", "is an image model, not an audio one: use --modality image"),
+])
+def test_a_model_of_another_modality_is_refused_before_any_work(model, modality, message, request, tmp_path, capsys):
+    """A text model given images (or any other pair) is one ``error:`` line and exit 2, not a traceback
+    from inside its forward."""
+    source, output = modality_input(tmp_path / "in", modality), tmp_path / "out"
+    model_dir = request.getfixturevalue(model)
+    capsys.readouterr()  # the fixture's own output, when it is made now
+    code = cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", modality,
+                     "--model", f"hf:{model_dir}", "--actors", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --model hf:") and message in lines[0], lines
+    assert not output.exists() or not list(output.rglob("*.parquet"))
+
+
+def test_a_missing_model_directory_says_it_does_not_exist(tmp_path, capsys):
+    """``hf:/a/missing/dir`` (or ./, ../, ~) is a directory that is not there, not a malformed hub id."""
+    source = good_input(tmp_path / "in")
+    for missing in (str(tmp_path / "no" / "model"), "./no-such-model-dir", "~/no-such-model-dir"):
+        code = cli_main(["featurize", "--input", str(source), "--output", str(tmp_path / "out"), "--modality", "text",
+                         "--model", f"hf:{missing}", "--actors", "1"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and lines == [f"error: model directory '{missing}' does not exist "
+                                       "(--model hf:<local directory or hub id>)"], lines
+
+
 def corrupt_a_page(path: Path) -> None:
     """Overwrite the first data page header: the footer still reads, the rows do not."""
     data = bytearray(path.read_bytes())
