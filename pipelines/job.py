@@ -48,7 +48,7 @@ from pipelines.lease import OutputLease
 from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
 from pipelines.plan import NightPlan, check_ids, plan_night
 from pipelines.setup_rows import SetupStage
-from pipelines.spec_resolution import ResolvedSpec, SpecResolver
+from pipelines.spec_resolution import ResolvedSpec, SpecResolver, spec_differences
 from pipelines.storage import InputFile, delete_tree
 from pipelines.stream import Stream
 from pipelines.summary import RunIdentity, RunSummary, summarize
@@ -143,10 +143,11 @@ class FeaturizeJob:
                 )
             return None
         if manifest.spec_hash != self.spec.hash:
+            differences = spec_differences(manifest.spec, self.spec.to_dict()) or ["the spec's format"]
             raise ConfigError(
-                f"output {self.table.uri} holds features of spec {manifest.spec_hash} "
-                f"(model {manifest.spec.get('model')}); this run is spec {self.spec.hash}. "
-                "Use another output, or --overwrite to replace it"
+                f"output {self.table.uri} holds features of spec {manifest.spec_hash}; this run is spec "
+                f"{self.spec.hash}: {', '.join(differences)}. Run with the output's settings, or --overwrite to "
+                "replace its features, or write to another --output"
             )
         recorded = {k: manifest.input.get(k) for k in ("id_column", "data_column", "keep_columns", "event_time_column")}
         wanted = self.input_settings(None)
