@@ -64,6 +64,7 @@ class FeaturizeJob:
                                     config.event_time_column)
         self.input = input_location(config.input, config.storage_options)  # None until listed: an Iceberg table's
         self.listing: InputListing | None = None  # the input's sources (and table version), listed by run()
+        self.unreadable: dict[str, str] = {}  # input files whose footer does not read: they fail alone
         self.table = open_output(config.output, config.storage_options, catalog=config.catalog)
         self.output = self.table.root
         self.run_id = "r" + uuid.uuid4().hex[:12]
@@ -179,9 +180,18 @@ class FeaturizeJob:
 
     # -- 3. the night's input -------------------------------------------------------------
     def read_schema(self, plan: NightPlan, previous: Manifest | None) -> tuple[InputSchema, dict[str, int]]:
-        """The input schema (checked in every footer read, or a table's) and each file's row count in its footer."""
+        """The input schema (checked in every footer read, or a table's) and each file's row count in its footer.
+
+        A file whose footer cannot be read (0 bytes, truncated) leaves the night's work and fails alone
+        (:attr:`unreadable`, reported as the files that fail to read are), unless no file is left to read.
+        """
         read_files = [work.input for work in plan.to_read]
-        footers = read_footers(self.input, read_files)
+        footers = read_footers(self.input, read_files, self.unreadable)
+        if self.unreadable and len(self.unreadable) == len(read_files) and previous is None:
+            raise ConfigError(f"{next(iter(self.unreadable.values()))}; no input file could be read: fix or remove it")
+        for source in self.unreadable:
+            del plan.work[source]  # not committed this night; its previous output stays as it was
+        read_files, footers = [f for f in read_files if f.relpath not in self.unreadable], [f for f in footers if f]
         if read_files:
             recorded_id_type = previous.id_type if previous else None
             schemas = file_schemas(self.listing, footers)
@@ -289,6 +299,7 @@ class FeaturizeJob:
             plan, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
             id_column=self.columns.id, id_type=id_type, input_rows=input_rows, tasks=tasks,
         )
+        id_check.failed.update(self.unreadable)
         setup.check_draw()
         stats = stream.run(plan, schema, sum(input_rows[w.source] for w in plan.to_read), setup_state)
         setup.save(setup_state, setup_artifact)

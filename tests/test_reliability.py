@@ -79,8 +79,9 @@ CASES = {
     "data column missing from the second file": (
         lambda tmp, source: write(source / "part-2.parquet", id=["x"], body=["x"], label=[0]) and [],
         "data column 'text' not found in"),
-    "truncated Parquet file": (
-        lambda tmp, source: truncate(source / "part-1.parquet") or [], "part-1.parquet is not a readable Parquet file"),
+    "every input file unreadable": (
+        lambda tmp, source: [truncate(source / "part-1.parquet"), (source / "part-0.parquet").write_bytes(b"")] and [],
+        "is not a readable Parquet file"),
     "duplicate ids in one file": (
         lambda tmp, source: write(source / "part-2.parquet", id=["x", "x"], text=["p", "q"], label=[0, 0]) and [],
         "input ids are not unique (1 repeated, e.g. x)"),
@@ -190,6 +191,37 @@ def test_a_corrupt_file_fails_alone_and_the_rest_is_committed(tiny_text_dir, tmp
     assert cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
                      "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental"]) == 0
     assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y"]
+
+
+def test_an_empty_or_truncated_file_fails_alone_and_the_exit_code_follows_the_error_fraction(
+        tiny_text_dir, tmp_path, capsys):
+    """One 0-byte file dropped into the input (and a truncated one) must not block the night: each is listed
+    with its reason, the other files are committed, and the exit code follows --max-error-fraction."""
+    source, output = good_input(tmp_path / "in"), tmp_path / "out"
+    write(source / "part-2.parquet", id=["x", "y"], text=["six", "seven"], label=[0, 1])
+    write(source / "part-3.parquet", id=["z"], text=["eight"], label=[0])
+    (source / "empty.parquet").write_bytes(b"")
+    truncate(source / "part-3.parquet")
+    args = ["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}", "--actors", "1"]
+    assert cli_main(args) == 1  # 2 of 5 files failed > the default 1 %
+    err = capsys.readouterr().err
+    assert f"error: input file {source / 'empty.parquet'} is not a readable Parquet file (ArrowInvalid: Parquet file " \
+           "size is 0 bytes); this file was not committed" in err
+    assert "error: 2 of the 5 input files read could not be read (> --max-error-fraction 0.01)" in err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y"]
+    record = json.loads((output / "_fungi_manifest.json").read_text())["runs"][-1]
+    assert sorted(m.split(" is not")[0] for m in record["files_failed"]) == [
+        f"input file {source / 'empty.parquet'}", f"input file {source / 'part-3.parquet'}"]
+    assert record["files_read"] == 5
+
+    # within the allowed fraction the night succeeds, the bad files still reported; a fixed file is picked up
+    write(source / "part-3.parquet", id=["z"], text=["eight"], label=[0])
+    assert cli_main([*args, "--incremental", "--max-error-fraction", "0.5"]) == 0
+    assert "warning: input file" in capsys.readouterr().err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y", "z"]
+    record = json.loads((output / "_fungi_manifest.json").read_text())["runs"][-1]
+    assert [m.split(" is not")[0] for m in record["files_failed"]] == [f"input file {source / 'empty.parquet'}"]
 
 
 def test_a_null_id_is_reported_as_null_with_its_row(tiny_text_dir, tmp_path):

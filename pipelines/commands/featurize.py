@@ -218,8 +218,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary.line())
+    too_many_files = summary.failed_files_fraction > summary.max_error_fraction
     for message in summary.files_failed:
-        print(f"error: {message}; this file was not committed (its previous features are kept)", file=sys.stderr)
+        print(f"{'error' if too_many_files else 'warning'}: {message}; this file was not committed (its previous "
+              "features are kept, the next run tries it again)", file=sys.stderr)
+    if too_many_files:
+        print(
+            f"error: {len(summary.files_failed)} of the {summary.files_read} input files read could not be read "
+            f"(> --max-error-fraction {summary.max_error_fraction})", file=sys.stderr,
+        )
     if summary.failed_fraction > summary.max_error_fraction:
         print(
             f"error: {summary.failed_fraction:.1%} of the rows featurized failed for the first time (> --max-error-fraction "
