@@ -18,6 +18,9 @@ the table in that same commit (``create_table_transaction``): a kill before it l
 * ``--overwrite`` with another spec may change the columns: the table's schema is replaced
   in the same commit.
 * Time travel: a snapshot id (``fungi eval --version``, :func:`pipelines.formats.read_output`).
+* A table is created only where no table is: not in a location that holds another table's
+  metadata or fungi's committed files (another catalog's table: a second one would fork it),
+  and not over an empty table of the same name made elsewhere unless ``--overwrite`` adopts it.
 """
 from __future__ import annotations
 
@@ -26,12 +29,13 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.address import TableAddress, load_catalog
-from pipelines.formats.base import Fault
+from pipelines.formats.address import TableAddress, load_catalog, table_root_kind
+from pipelines.formats.base import STAGING_DIR, Fault
 from pipelines.formats.input_tables import location_uri
-from pipelines.formats.table import CommitConflict, LakeTable
+from pipelines.formats.table import VERSIONS_DIR, CommitConflict, LakeTable
 from pipelines.storage import Location, delete_file, exists, list_files
 
 NAME_MAPPING_PROPERTY = "schema.name-mapping.default"
@@ -113,12 +117,6 @@ class IcebergOutput(LakeTable):
         Delta log, or the manifest of a fungi run that committed (a killed first run's files, with its
         staging area, are recovered instead). Another catalog's table is there (a typo in ``--catalog``,
         a dropped table's files): a second table in its folder would fork it."""
-        from pipelines.formats.address import table_root_kind
-        from pipelines.formats.base import STAGING_DIR
-        from pipelines.formats.table import VERSIONS_DIR
-
-        import pyarrow.fs as pafs
-
         kind = table_root_kind(self.fs, self.location.path)
         versions = pafs.FileSelector(self.location.child_path(VERSIONS_DIR), allow_not_found=True)
         committed = [] if kind else [
