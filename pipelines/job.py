@@ -49,6 +49,7 @@ from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
 from pipelines.plan import NightPlan, check_ids, plan_night
 from pipelines.setup_rows import SetupStage
 from pipelines.spec_resolution import ResolvedSpec, SpecResolver, spec_differences
+from pipelines.stages import spec_metadata, unreadable_source_row
 from pipelines.storage import InputFile, delete_tree
 from pipelines.stream import Stream
 from pipelines.summary import RunIdentity, RunSummary, summarize
@@ -303,7 +304,7 @@ class FeaturizeJob:
         setup.check_draw()
         stats = stream.run(plan, schema, sum(input_rows[w.source] for w in plan.to_read), setup_state)
         setup.save(setup_state, setup_artifact)
-        results = stream.finalize(plan, stats, input_rows, id_type)
+        results = stream.finalize(plan, stats, input_rows, id_type) + self.unreadable_results(plan, id_check.failed)
         manifest = self.next_manifest(previous, plan, results, schema, setup_artifact)
         summary, record = summarize(self.identity, manifest, plan, results, stats, listing, id_check)
         record.input_version = self.listing.version
@@ -311,6 +312,21 @@ class FeaturizeJob:
         lease.check()
         self.table.commit(manifest, previous, self.run_id, overwrite=self.config.overwrite)
         return summary
+
+
+    def unreadable_results(self, plan: NightPlan, failed: dict[str, str]) -> list[dict[str, Any]]:
+        """Finalize results of the new input files that could not be read: their reason in ``_errors/``
+        (:func:`~pipelines.stages.unreadable_source_row`). A file with committed features keeps its row
+        and features; its failure is in the run record."""
+        files = {info.relpath: info for info in self.listing.files}
+        metadata = spec_metadata(self.spec.json, self.spec.hash)
+        return [
+            {"row": unreadable_source_row(files[source], message, output=self.output, staging=self.staging,
+                                          data_name=self.table.data_name(source, self.run_id), metadata=metadata,
+                                          run_id=self.run_id),
+             "counts": {}, "failed": None, "opened": set()}
+            for source, message in failed.items() if source not in plan.committed and source in files
+        ]
 
 
 def run_featurize(config: FeaturizeConfig) -> RunSummary:

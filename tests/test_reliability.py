@@ -186,6 +186,7 @@ def test_a_corrupt_file_fails_alone_and_the_rest_is_committed(tiny_text_dir, tmp
     assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e"]
     manifest = json.loads((output / "_fungi_manifest.json").read_text())
     assert manifest["runs"][-1]["files_failed"][0].startswith("cannot read input file part-2.parquet")
+    assert pq.read_table(output / "_errors").column("error")[0].as_py().startswith("cannot read input file part-2")
     # fixed overnight: the next incremental run picks the file up
     write(source / "part-2.parquet", id=["x", "y"], text=["six", "seven"], label=[0, 1])
     assert cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
@@ -214,6 +215,9 @@ def test_an_empty_or_truncated_file_fails_alone_and_the_exit_code_follows_the_er
     assert sorted(m.split(" is not")[0] for m in record["files_failed"]) == [
         f"input file {source / 'empty.parquet'}", f"input file {source / 'part-3.parquet'}"]
     assert record["files_read"] == 5
+    errors = pq.read_table(output / "_errors").to_pylist()  # where every failure is listed, with its reason
+    assert sorted((e["id"], e["stage"], e["error"].split(" is not")[0]) for e in errors) == [
+        (None, "read", f"input file {source / 'empty.parquet'}"), (None, "read", f"input file {source / 'part-3.parquet'}")]
 
     # within the allowed fraction the night succeeds, the bad files still reported; a fixed file is picked up
     write(source / "part-3.parquet", id=["z"], text=["eight"], label=[0])
@@ -222,6 +226,8 @@ def test_an_empty_or_truncated_file_fails_alone_and_the_exit_code_follows_the_er
     assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y", "z"]
     record = json.loads((output / "_fungi_manifest.json").read_text())["runs"][-1]
     assert [m.split(" is not")[0] for m in record["files_failed"]] == [f"input file {source / 'empty.parquet'}"]
+    errors = pq.read_table(output / "_errors").to_pylist()  # the fixed file's failure is gone, the other stays
+    assert [e["error"].split(" is not")[0] for e in errors] == [f"input file {source / 'empty.parquet'}"]
 
 
 def test_a_null_id_is_reported_as_null_with_its_row(tiny_text_dir, tmp_path):
