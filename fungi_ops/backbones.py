@@ -386,6 +386,9 @@ def _load_hf(
     import transformers
     from transformers import AutoConfig, AutoModel
 
+    if modality not in _MODALITY_INPUTS:
+        raise ConfigError(f"unknown modality '{modality}'")
+    _refuse_missing_directory(name)
     # a progress bar per load: noise in every worker's log and in the CLI's one-line errors
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -396,6 +399,11 @@ def _load_hf(
         config = config.vision_config
     model_type = getattr(config, "model_type", "")
     model_cls = getattr(transformers, _HF_ENCODER_CLASSES[model_type]) if model_type in _HF_ENCODER_CLASSES else AutoModel
+    try:  # the class AutoModel picks, to refuse a modality mismatch before any weight is read
+        _refuse_modality_mismatch(name, modality, (AutoModel._model_mapping[type(config)] if model_cls is AutoModel
+                                                   else model_cls).main_input_name)
+    except KeyError:
+        pass  # a class of remote code: checked on the loaded model below
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if model_type in {"vit", "bert", "roberta"}:
         kwargs["add_pooling_layer"] = False
@@ -423,6 +431,7 @@ def _load_hf(
         model = from_config()
         _load_into(model, load_state_dict_file(weights), str(weights))
     model = _freeze(model)
+    _refuse_modality_mismatch(name, modality, model.main_input_name)
     local_dir = Path(name) if Path(name).is_dir() else None
     weights_sha = _weights_hash(weights)
     if weights is None and local_dir is not None:
@@ -440,9 +449,46 @@ def _load_hf(
         return _hf_text(name, config, pooling, local_dir, trust_remote_code, common)
     if modality == "image":
         return _hf_image(name, config, model_type, common)
-    if modality == "audio":
-        return _hf_audio(name, config, common)
-    raise ConfigError(f"unknown modality '{modality}'")
+    return _hf_audio(name, config, common)
+
+
+# What each modality's embed function feeds a Hugging Face model: its ``main_input_name``.
+_MODALITY_INPUTS = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
+
+
+def _refuse_missing_directory(name: str) -> None:
+    """ConfigError when ``name`` is spelled as a path (absolute, ``./``, ``../``, ``~``) and is no directory.
+
+    Hugging Face would take it for a hub id and answer with a message about repo id syntax.
+    """
+    if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a model directory" if path.exists() else "does not exist"
+            raise ConfigError(f"model directory '{name}' {what} (--model hf:<local directory or hub id>)")
+
+
+def _refuse_modality_mismatch(name: str, modality: str, main_input: str) -> None:
+    """ConfigError when the model takes another modality's input than ``modality`` (a text model given
+    images, an audio model given text, ...): caught before any data is read, not as a traceback deep in
+    its forward."""
+    if main_input == _MODALITY_INPUTS[modality]:
+        return
+    model_modality = next((m for m, key in _MODALITY_INPUTS.items() if key == main_input), None)
+    if model_modality is None:
+        raise ConfigError(
+            f"--model hf:{name} takes '{main_input}' inputs, which fungi's {modality} reader does not give "
+            f"(it gives '{_MODALITY_INPUTS[modality]}'); use {_article(modality)} {modality} encoder"
+        )
+    raise ConfigError(
+        f"--model hf:{name} is {_article(model_modality)} {model_modality} model, not {_article(modality)} "
+        f"{modality} one: use --modality {model_modality}, or {_article(modality)} {modality} model with "
+        f"--modality {modality}"
+    )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _hf_text(name, config, pooling, local_dir, trust_remote_code, common) -> Backbone:

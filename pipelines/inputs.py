@@ -102,19 +102,26 @@ def canonical_type(data_type: pa.DataType) -> pa.DataType:
     return folded.get(data_type, data_type)
 
 
-def read_footers(location: Location, files: Sequence[InputFile]) -> list[pq.FileMetaData]:
-    """Footers of ``files``, read in parallel; an unreadable file is a ConfigError naming it."""
+def read_footers(location: Location, files: Sequence[InputFile],
+                 unreadable: dict[str, str] | None = None) -> list[pq.FileMetaData | None]:
+    """Footers of ``files``, read in parallel.
+
+    An unreadable file (0 bytes, truncated, not Parquet) is a ConfigError naming it; given
+    ``unreadable``, it is recorded there instead (its relpath -> why) with None for its
+    footer: a night's bad file then fails alone, as a file with a corrupt page does.
+    """
     fs = location.filesystem()
 
-    def footer(info: InputFile) -> pq.FileMetaData:
+    def footer(info: InputFile) -> pq.FileMetaData | None:
         try:
             with fs.open_input_file(info.path) as handle:
                 return pq.ParquetFile(handle).metadata
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise ConfigError(
-                f"input file {_uri(location, info)} is not a readable Parquet file "
-                f"({type(exc).__name__}: {exc}); fix or remove it"
-            ) from exc
+            message = f"input file {_uri(location, info)} is not a readable Parquet file ({type(exc).__name__}: {exc})"
+            if unreadable is None:
+                raise ConfigError(f"{message}; fix or remove it") from exc
+            unreadable[info.relpath] = message
+            return None
 
     with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, max(1, len(files)))) as pool:
         return list(pool.map(footer, files))

@@ -51,7 +51,8 @@ from pipelines.lease import LeaseLost, OutputLease
 from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
 from pipelines.plan import NightPlan, check_ids, plan_night
 from pipelines.setup_rows import SetupStage
-from pipelines.spec_resolution import ResolvedSpec, SpecResolver
+from pipelines.spec_resolution import ResolvedSpec, SpecResolver, spec_differences
+from pipelines.stages import spec_metadata, unreadable_source_row
 from pipelines.storage import (
     InputFile, StorageFailure, delete_empty_dir, delete_tree, describe_storage_error, storage_cause,
 )
@@ -71,6 +72,7 @@ class FeaturizeJob:
                                     config.event_time_column)
         self.input = input_location(config.input, config.storage_options)  # None until listed: an Iceberg table's
         self.listing: InputListing | None = None  # the input's sources (and table version), listed by run()
+        self.unreadable: dict[str, str] = {}  # input files whose footer does not read: they fail alone
         self.table = open_output(config.output, config.storage_options, catalog=config.catalog)
         self.output = self.table.root
         self.run_id = "r" + uuid.uuid4().hex[:12]
@@ -150,10 +152,11 @@ class FeaturizeJob:
                 )
             return None
         if manifest.spec_hash != self.spec.hash:
+            differences = spec_differences(manifest.spec, self.spec.to_dict()) or ["the spec's format"]
             raise ConfigError(
-                f"output {self.table.uri} holds features of spec {manifest.spec_hash} "
-                f"(model {manifest.spec.get('model')}); this run is spec {self.spec.hash}. "
-                "Use another output, or --overwrite to replace it"
+                f"output {self.table.uri} holds features of spec {manifest.spec_hash}; this run is spec "
+                f"{self.spec.hash}: {', '.join(differences)}. Run with the output's settings, or --overwrite to "
+                "replace its features, or write to another --output"
             )
         recorded = {k: manifest.input.get(k) for k in ("id_column", "data_column", "keep_columns", "event_time_column")}
         wanted = self.input_settings(None)
@@ -185,9 +188,18 @@ class FeaturizeJob:
 
     # -- 3. the night's input -------------------------------------------------------------
     def read_schema(self, plan: NightPlan, previous: Manifest | None) -> tuple[InputSchema, dict[str, int]]:
-        """The input schema (checked in every footer read, or a table's) and each file's row count in its footer."""
+        """The input schema (checked in every footer read, or a table's) and each file's row count in its footer.
+
+        A file whose footer cannot be read (0 bytes, truncated) leaves the night's work and fails alone
+        (:attr:`unreadable`, reported as the files that fail to read are), unless no file is left to read.
+        """
         read_files = [work.input for work in plan.to_read]
-        footers = read_footers(self.input, read_files)
+        footers = read_footers(self.input, read_files, self.unreadable)
+        if self.unreadable and len(self.unreadable) == len(read_files) and previous is None:
+            raise ConfigError(f"{next(iter(self.unreadable.values()))}; no input file could be read: fix or remove it")
+        for source in self.unreadable:
+            del plan.work[source]  # not committed this night; its previous output stays as it was
+        read_files, footers = [f for f in read_files if f.relpath not in self.unreadable], [f for f in footers if f]
         if read_files:
             recorded_id_type = previous.id_type if previous else None
             schemas = file_schemas(self.listing, footers)
@@ -337,10 +349,11 @@ class FeaturizeJob:
             plan, input_location=self.input, output=self.output, scratch=self.staging.join("ids"),
             id_column=self.columns.id, id_type=id_type, input_rows=input_rows, tasks=tasks,
         )
+        id_check.failed.update(self.unreadable)
         setup.check_draw()
         stats = stream.run(plan, schema, sum(input_rows[w.source] for w in plan.to_read), setup_state)
         setup.save(setup_state, setup_artifact)
-        results = stream.finalize(plan, stats, input_rows, id_type)
+        results = stream.finalize(plan, stats, input_rows, id_type) + self.unreadable_results(plan, id_check.failed)
         manifest = self.next_manifest(previous, plan, results, schema, setup_artifact)
         summary, record = summarize(self.identity, manifest, plan, results, stats, listing, id_check)
         record.input_version = self.listing.version
@@ -352,6 +365,21 @@ class FeaturizeJob:
             delete_tree(self.output.filesystem(), self.staging.path)
             summary.uncommitted = str(exc)
         return summary
+
+
+    def unreadable_results(self, plan: NightPlan, failed: dict[str, str]) -> list[dict[str, Any]]:
+        """Finalize results of the new input files that could not be read: their reason in ``_errors/``
+        (:func:`~pipelines.stages.unreadable_source_row`). A file with committed features keeps its row
+        and features; its failure is in the run record."""
+        files = {info.relpath: info for info in self.listing.files}
+        metadata = spec_metadata(self.spec.json, self.spec.hash)
+        return [
+            {"row": unreadable_source_row(files[source], message, output=self.output, staging=self.staging,
+                                          data_name=self.table.data_name(source, self.run_id), metadata=metadata,
+                                          run_id=self.run_id),
+             "counts": {}, "failed": None, "opened": set()}
+            for source, message in failed.items() if source not in plan.committed and source in files
+        ]
 
 
 def run_featurize(config: FeaturizeConfig) -> RunSummary:

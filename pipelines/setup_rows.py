@@ -64,14 +64,19 @@ class SetupStage:
             return load(read_bytes(fs, self.root.child_path(previous.setup_artifact))), previous.setup_artifact
         chosen = self.config.support_from or self.config.setup_from
         flag = "--support-from" if self.spec.dense else "--setup-from"
+        unreadable: dict[str, str] | None = None
         if chosen:
             listing = list_sources(chosen, self.config.storage_options, self.config.catalog, what="setup data", flag=flag)
         else:
-            listing = self.input
+            listing, unreadable = self.input, {}  # the input's unreadable files fail alone: drawn from the others
             print(f"fungi: {self.what} drawn from the input (pass {flag} to use a training split)")
         source, files = listing.location, listing.files
         setup_columns = InputColumns(self.columns.id, self.columns.data)
-        check_schemas(source, files, file_schemas(listing, read_footers(source, files)), setup_columns, self.spec.modality)
+        footers = read_footers(source, files, unreadable)
+        if unreadable:
+            files = [f for f in files if f.relpath not in unreadable]
+            footers = [footer for footer in footers if footer is not None]
+        check_schemas(source, files, file_schemas(listing, footers), setup_columns, self.spec.modality)
         return self._start_tasks(source, files, count), f"{SETUP_DIR}/{self.spec.hash}-{self.run_id}.safetensors"
 
     def check_draw(self) -> None:

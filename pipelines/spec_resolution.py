@@ -57,6 +57,51 @@ class ResolvedSpec:
         return cls(text, manifest.spec_hash, manifest.spec["modality"], 0, dense, (), 0, b"")
 
 
+def spec_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings two specs (their :meth:`~fungi_ops.spec.FeaturizerSpec.to_dict`) differ in, each as ``name old → new``,
+    named as the ``fungi featurize`` flags are (``seed 0 → 3``, ``objectives kl → kl,simclr``).
+
+    A spec hash says only that something differs; a user needs to know what, to choose between
+    the old settings, ``--overwrite`` and another output.
+    """
+    differences = []
+    for key in sorted(set(recorded) | set(wanted)):
+        old, new = recorded.get(key), wanted.get(key)
+        if old == new:
+            continue
+        if key == "objectives":
+            old_text, new_text = _objectives_text(old or [], new or [])
+        elif key == "weights_sha256":
+            key, old_text, new_text = "weights' content (sha256)", _short(old), _short(new)
+        else:
+            old_text, new_text = _short(old), _short(new)
+        differences.append(f"{key.replace('_', '-')} {old_text} → {new_text}")
+    return differences
+
+
+def _objectives_text(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> tuple[str, str]:
+    """Objective names; with the parameters that differ when the names are the same."""
+    names = [",".join(o["name"] for o in side) for side in (old, new)]
+    if names[0] != names[1]:
+        return names[0], names[1]
+    sides = []
+    for side, other in ((old, new), (new, old)):
+        parts = []
+        for mine, theirs in zip(side, other):
+            params = {k: v for k, v in mine.get("params", {}).items() if theirs.get("params", {}).get(k) != v}
+            parts.append(mine["name"] + (":" + ";".join(f"{k}={v}" for k, v in sorted(params.items())) if params else ""))
+        sides.append(",".join(parts))
+    return sides[0], sides[1]
+
+
+def _short(value: Any) -> str:
+    """A setting's value for a message: None as 'none', a hash cut to 12 characters."""
+    if value is None:
+        return "none"
+    text = str(value)
+    return text[:12] + "…" if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
 def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
     """Load the model and resolve the run's spec, in this process (imports torch)."""
     from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, make_spec_decoder

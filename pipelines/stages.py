@@ -51,7 +51,7 @@ from pipelines.formats.base import as_lists
 from pipelines.formats.input_tables import read_batches, read_columns
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX
-from pipelines.storage import Location, fsync_file, write_whole
+from pipelines.storage import InputFile, Location, fsync_file, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -669,7 +669,7 @@ def finalize_source(
     ``work`` holds the source, its kind, its previous row (``old``), its input file if
     listed, its staged block files and the ids that moved to other files. Returns
     ``{"row": ..., "counts": {...}, "failed": message or None, "opened": names}``; a source
-    that could not be read keeps its previous row. ``data_name`` is the name of its new data
+    that could not be read keeps its previous row (a new one: :func:`unreadable_source_row`). ``data_name`` is the name of its new data
     file (the output format's: :func:`data_file_name` with the run id for tables); ``list_vectors``: its
     vectors as ``list<float>`` (a table format's). The decisions take the ids alone
     (:class:`_SourceFinalizer`); the data file is then streamed (:class:`_FinalFile`;
@@ -677,14 +677,36 @@ def finalize_source(
     """
     step = _SourceFinalizer(work, output=output, prune=prune)
     failure = step.read_staged()
-    if failure is not None:
-        return {"row": work["old"], "counts": step.counts, "failed": failure, "opened": step.opened}
+    if failure is not None:  # a new source's failure goes to _errors/; an old one keeps its row and features
+        row = work["old"] or unreadable_source_row(
+            work["input_file"], failure, output=output, staging=staging,
+            data_name=data_name or data_file_name(work["source"]), metadata=metadata, run_id=run_id)
+        return {"row": row, "counts": step.counts, "failed": failure, "opened": step.opened}
     step.decide(input_location, id_column)
     new_name = data_name or data_file_name(work["source"])
     data = step.write_data(new_name, staging, metadata, dense, list_vectors)
     errors = step.write_errors(new_name, staging, metadata)
     row = step.row(data, errors, id_type=id_type, run_id=run_id)
     return {"row": row, "counts": step.counts, "failed": None, "opened": step.opened}
+
+
+def unreadable_source_row(info: InputFile, message: str, *, output: Location, staging: Location, data_name: str,
+                          metadata: dict[bytes, bytes], run_id: str) -> dict[str, Any]:
+    """The sources-table row of a new input file that could not be read at all (0 bytes, no footer), its
+    error file staged: one ``_errors/`` row (null id, stage ``read``, the reason), where every failure is.
+
+    Its identity is marked unreadable, so that the next night reads the file again (fixed, it is
+    featurized and this row's failure dropped: a re-read source's null-id rows are reported anew).
+    """
+    error_name = f"{ERRORS_DIR}/{error_file_name(data_name)}"
+    table = pa.table({ID_COLUMN: pa.nulls(1, pa.string()), HASH_COLUMN: pa.nulls(1, pa.string()),
+                      "stage": [READ_STAGE], "error": [message]}, schema=ERROR_SCHEMA)
+    _write_final(output.filesystem(), staging, error_name, table.replace_schema_metadata(metadata))
+    return {
+        "source": info.relpath, "size": info.size, "identity": f"unreadable:{info.identity}", "input_rows": 0,
+        "file": None, "rows": 0, "error_file": error_name, "errors": 1, "id_min": None, "id_max": None,
+        "orphans": 0, "present": True, "run_id": run_id,
+    }
 
 
 class _SourceFinalizer:

@@ -30,8 +30,10 @@ class RunIdentity:
 class RunSummary:
     """What a run did, for the summary line and the exit code.
 
-    The run fails (exit 1) when an input file could not be read, or when the rows that
-    failed for the first time exceed ``max_error_fraction`` of the rows it featurized.
+    The run fails (exit 1) when the input files it could not read (0 bytes, a corrupt page:
+    each fails alone, the others are committed) exceed ``max_error_fraction`` of the files it
+    read, or when the rows that failed for the first time exceed ``max_error_fraction`` of the
+    rows it featurized: one bad file among 10^5 is reported, and the night succeeds.
     Rows that failed before with the same content are known failures: not retried unless
     ``--retry-failed``, and never counted against the threshold.
     """
@@ -48,6 +50,7 @@ class RunSummary:
     max_error_fraction: float
     files_failed: list[str] = dataclasses.field(default_factory=list)
     uncommitted: str | None = None  # why the run committed nothing (a new table with no feature row), if it did not
+    files_read: int = 0  # the input files this run read or tried to (the failed ones included)
     first_write_s: float | None = None
     steady_rows_per_s: float | None = None
 
@@ -67,9 +70,14 @@ class RunSummary:
         return self.rows_failed_new / self.rows_processed if self.rows_processed else 0.0
 
     @property
+    def failed_files_fraction(self) -> float:
+        """The input files that could not be read over the files this run read or tried to."""
+        return len(self.files_failed) / self.files_read if self.files_read else float(bool(self.files_failed))
+
+    @property
     def ok(self) -> bool:
         """Whether the run succeeded (see the class docstring)."""
-        return not self.files_failed and self.failed_fraction <= self.max_error_fraction
+        return max(self.failed_files_fraction, self.failed_fraction) <= self.max_error_fraction
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
@@ -107,7 +115,7 @@ def summarize(run: RunIdentity, manifest: Manifest, plan: NightPlan, results: li
         rows_written=totals.get("written", 0), rows_failed_new=totals.get("failed_new", 0),
         rows_failed_known=totals.get("failed_known", 0), rows_deleted=totals.get("deleted", 0) + dropped_rows,
         wall_s=wall, max_error_fraction=run.max_error_fraction, files_failed=failed_files,
-        first_write_s=first_write_s, steady_rows_per_s=steady,
+        files_read=len(plan.to_read) + len(id_check.failed), first_write_s=first_write_s, steady_rows_per_s=steady,
     )
     record = RunRecord(
         run_id=run.run_id,
@@ -124,7 +132,7 @@ def summarize(run: RunIdentity, manifest: Manifest, plan: NightPlan, results: li
         rows_removed_failed=totals.get("removed_failed", 0),
         rows_deleted=summary.rows_deleted,
         rows_moved=totals.get("moved", 0) + id_check.moved_from_dropped,
-        files_read=len(plan.to_read) + len(id_check.failed),
+        files_read=summary.files_read,
         files_unchanged=len(plan.unchanged),
         files_failed=failed_files,
         output_files_opened=len(id_check.opened.union(*(r["opened"] for r in results))),

@@ -59,3 +59,14 @@ def ids_of(table: pa.Table) -> list[str]:
 
 def last_run(output: Path) -> dict:
     return json.loads((output / "_fungi_manifest.json").read_text())["runs"][-1]
+
+
+def sql_catalog(folder: Path, **properties: str) -> tuple[str, object]:
+    """A new SQL catalog on SQLite in ``folder`` (its warehouse too, unless ``properties`` name one), made
+    with pyiceberg as a user makes one (fungi never makes a catalog behind an explicit ``--catalog``): its
+    ``--catalog`` JSON and the catalog."""
+    from pyiceberg.catalog import load_catalog
+
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"type": "sql", "uri": f"sqlite:///{folder}/catalog.db", "warehouse": f"file://{folder}", **properties}
+    return json.dumps(settings), load_catalog("fungi", **settings)

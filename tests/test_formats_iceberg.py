@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from lakes import Crash, config, crash_at, ids_of, lake, write_part
+from lakes import Crash, config, crash_at, ids_of, lake, sql_catalog, write_part
 from test_formats_delta import NEW_IDS, night
 from fungi_ops.errors import ConfigError
 from pipelines.cli import main as cli_main
@@ -193,10 +193,9 @@ def test_a_warehouse_on_s3_takes_a_first_run_and_a_night(tiny_text_dir, tmp_path
     bucket = f"warehouse-{uuid.uuid4().hex[:8]}"  # moto's buckets outlive a test in this process
     s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     s3.mkdir(bucket)
-    catalog = json.dumps({
-        "type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"s3://{bucket}/warehouse",
-        "s3.endpoint": s3_endpoint, "s3.access-key-id": "testing", "s3.secret-access-key": "testing",
-        "s3.region": "us-east-1",
+    catalog, _ = sql_catalog(tmp_path, **{
+        "warehouse": f"s3://{bucket}/warehouse", "s3.endpoint": s3_endpoint, "s3.access-key-id": "testing",
+        "s3.secret-access-key": "testing", "s3.region": "us-east-1",
     })
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}  # Ray's workers predate the endpoint
     source = lake(tmp_path / "in", files=3, rows=4)
@@ -234,3 +233,89 @@ def test_an_overwrite_that_drops_a_column_keeps_the_older_snapshots_readable(tin
     assert sorted(old.column("label").to_pylist()) == ["l0", "l0", "l1", "l1", "l2", "l2"]
     assert iceberg_table().scan(snapshot_id=first).to_arrow().column("label").null_count == 0
     assert "label" not in read_output(URI).column_names and read_output(URI).num_rows == 6
+
+
+def featurize_cli(tiny_text_dir: str, source: Path, *extra: str) -> int:
+    return cli_main(["featurize", "--input", str(source), "--output", URI, "--modality", "text",
+                     "--model", f"hf:{tiny_text_dir}", "--objectives", "kl", "--max-error-fraction", "0.5", *extra])
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_a_catalog_typo_forks_no_table(tiny_text_dir, tmp_path, warehouse, capsys):
+    """A --catalog whose uri misspells the catalog file is refused (no new catalog is made); a catalog that
+    exists but does not hold the table may not create one where another table's files are; a file no run
+    of the table wrote is reported with the fix."""
+    source = lake(tmp_path / "in", files=2, rows=3)
+    assert featurize_cli(tiny_text_dir, source) == 0
+    table_dir = Path(open_output(URI).root.path)
+    before = sorted(str(p.relative_to(table_dir)) for p in table_dir.rglob("*") if p.name != "_fungi_lease.json.lock")
+
+    typo = json.dumps({"type": "sql", "uri": f"sqlite:///{warehouse}/catlog.db", "warehouse": f"file://{warehouse}"})
+    assert featurize_cli(tiny_text_dir, source, "--catalog", typo, "--incremental") == 2
+    assert error_lines(capsys) == [
+        f"error: --catalog: the SQLite catalog file {warehouse}/catlog.db does not exist (uri sqlite:///{warehouse}/"
+        "catlog.db); fungi makes no new catalog behind an explicit --catalog: check the uri, create the catalog "
+        "with pyiceberg first, or leave --catalog out for the default catalog in $FUNGI_WAREHOUSE"]
+    assert not (warehouse / "catlog.db").exists()
+
+    other, _ = sql_catalog(tmp_path / "other", warehouse=f"file://{warehouse}")  # a real catalog without the table
+    assert featurize_cli(tiny_text_dir, source, "--catalog", other) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"error: {URI} is not in this Iceberg catalog, but its location {table_dir} already "
+                           "holds an Iceberg table's metadata: another catalog's table (check --catalog") and \
+        "register it in this one" in line
+    assert sorted(str(p.relative_to(table_dir)) for p in table_dir.rglob("*")
+                  if p.name != "_fungi_lease.json.lock") == before  # nothing written into the real table
+    assert featurize_cli(tiny_text_dir, source, "--incremental") == 0  # the real table: nothing to do
+
+    stray = next((table_dir / "data").glob("*.parquet"))
+    shutil.copy(stray, stray.with_name("part-0-0000-rdeadbeef0000.parquet"))  # a file no run of this table wrote
+    with pytest.raises(ConfigError, match="no fungi run is pending .* move it out of the folder"):
+        open_output(URI).row_version_files()
+
+
+def test_unknown_catalog_keys_and_names_are_refused_naming_them(tmp_path, warehouse, capsys):
+    """A misspelt key ('typ') is refused, not ignored; an unknown catalog name and a catalog without a uri are
+    refused without pyiceberg's `--uri` (a flag of its own CLI); other properties pass under "properties"."""
+    text, _ = sql_catalog(tmp_path / "cat")
+    settings = json.loads(text)
+    typo = json.dumps({"typ": "sql", **{k: v for k, v in settings.items() if k != "type"}})
+    with pytest.raises(ConfigError, match=r"""^--catalog: unknown catalog property 'typ' \(did you mean 'type'\?\); """
+                                          r"""a property fungi does not know goes under "properties": \{"typ": ...\}$"""):
+        load_catalog(typo)
+    assert cli_main(["feast", URI, "--repo", str(tmp_path / "repo"), "--catalog", typo]) == 2
+    (line,) = error_lines(capsys)
+    assert "unknown catalog property 'typ'" in line
+    with pytest.raises(ConfigError, match="'nosuchcatalog' is not a catalog of pyiceberg's configuration") as refused:
+        load_catalog("nosuchcatalog")
+    assert "--uri" not in str(refused.value)
+    with pytest.raises(ConfigError, match="it has no 'uri'") as refused:
+        load_catalog(json.dumps({"type": "rest"}))
+    assert "--uri" not in str(refused.value)
+    passed = load_catalog(json.dumps({**settings, "s3.endpoint": "http://x", "properties": {"my-extension": "on"}}))
+    assert passed.properties["my-extension"] == "on" and passed.properties["s3.endpoint"] == "http://x"
+
+
+def test_an_empty_table_of_the_same_name_is_refused_with_the_fix_and_overwrite_adopts_it(
+        tiny_text_dir, tmp_path, warehouse, capsys):
+    import pyarrow as pa
+
+    catalog = load_catalog(None)
+    catalog.create_namespace("lake")
+    catalog.create_table("lake.features", schema=pa.schema([("name", pa.string()), ("score", pa.float64())]))
+    source = lake(tmp_path / "in", files=2, rows=3)
+    for _ in range(2):  # every time the same refusal, before any work
+        assert featurize_cli(tiny_text_dir, source) == 2
+        assert error_lines(capsys) == [
+            f"error: {URI} already exists in the Iceberg catalog, empty (no snapshot) with columns of its own "
+            "(name, score); fungi creates its tables: --overwrite makes it fungi's (its columns replaced), or "
+            "write to another table name"]
+    table_dir = Path(open_output(URI).root.path)
+    assert not (table_dir / "data").exists() and not (table_dir / "_fungi_versions").exists()
+    assert featurize_cli(tiny_text_dir, source, "--overwrite") == 0
+    assert iceberg_rows() == polars_rows() == sorted(f"f{i}-{r:03d}" for i in range(2) for r in range(3))
+    assert "name" not in iceberg_table().schema().column_names
+    assert featurize_cli(tiny_text_dir, source, "--incremental") == 0  # a fungi table from now on

@@ -16,7 +16,7 @@ import pytest
 
 from fungi_ops.errors import ConfigError
 from delta_dv import delete_rows, live_adds
-from lakes import config, features, ids_of, last_run
+from lakes import config, features, ids_of, last_run, sql_catalog
 from pipelines.formats.address import parse_address
 from pipelines.formats.input_tables import IcebergRead, iceberg_source, list_sources, live_row_counts, read_columns
 from pipelines.job import run_featurize
@@ -75,12 +75,7 @@ def test_a_delta_input_gives_its_live_rows_and_nights_read_only_the_files_a_vers
 def test_an_iceberg_input_gives_its_live_rows_and_nights_follow_appends_deletes_and_overwrites(tiny_text_dir, tmp_path):
     from pyiceberg.expressions import EqualTo
 
-    from pipelines.formats.address import load_catalog
-
-    warehouse = tmp_path / "warehouse"
-    warehouse.mkdir()
-    catalog_text = json.dumps({"type": "sql", "uri": f"sqlite:///{warehouse}/catalog.db", "warehouse": f"file://{warehouse}"})
-    catalog = load_catalog(catalog_text)
+    catalog_text, catalog = sql_catalog(tmp_path / "warehouse")
     catalog.create_namespace("lake")
     table = catalog.create_table("lake.docs", schema=rows("a", 1).schema)
     table.append(rows("a", 5))
@@ -116,10 +111,36 @@ def test_a_tables_own_folder_is_refused_as_a_parquet_input(tiny_text_dir, tmp_pa
     from deltalake import write_deltalake
 
     write_deltalake(str(tmp_path / "lake"), rows("a", 3))
-    with pytest.raises(ConfigError, match="is a Delta table.*--input delta:"):
+    with pytest.raises(ConfigError, match="is a Delta table.s folder.*--input delta:"):
         run_featurize(config(tiny_text_dir, tmp_path / "lake", tmp_path / "out"))
     with pytest.raises(ConfigError, match="is not a Delta table"):
         run_featurize(config(tiny_text_dir, f"delta:{tmp_path / 'nowhere'}", tmp_path / "out"))
+
+
+def test_a_path_inside_a_table_is_refused_as_a_parquet_input_naming_the_table(tmp_path):
+    """An Iceberg table's data/ folder or one of its files, a Delta data file or partition folder: their files
+    hold rows the table deleted; the refusal names the table address to read instead."""
+    from deltalake import write_deltalake
+
+    delta = tmp_path / "lake"
+    write_deltalake(str(delta), pa.table({"id": ["a", "b"], "text": ["x", "y"], "part": [1, 2]}), partition_by=["part"])
+    partition = delta / "part=1"
+    for inside in (partition, next(partition.glob("*.parquet"))):
+        with pytest.raises(ConfigError, match=rf"--input {inside} is inside a Delta table at {delta} .*"
+                                              rf"read it as a table: --input delta:{delta}$"):
+            list_sources(str(inside), {}, None)
+    _, catalog = sql_catalog(tmp_path / "warehouse")
+    catalog.create_namespace("lake")
+    catalog.create_table("lake.docs", schema=rows("a", 1).schema).append(rows("a", 3))
+    root = tmp_path / "warehouse" / "lake" / "docs"
+    for inside in (root / "data", next((root / "data").glob("*.parquet"))):
+        with pytest.raises(ConfigError, match=rf"is inside an Iceberg table at {root} .*--input iceberg:lake.docs "):
+            list_sources(str(inside), {}, None)
+    with pytest.raises(ConfigError, match=r"is an Iceberg table's folder .*--input iceberg:lake.docs "):
+        list_sources(str(root), {}, None)
+    # a Parquet folder beside the tables is read as one
+    pq.write_table(rows("p", 2), tmp_path / "plain.parquet")
+    assert [f.relpath for f in list_sources(str(tmp_path / "plain.parquet"), {}, None).files] == ["plain.parquet"]
 
 
 def _data_file(path: str, content, **extra):

@@ -170,11 +170,27 @@ def test_incremental_rerun_skips_known_rows_and_replaces_changed_ones(minilm_dir
     assert manifest["runs"][-1]["rows_replaced"] == 1
 
 
+def test_spec_differences_name_the_flags_and_the_parameters_that_differ():
+    from pipelines.spec_resolution import spec_differences
+
+    old = {"model": "hf:m", "seed": 0, "weights": None, "weights_sha256": None, "projection_dim": 384,
+           "objectives": [{"name": "kl", "params": {"temperature": 15}}, {"name": "simclr", "params": {"num_negatives": 8}}]}
+    new = {**old, "weights": "w.safetensors", "weights_sha256": "ab" * 32, "projection_dim": 32,
+           "objectives": [{"name": "kl", "params": {"temperature": 15}}, {"name": "simclr", "params": {"num_negatives": 4}}]}
+    assert spec_differences(old, new) == [
+        "objectives kl,simclr:num_negatives=8 → kl,simclr:num_negatives=4", "projection-dim 384 → 32",
+        "weights none → w.safetensors", f"weights' content (sha256) none → {'ab' * 6}…"]
+    assert spec_differences(old, dict(old)) == []
+
+
 def test_changed_spec_is_refused_unless_overwrite(minilm_dir, text_input, tmp_path):
     output = tmp_path / "spec_out"
     run_featurize(text_config(minilm_dir, text_input, output, objectives="kl"))
-    with pytest.raises(ConfigError, match="holds features of spec"):
-        run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", seed=7, incremental=True))
+    with pytest.raises(ConfigError, match="holds features of spec") as refused:
+        run_featurize(text_config(minilm_dir, text_input, output, objectives="kl,simclr", seed=7, incremental=True))
+    # the settings that differ, as the flags name them, and the ways forward
+    assert ": objectives kl → kl,simclr, seed 0 → 7. Run with the output's settings, or --overwrite" in str(refused.value)
+    assert str(refused.value).endswith("or write to another --output")
     replaced = run_featurize(text_config(minilm_dir, text_input, output, objectives="kl", seed=7, overwrite=True))
     assert replaced.rows_written == 9
     assert len(list(output.glob("part-*.parquet"))) >= 1

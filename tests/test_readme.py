@@ -119,3 +119,34 @@ def test_the_pyiceberg_snippet_opens_the_default_catalog(tiny_text_dir, tmp_path
     exec(compile(snippet, "README.md", "exec"), {})
     snapshot, rows = capsys.readouterr().out.split()
     assert int(snapshot) > 0 and rows == "3"
+
+
+@pytest.mark.parametrize("command", ["featurize", "submit"])
+def test_help_examples_run_as_written_offline(command: str):
+    """Each example of ``fungi COMMAND --help`` is one shell command per example (its line breaks
+    kept), parses with the command's own options, and names the bundled model the README's way,
+    which resolves offline (a hub id does not)."""
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    help_text = parser._subparsers._group_actions[0].choices[command].format_help()
+    lines = help_text.split("Examples", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    examples = lines[: next((i for i, line in enumerate(lines) if not line.startswith(" ")), len(lines))]
+    assert all(len(line) <= 120 for line in examples), "an example's line breaks collapsed"
+    script = "\n".join(examples)
+    assert "hf:" not in script.replace('"hf:$(python', ""), "an example names a hub model id"
+    # bash expands $MODEL and joins the continuation lines; each fungi line prints its argv as JSON
+    shim = 'fungi() { python -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@"; }\n'
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", shim + script], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    import json
+
+    argvs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(argvs) == sum(line.lstrip().startswith("fungi ") for line in examples) >= 2
+    for argv in argvs:
+        if command == "submit":
+            argv = argv[argv.index("--") + 1:]
+        args = parser.parse_args(argv)
+        if args.model.startswith("hf:"):
+            assert Path(args.model[3:], "config.json").is_file(), args.model

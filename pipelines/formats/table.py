@@ -300,12 +300,19 @@ class LakeTable(OutputTable):
         files = list_files(self.fs, self.data_folder, ".parquet")
         for info in files:
             run = run_of_data_file(info.base_name)
+            if run not in spec_of_run and exists(self.fs, self.location.child_path(STAGING_DIR, run or "?")):
+                raise ConfigError(
+                    f"{self.uri}: {info.base_name} is in the table's folder but no kept commit of fungi added it "
+                    "(a killed run's: the next `fungi featurize` or `fungi vacuum` on this output deletes it): the row versions "
+                    "cannot be read by a glob; serve the current version only"
+                )
             if run not in spec_of_run:
                 raise ConfigError(
                     f"{self.uri}: {info.base_name} is in the table's folder but no kept commit of fungi added it "
-                    "(a killed run's: the next `fungi featurize` or `fungi vacuum` on this output deletes it; or "
-                    "another engine's): "
-                    "the row versions cannot be read by a glob; serve the current version only"
+                    "and no fungi run is pending (a killed run's whose _staging/ is gone, another engine's, or a "
+                    "table of another catalog written into this folder): no version of the table reads it; "
+                    "`fungi vacuum` deletes it once it is older than the retention, or move it out of the folder; "
+                    "until then serve the current version only"
                 )
             if spec_of_run[run] != latest.get(SPEC_HASH_PROPERTY):
                 raise ConfigError(
