@@ -22,7 +22,8 @@ budget still has them; a part that would start after ``--budget-s`` is skipped a
 part whose packages are missing (:data:`gpu_carry.PART_NEEDS`: not in the image, not
 carried, no index reachable) is listed under ``failed`` with the reason that
 ``gpu_carry.py install`` wrote, also in ``--smoke``; a part that raises (out of memory)
-is listed there too and the others still run, except in ``--smoke``, where it fails the run. Each measurement is a fixed number of batches after one warm-up batch. The table is
+is listed there too and the others still run, except in ``--smoke``, where it fails the
+run. Each measurement is a fixed number of batches after one warm-up batch. The table is
 printed and written as JSON to ``$OUT/gpu_check.json`` (``$OUT`` set) or
 ``benchmarks/gpu_check.json``, after every part. ``--smoke`` runs every part on the CPU
 with tiny models and a handful of rows (tests/test_gpu_check.py), so the script cannot rot.
