@@ -44,7 +44,9 @@ def trimmed_ray(directory: Path) -> Path:
     kept = 0
     for path in source.rglob("*"):
         relative = path.relative_to(source.parent).as_posix()
-        if path.is_dir() or "__pycache__" in relative or re.fullmatch(pattern, relative):
+        # the bytecode too: without it every Ray process compiles ray anew, and on a busy machine
+        # the raylet gave up waiting for its dashboard agent
+        if path.is_dir() or re.fullmatch(pattern, relative):
             continue
         (directory / relative).parent.mkdir(parents=True, exist_ok=True)
         (directory / relative).symlink_to(path)
