@@ -129,7 +129,9 @@ def install(site: Path, index_timeout_s: float) -> int:
     notes: dict[str, str] = {}
     if wheels:
         print(f"gpu_carry: installing {len(wheels)} carried wheels into {site}", file=sys.stderr, flush=True)
-        done = _pip(["install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
+        # compiled here (no --no-compile): Ray's processes that would each compile ray at start made
+        # its raylet give up on its dashboard agent on a busy machine (tests/test_gpu_check.py)
+        done = _pip(["install", "-q", "--no-index", "--no-deps", "--no-cache-dir", "--upgrade",
                      "--target", str(site), *map(str, wheels)])
         if done.returncode != 0:
             notes["*"] = f"installing the carried wheels failed: {done.stderr.strip()[-500:]}"
