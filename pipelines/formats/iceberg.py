@@ -192,7 +192,7 @@ class IcebergOutput(LakeTable):
             if empty is not None:  # --overwrite of an empty table made elsewhere (holds_foreign_data)
                 transaction = empty.transaction()
                 transaction.set_properties(TABLE_DEFAULTS)
-                self._replace_schema(transaction, added[0], force_mapping=True)
+                self._replace_schema(transaction, added[0])
                 current: dict[str, Any] = {}
             elif table is None:
                 transaction = self._create_transaction(added[0])
@@ -221,30 +221,35 @@ class IcebergOutput(LakeTable):
         transaction = self.catalog.create_table_transaction(
             self.identifier, schema=schema, location=self.location_uri, properties=TABLE_DEFAULTS,
         )
-        transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
+        self._set_name_mapping(transaction)
         return transaction
 
-    def _replace_schema(self, transaction: Any, first_file: str | None, *, force_mapping: bool = False) -> None:
-        """``--overwrite``: make the table's columns those of the new files (a new spec may change them);
-        ``force_mapping``: set the name mapping even when they are the same (a table fungi did not create).
+    @staticmethod
+    def _set_name_mapping(transaction: Any) -> None:
+        """Map the table's current column names to their field ids: fungi's data files carry no field ids."""
+        transaction.set_properties({NAME_MAPPING_PROPERTY: transaction.table_metadata.schema().name_mapping.model_dump_json()})
+
+    def _replace_schema(self, transaction: Any, first_file: str | None) -> None:
+        """``--overwrite``: make the table's columns those of the new files (a new spec may change them).
 
         pyiceberg's schema update keeps the name mapping's entries of a dropped column (as Iceberg's
         own engines do): the older snapshots' files, which carry no field ids, are read through the
         table's one mapping, so time travel to a snapshot before the change still finds that column.
+        A table fungi did not create (an empty one adopted by ``--overwrite``) has no mapping yet:
+        it gets one here, or fungi's files (no field ids) could not be read.
         """
         if first_file is None:
             return
         schema = self._file_schema(first_file)
         current = transaction.table_metadata.schema()
-        if current.as_arrow().equals(_iceberg_arrow(schema), check_metadata=False):
-            if force_mapping:
-                transaction.set_properties({NAME_MAPPING_PROPERTY: current.name_mapping.model_dump_json()})
-            return
-        with transaction.update_schema(allow_incompatible_changes=True) as update:  # updates the name mapping too
-            for field in current.fields:
-                if field.name not in schema.names:
-                    update.delete_column(field.name)
-            update.union_by_name(schema)
+        if not current.as_arrow().equals(_iceberg_arrow(schema), check_metadata=False):
+            with transaction.update_schema(allow_incompatible_changes=True) as update:  # updates the name mapping too
+                for field in current.fields:
+                    if field.name not in schema.names:
+                        update.delete_column(field.name)
+                update.union_by_name(schema)
+        if NAME_MAPPING_PROPERTY not in transaction.table_metadata.properties:
+            self._set_name_mapping(transaction)
 
     def _data_file(self, transaction: Any, name: str) -> Any:
         """The Iceberg DataFile of one of our files: size, row count and column statistics from its footer."""
