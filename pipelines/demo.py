@@ -158,7 +158,6 @@ def build_dataset(
     """
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if per_topic < 2:
         raise ValueError(f"--per-topic must be >= 2 (one train and one test line), got {per_topic}")

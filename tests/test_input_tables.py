@@ -6,7 +6,6 @@ bookkeeping: which data files a night reads, and that deleted rows reach ``--pru
 """
 from __future__ import annotations
 
-import json
 import uuid
 
 import numpy as np
@@ -354,12 +353,7 @@ def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
 def test_a_renamed_column_of_files_without_field_ids_is_read_through_the_name_mapping(tiny_text_dir, tmp_path):
     """Issue 31.4: files added with add_files carry no field ids; after ``text`` -> ``body`` the older file's
     rows are read through the table's name mapping (as pyiceberg reads them), not as nulls."""
-    from pipelines.formats.address import load_catalog
-
-    warehouse = tmp_path / "warehouse"
-    warehouse.mkdir()
-    catalog_text = json.dumps({"type": "sql", "uri": f"sqlite:///{warehouse}/catalog.db", "warehouse": f"file://{warehouse}"})
-    catalog = load_catalog(catalog_text)
+    catalog_text, catalog = sql_catalog(tmp_path / "warehouse")
     catalog.create_namespace("inp")
     table = catalog.create_table("inp.ren", schema=rows("a", 1).schema)
     pq.write_table(rows("a", 10), tmp_path / "f1.parquet")
