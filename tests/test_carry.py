@@ -12,6 +12,7 @@ import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from lakes import config, features, ids_of, last_run, lake, write_part
 from pipelines.job import run_featurize
@@ -139,3 +140,20 @@ def test_iceberg_delete_upsert_and_an_overwrite_with_the_same_rows_featurize_onl
     run_featurize(config(tiny_text_dir, "iceberg:lake.docs", output, **settings))
     record = assert_night(middle, features(output), live, set(), set(), output)
     assert record["rows_carried"] == len(live)
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_a_table_output_carries_and_records_featurized_and_carried(kind, tiny_text_dir, tmp_path, monkeypatch):
+    from pipelines.formats import open_output, read_output
+
+    monkeypatch.setenv("FUNGI_WAREHOUSE", str(tmp_path / "warehouse"))
+    root = lake(tmp_path / "in", files=2, rows=4)
+    uri = f"delta:{tmp_path / 'out'}" if kind == "delta" else "iceberg:carry.out"
+    run_featurize(config(tiny_text_dir, root, uri))
+    before = read_output(uri).sort_by("id")
+    (root / "part-0.parquet").rename(root / "renamed-0.parquet")
+    summary = run_featurize(config(tiny_text_dir, root, uri, incremental=True, prune=True))
+    record = open_output(uri).read_manifest().runs[-1]
+    assert (record.rows_featurized, record.rows_carried, record.rows_deleted) == (0, 4, 0)
+    assert "featurized 0, carried 4" in summary.line()
+    assert read_output(uri).sort_by("id").equals(before)
