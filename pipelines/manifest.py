@@ -47,9 +47,12 @@ only feature rows. pyarrow, Spark and DuckDB skip ``_``-folders anyway."""
 class RunRecord:
     """What one run did, in the manifest's ``runs`` list (one per run, oldest first).
 
-    Rows: ``rows_in`` in the input (all files, read or not), ``rows_skipped`` not
-    featurized (unchanged, or failed before with the same content and not retried),
-    ``rows_written`` featurized, ``rows_replaced`` of those that had features before,
+    Rows: ``rows_in`` in the input (all files, read or not), ``rows_skipped`` neither
+    featurized nor carried (unchanged, or failed before with the same content and not retried),
+    ``rows_written`` featurized, ``rows_featurized`` given to the model (written or failed),
+    ``rows_carried`` copied unchanged from another source's committed file (an input file
+    rewritten, renamed or compacted: id and content hash as committed), ``rows_replaced`` of
+    the written rows that had features before,
     ``rows_failed_new`` failed for the first time with this content, ``rows_failed_known``
     retried and failed again, ``rows_removed_failed`` old features removed because the
     changed row failed, ``rows_deleted`` removed by ``--prune``, ``rows_moved`` whose id
@@ -65,6 +68,8 @@ class RunRecord:
     rows_in: int
     rows_skipped: int
     rows_written: int
+    rows_featurized: int = 0
+    rows_carried: int = 0
     rows_replaced: int = 0
     rows_failed: int = 0
     rows_failed_new: int = 0

@@ -16,6 +16,17 @@ every committed file. An id found in an input file that is still in the input un
 is a duplicate; one whose old file is gone or was rewritten without it has **moved**: its
 old row is removed from its old output file.
 
+The same check names, for each file read this night, its **donors**: the committed data files
+of other sources that hold some of its ids. When the lake rewrites files (a Delta ``MERGE``,
+``DELETE`` or ``OPTIMIZE``, Iceberg's ``delete``, ``upsert`` or ``rewrite_data_files``, a
+Parquet file renamed or re-partitioned), the rows of the new file come from the files it
+replaced: the sources the input no longer lists (or lists changed), whose output files are
+still committed until this night's commit. The read task compares the new file's rows with
+its donors' ids and content hashes, and the rows unchanged there are **carried**: copied from
+the donor's output file, not featurized (:mod:`pipelines.stages`). The driver learns only the
+(file, donor) pairs, O(files); the ids stay in the bucket tasks, except those that moved out
+of a source the night keeps (they must be removed from its output file).
+
 Both checks hash-partition the ids into buckets of about ``ID_BUCKET_ROWS`` ids, written
 as small Parquet files to the run's staging area by one Ray task per input file, then
 checked by one Ray task per bucket. A night of a few thousand rows costs a fraction of a
@@ -62,6 +73,7 @@ class SourceWork:
     input: InputFile | None
     old: dict[str, Any] | None
     moved_ids: pa.Array | None = None
+    donors: list[str] = field(default_factory=list)  # committed data files of other sources holding its ids
 
     @property
     def reads_payloads(self) -> bool:
@@ -174,11 +186,14 @@ def _scan_old(output: Location, names: list[str], id_type: pa.DataType, tag: int
     _scatter(ids.cast(id_type), tag, buckets, directory.join("old"), f"{tag:08d}")
 
 
-def _check_bucket(directory: Location, bucket: int, examples: int) -> tuple[int, list, pa.Table]:
+def _check_bucket(directory: Location, bucket: int, examples: int,
+                  own: dict[int, int], dropped: set[int]) -> tuple[int, list, list[tuple[int, int, int, pa.Array | None]]]:
     """Ray task: duplicates among the night's ids of one bucket, and their collisions with old ids.
 
-    Returns (number of duplicated ids, a few examples, collisions as ``(id, new_tag, old_tag)``
-    where the old row belongs to another source than the new one).
+    Returns (number of duplicated ids, a few examples, collisions as ``(new_tag, old_tag, count, ids)``).
+    ``ids`` is None where the old tag is the new file's own old version (``own``: new tag -> old
+    tag) or a source that ``--prune`` removes whole (``dropped``): those pairs only name a donor
+    of carried rows (:func:`_name_donors`), so a compaction's ids never travel to the driver.
     """
     fs = directory.filesystem()
 
@@ -188,17 +203,25 @@ def _check_bucket(directory: Location, bucket: int, examples: int) -> tuple[int,
 
     new = load("new")
     if new is None:
-        return 0, [], None
+        return 0, [], []
     counts = pc.value_counts(new.column("id"))
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):
-        return len(repeated), repeated.field("values")[:examples].to_pylist(), None
+        return len(repeated), repeated.field("values")[:examples].to_pylist(), []
     old = load("old")
     if old is None:
-        return 0, [], None
+        return 0, [], []
     joined = new.join(old, keys="id", left_suffix="_new", right_suffix="_old", join_type="inner")
-    joined = joined.rename_columns({"tag_new": "new_tag", "tag_old": "old_tag"})
-    return 0, [], joined
+    pairs = joined.group_by(["tag_new", "tag_old"]).aggregate([("id", "count")]).to_pylist()
+    collisions = []
+    for pair in pairs:
+        new_tag, old_tag, count = pair["tag_new"], pair["tag_old"], pair["id_count"]
+        ids = None
+        if old_tag not in dropped and own.get(new_tag) != old_tag:
+            chosen = pc.and_(pc.equal(joined.column("tag_new"), new_tag), pc.equal(joined.column("tag_old"), old_tag))
+            ids = joined.column("id").filter(chosen).combine_chunks()
+        collisions.append((new_tag, old_tag, count, ids))
+    return 0, [], collisions
 
 
 @dataclass
@@ -209,7 +232,7 @@ class IdCheck:
     null_ids: int
     opened: set[str]
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it could not be read
-    moved_from_dropped: int = 0  # ids of sources --prune drops whole that another file now writes: moved, not deleted
+    rehomed: int = 0  # rows of sources --prune removes whole whose ids a file read this night holds: not deleted
 
 
 def check_ids(
@@ -251,19 +274,25 @@ def check_ids(
         scan_old(output, [n for n in (row["file"], row["error_file"]) if n], id_type, tag, buckets, scratch)
         for tag, row in enumerate(candidates)
     ])
+    dropped_sources = {row["source"] for row in plan.dropped}
+    dropped = {old_tag for old_tag, row in enumerate(candidates) if row["source"] in dropped_sources}
+    tag_of = {row["source"]: old_tag for old_tag, row in enumerate(candidates)}
+    own = {new_tag: tag_of[work.source] for new_tag, work in enumerate(reads) if work.source in tag_of}
     check = tasks.remote(_check_bucket, num_cpus=0.25)
-    results = tasks.get([check(scratch, bucket, 5) for bucket in range(buckets)])
+    results = tasks.get([check(scratch, bucket, 5, own, dropped) for bucket in range(buckets)])
     repeated = sum(count for count, _, _ in results)
     if repeated:
         examples = [str(v) for _, found, _ in results for v in found][:5]
         raise ConfigError(
             f"input ids are not unique ({repeated} repeated, e.g. {', '.join(examples)}); nothing was committed"
         )
-    collisions = [table for _, _, table in results if table is not None and table.num_rows]
-    moved, moved_from_dropped = _moved_ids(plan, reads, candidates, collisions, id_type)
+    collisions = [pair for _, _, pairs in results for pair in pairs]
+    rehomed = sum(count for _, old_tag, count, _ in collisions if old_tag in dropped)
+    _name_donors(reads, candidates, collisions)
+    moved = _moved_ids(plan, reads, candidates, collisions, id_type)
     null_ids = sum(nulls for _, _, nulls, _ in new_scans)
     opened = {name for row in candidates for name in (row["file"], row["error_file"]) if name}
-    return IdCheck(moved, null_ids, opened, failed, moved_from_dropped)
+    return IdCheck(moved, null_ids, opened, failed, rehomed)
 
 
 def _overlapping_committed(old_sources: list[dict[str, Any]], own: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
@@ -284,29 +313,33 @@ def _overlapping_committed(old_sources: list[dict[str, Any]], own: dict[str, tup
     ]
 
 
+def _name_donors(reads: list[SourceWork], candidates: list[dict[str, Any]],
+                 collisions: list[tuple[int, int, int, pa.Array | None]]) -> None:
+    """Each file read this night learns the committed data files of other sources that hold some
+    of its ids: its rows whose content is unchanged are carried from them (:mod:`pipelines.stages`)."""
+    for new_tag, old_tag in sorted({(new_tag, old_tag) for new_tag, old_tag, _, _ in collisions}):
+        work, owner = reads[new_tag], candidates[old_tag]
+        if owner["source"] != work.source and owner["file"] and owner["file"] not in work.donors:
+            work.donors.append(owner["file"])
+
+
 def _moved_ids(plan: NightPlan, reads: list[SourceWork], candidates: list[dict[str, Any]],
-               collisions: list[pa.Table], id_type: pa.DataType) -> tuple[dict[str, pa.Array], int]:
-    """The ids each committed source lost to a file read this night (a move), and how many ids moved out
-    of sources that --prune drops whole; ConfigError when the source keeping them is unchanged in the
-    input (a true duplicate). Adds those sources to ``plan.work``."""
-    dropped = {row["source"] for row in plan.dropped}
+               collisions: list[tuple[int, int, int, pa.Array | None]], id_type: pa.DataType) -> dict[str, pa.Array]:
+    """The ids each committed source lost to a file read this night (a move); ConfigError when the
+    source keeping them is unchanged in the input (a true duplicate). Adds those sources to ``plan.work``.
+    Pairs without ids are a source's own old version or a source that --prune removes whole."""
     moved: dict[str, list[pa.Array]] = {}
-    moved_from_dropped = 0
-    for table in collisions:
-        for (new_tag, old_tag), group in _groups(table):
-            new_source, owner = reads[new_tag].source, candidates[old_tag]
-            owner_work = plan.work.get(owner["source"])
-            if owner["source"] == new_source:
-                continue  # its own old version
-            if owner["source"] in dropped:
-                moved_from_dropped += len(group)  # its file goes whole; the summary counts these as moved
-                continue
-            if owner["source"] in plan.listed and not (owner_work and owner_work.reads_payloads):
-                raise ConfigError(
-                    f"input ids are not unique: {', '.join(map(str, group[:5]))} in {new_source} are also in "
-                    f"{owner['source']}, which is unchanged in the input; nothing was committed"
-                )
-            moved.setdefault(owner["source"], []).append(pa.array(group, id_type))
+    for new_tag, old_tag, _, group in collisions:
+        if group is None:
+            continue
+        new_source, owner = reads[new_tag].source, candidates[old_tag]
+        owner_work = plan.work.get(owner["source"])
+        if owner["source"] in plan.listed and not (owner_work and owner_work.reads_payloads):
+            raise ConfigError(
+                f"input ids are not unique: {', '.join(map(str, group[:5].to_pylist()))} in {new_source} are also in "
+                f"{owner['source']}, which is unchanged in the input; nothing was committed"
+            )
+        moved.setdefault(owner["source"], []).append(group.cast(id_type))
     result = {source: pa.concat_arrays(parts) for source, parts in moved.items()}
     for source, ids in result.items():
         work = plan.work.get(source)
@@ -314,12 +347,5 @@ def _moved_ids(plan: NightPlan, reads: list[SourceWork], candidates: list[dict[s
             old = next(row for row in candidates if row["source"] == source)
             work = plan.work[source] = SourceWork(source, MOVED, None, old)
         work.moved_ids = ids
-    return result, moved_from_dropped
+    return result
 
-
-def _groups(table: pa.Table) -> list[tuple[tuple[int, int], list]]:
-    """Collision rows grouped by (new tag, old tag)."""
-    grouped: dict[tuple[int, int], list] = {}
-    for row_id, new_tag, old_tag in zip(*(table.column(n).to_pylist() for n in ("id", "new_tag", "old_tag"))):
-        grouped.setdefault((new_tag, old_tag), []).append(row_id)
-    return list(grouped.items())

@@ -3,17 +3,21 @@
 A **source** is one input file. Ray Data streams the sources to read through
 
 1. :func:`read_sources` (one task per input file): streams the file's row groups, hashes
-   each payload, and for a file featurized before drops the rows whose id and content
-   hash are unchanged (and rows that failed before with the same content, unless
-   ``--retry-failed``), comparing only with that file's own previous output;
+   each payload, and drops the rows whose id and content hash are those of a committed row:
+   in the file's own previous output (and rows that failed before with the same content,
+   unless ``--retry-failed``), or in a **donor**, the committed data file of another source
+   that held its id (:mod:`pipelines.plan`: the files a rewrite, rename or compaction
+   replaced). Rows found unchanged in a donor are listed as **carried**;
 2. :func:`decode_batch` (CPU tasks): payload -> compact canonical form;
 3. :class:`FeaturizeActor` (actor pool): canonical form -> features;
 4. :func:`write_batch` (tasks): the rows of each block, grouped by source, into the
    run's staging area, with deterministic names (a retried task overwrites its file).
 
 Then :func:`finalize_source` (one Ray task per touched source) merges a source's staged
-rows with its previous output file, dropping replaced, failed, moved and pruned rows,
-into one new data file and one new error file in staging, and returns the source's new
+rows with its previous output file and the rows it carries (read from the donors' committed
+files, every column as committed: bit-identical features, never recomputed), dropping
+replaced, failed, moved and pruned rows, into one new data file and one new error file in
+staging, and returns the source's new
 row of the sources table. Output files of sources nobody touched are never opened.
 
 Rows travel as Arrow tables. A row that fails anywhere keeps flowing with its error
@@ -74,6 +78,7 @@ ERROR_SCHEMA = pa.schema(
     [(ID_COLUMN, pa.string()), (HASH_COLUMN, pa.string()), ("stage", pa.string()), ("error", pa.string())]
 )
 BLOCKS_DIR = "blocks"
+CARRIED_DIR = "carried"
 FINAL_DIR = "final"
 STAGED_SUFFIX = ".staged"  # a final file waiting in the staging area: no reader of the folder takes it for data
 
@@ -146,17 +151,27 @@ def unpack(modality: str, data: bytes, shape: Sequence[int]) -> Any:
 # -- 1. read ---------------------------------------------------------------------------------
 
 
-def _known_rows(output: Location, data_file: str | None, error_file: str | None) -> dict[str, tuple[str, bool]]:
-    """id -> (content hash, featurized) of a source's previous output (its data and error file)."""
+def _known_rows(output: Location, data_file: str | None, error_file: str | None,
+                donors: Sequence[str] = ()) -> dict[str, tuple[str, bool, int]]:
+    """id -> (content hash, featurized, donor) of the rows committed for a source: its previous
+    output (its data and error file; donor -1) and the data files of other sources that held
+    some of its ids (``donors``; donor: the index of the file), from which its unchanged rows
+    are carried."""
     fs = output.filesystem()
-    known: dict[str, tuple[str, bool]] = {}
-    for name, ok in ((error_file, False), (data_file, True)):
+    known: dict[str, tuple[str, bool, int]] = {}
+    named = [*((name, True, index) for index, name in enumerate(donors)), (error_file, False, -1), (data_file, True, -1)]
+    for name, ok, donor in named:
         if name:
             table = pq.read_table(output.child_path(name), columns=[ID_COLUMN, HASH_COLUMN], filesystem=fs)
             for row_id, digest in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
                 if row_id is not None:
-                    known[row_id] = (digest, ok)
+                    known[row_id] = (digest, ok, donor)
     return known
+
+
+def carried_path(staging: Location, source: str) -> str:
+    """Where the read task of ``source`` lists the rows it carries: ``(id, donor file)``."""
+    return staging.child_path(CARRIED_DIR, f"{source_tag(source)}{INTERNAL_SUFFIX}")
 
 
 def _read_block(
@@ -167,10 +182,15 @@ def _read_block(
     columns: InputColumns,
     schema: InputSchema,
     event_time: datetime,
-    known: dict[str, tuple[str, bool]],
+    known: dict[str, tuple[str, bool, int]],
     retry_failed: bool,
+    carried: list[tuple[str, int]],
 ) -> pa.Table:
-    """Rows of one record batch to featurize (or to report), with the job's internal columns."""
+    """Rows of one record batch to featurize (or to report), with the job's internal columns.
+
+    A row whose id and content hash are those of a committed row is left out: unchanged in its
+    own previous output, or appended to ``carried`` as ``(id, donor)`` when another source's
+    file holds it (the finalize task copies it from there)."""
     ids = table.column(columns.id).to_pylist()
     payloads = table.column(columns.data).to_pylist()
     times = table.column(columns.event_time).to_pylist() if columns.event_time else None
@@ -190,7 +210,10 @@ def _read_block(
         elif times is not None and times[row] is None:
             error = f"'{columns.event_time}' is null"
         if error is None and key in known:
-            old_digest, featurized = known[key]
+            old_digest, featurized, donor = known[key]
+            if old_digest == digest and donor >= 0:
+                carried.append((key, donor))
+                continue
             if old_digest == digest and (featurized or not retry_failed):
                 continue
         keep.append(row)
@@ -245,28 +268,38 @@ def read_sources(
     event_time: datetime,
     rows_per_block: int,
     retry_failed: bool,
+    staging: Location,
 ) -> Iterator[pa.Table]:
     """Ray Data generator UDF over the sources to read (``source``, ``path``, the pickled
-    :class:`~pipelines.storage.InputFile`, previous files): each source's live rows
-    (:func:`~pipelines.formats.input_tables.read_batches`: a table's deletes applied).
+    :class:`~pipelines.storage.InputFile`, previous files, donor files): each source's live rows
+    (:func:`~pipelines.formats.input_tables.read_batches`: a table's deletes applied) whose id
+    or content is new. The rows it carries from donor files are listed at :func:`carried_path`
+    once the file is read whole (a retried task writes the same list again).
 
     Memory: one record batch of ``rows_per_block`` rows, plus the (id, hash) pairs of
-    the source's previous output when it had one.
+    the source's previous output and of its donor files.
     """
+    fs = staging.filesystem()
     for item in items.to_pylist():
-        source = item["source"]
-        known = _known_rows(output, item["old_file"], item["old_error_file"])
+        source, donors = item["source"], item.get("donors") or []
+        known = _known_rows(output, item["old_file"], item["old_error_file"], donors)
+        carried: list[tuple[str, int]] = []
         first_row = 0
         try:
             input_file = pickle.loads(item["input"])
             for batch in read_batches(input_location, input_file, columns.names, rows_per_block):
                 block = _read_block(
                     pa.Table.from_batches([batch]), source=source, first_row=first_row, columns=columns,
-                    schema=schema, event_time=event_time, known=known, retry_failed=retry_failed,
+                    schema=schema, event_time=event_time, known=known, retry_failed=retry_failed, carried=carried,
                 )
                 first_row += batch.num_rows
                 if block.num_rows:
                     yield block
+            if donors:
+                listed = pa.table({ID_COLUMN: pa.array([key for key, _ in carried], pa.string()),
+                                   "file": pa.array([donors[index] for _, index in carried], pa.string())})
+                fs.create_dir(staging.child_path(CARRIED_DIR), recursive=True)
+                write_whole(fs, carried_path(staging, source), lambda target: pq.write_table(listed, target, filesystem=fs))
         except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone, the job goes on
             log.warning("cannot read input file %s: %s", item["path"], exc)
             yield _read_failure(
@@ -646,7 +679,7 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0) if len(mask) else 0
 
 
-FINALIZE_COUNTS = ("written", "replaced", "failed_new", "failed_known", "removed_failed", "deleted", "moved", "rewritten")
+FINALIZE_COUNTS = ("written", "carried", "replaced", "failed_new", "failed_known", "removed_failed", "deleted", "moved", "rewritten")
 
 
 def finalize_source(
@@ -740,6 +773,10 @@ class _SourceFinalizer:
             self.staged_err = pa.concat_tables(
                 [_first_per_id(valid), staged_err.filter(pc.is_null(staged_err.column(ID_COLUMN)))]
             )
+        carried = self.work.get("carried_file")
+        self.carried = pq.read_table(carried, filesystem=fs) if carried else None
+        if self.carried is not None and not self.carried.num_rows:
+            self.carried = None
         return None
 
     # -- 2. the decisions, on ids -------------------------------------------------------------
@@ -747,7 +784,7 @@ class _SourceFinalizer:
         """Which previous rows stay (``keep_ok_mask``, ``keep_err_mask``), and the counts."""
         work, staged_ok, staged_err = self.work, self.staged_ok, self.staged_err
         self.touched = pa.concat_arrays(
-            [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err) if t is not None]
+            [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err, self.carried) if t is not None]
             or [pa.array([], pa.string())]
         ).drop_null()
         self.moved = work["moved_ids"].cast(pa.string()) if work["moved_ids"] is not None else pa.array([], pa.string())
@@ -764,6 +801,7 @@ class _SourceFinalizer:
         self._count_replaced_and_failed()
         self._count_moved_and_deleted()
         self.counts["written"] = staged_ok.num_rows if staged_ok is not None else 0
+        self.counts["carried"] = self.carried.num_rows if self.carried is not None else 0
 
     def _previous(self, name: str | None, columns: list[str] | None = None) -> pa.Table | None:
         if not name:
@@ -811,26 +849,43 @@ class _SourceFinalizer:
     def write_data(self, new_name: str, staging: Location, metadata: dict[bytes, bytes], dense: bool,
                    list_vectors: bool) -> tuple[str | None, pa.ChunkedArray | None]:
         """(name, ids) of the source's data file: the old one when untouched, else a new one streamed from
-        the kept old rows and the staged blocks; (None, None) when no row is left."""
+        the kept old rows, the rows carried from donor files (every column as committed) and the staged
+        blocks; (None, None) when no row is left."""
         old, old_ids, keep = self.old, self.old_ids, self.keep_ok_mask
-        if old_ids is not None and _count(pc.invert(keep)) == 0 and self.staged_ok is None:
+        if old_ids is not None and _count(pc.invert(keep)) == 0 and self.staged_ok is None and self.carried is None:
             return old["file"], old_ids.column(ID_COLUMN)  # untouched: the old file stays
         kept_old = old_ids is not None and _count(keep) > 0
-        if not (kept_old or self.counts["written"]):
+        donors = self._donor_rows()
+        if not (kept_old or donors or self.counts["written"]):
             return None, None
         parts = [old_ids.filter(keep)] if kept_old else []
+        parts += [ids.filter(mask) for _, ids, mask in donors]
         data_ids = pa.concat_tables([*parts, *([self.staged_ok] if self.counts["written"] else [])]).column(ID_COLUMN)
         path = staged_final_path(staging, new_name)
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
         final = _FinalFile(self.fs, path, metadata, dense, list_vectors)
         if kept_old:
             final.write_file(self.output.child_path(old["file"]), pc.fill_null(keep, False).to_numpy(zero_copy_only=False))
+        for name, _, mask in donors:
+            final.write_file(self.output.child_path(name), mask.to_numpy(zero_copy_only=False))
         offsets = np.cumsum([0, *(t.num_rows for t in self.staged_ids)])
         for index, staged in enumerate(self.work["staged_files"]):
             final.write_file(staged, self.staged_keep[offsets[index] : offsets[index + 1]])
         final.close()
         self.counts["rewritten"] += 1
         return new_name, data_ids
+
+    def _donor_rows(self) -> list[tuple[str, pa.Table, pa.Array]]:
+        """(file, its ids, the rows carried from it) of each donor file the read task carried rows from."""
+        if self.carried is None:
+            return []
+        donors = []
+        for name in pc.unique(self.carried.column("file")).to_pylist():
+            wanted = self.carried.filter(pc.equal(self.carried.column("file"), name)).column(ID_COLUMN)
+            ids = self._previous(name, [ID_COLUMN])
+            mask = pc.fill_null(pc.is_in(ids.column(ID_COLUMN), value_set=wanted.combine_chunks()), False)
+            donors.append((name, ids, mask))
+        return donors
 
     def write_errors(self, new_name: str, staging: Location,
                      metadata: dict[bytes, bytes]) -> tuple[str | None, pa.ChunkedArray | None]:

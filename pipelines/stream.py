@@ -4,7 +4,8 @@ read (one task per input file, record batches) -> decode (CPU tasks) -> featuriz
 pool that keeps the frozen model loaded; GPUs in production) -> stage (tasks writing each
 block's rows and error rows per source to the run's staging area). Then one finalize task
 per touched source merges its previous file with its staged blocks into its new data file
-and error file (:func:`pipelines.stages.finalize_source`). The driver only gathers one
+and error file, with the rows it carries unchanged from other sources' files
+(:func:`pipelines.stages.finalize_source`). The driver only gathers one
 stats row per staged block and one sources-table row per touched source.
 """
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Stream:
         return dict(
             input_location=self.input, output=self.output, columns=self.columns, schema=schema,
             event_time=datetime.fromtimestamp(self.started, timezone.utc), rows_per_block=rows_per_block,
-            retry_failed=self.config.retry_failed,
+            retry_failed=self.config.retry_failed, staging=self.staging,
         )
 
     def _featurizer_settings(self, setup_state: Any) -> dict[str, Any]:
@@ -125,6 +126,7 @@ class Stream:
                 "input": pickle.dumps(work.input),
                 "old_file": work.old["file"] if work.old else None,
                 "old_error_file": work.old["error_file"] if work.old else None,
+                "donors": work.donors,
             }
             for work in reads
         ]
@@ -215,6 +217,7 @@ class Stream:
                 "staged_files": sorted(files),
                 "staged_error_files": sorted(error_files),
                 "moved_ids": work.moved_ids,
+                "carried_file": stages.carried_path(self.staging, work.source) if work.donors else None,
             }
             refs.append(task(
                 description, input_location=self.input, output=self.output, staging=self.staging,

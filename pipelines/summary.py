@@ -51,6 +51,7 @@ class RunSummary:
     files_failed: list[str] = dataclasses.field(default_factory=list)
     uncommitted: str | None = None  # why the run committed nothing (a new table with no feature row), if it did not
     files_read: int = 0  # the input files this run read or tried to (the failed ones included)
+    rows_carried: int = 0
     first_write_s: float | None = None
     steady_rows_per_s: float | None = None
 
@@ -63,6 +64,11 @@ class RunSummary:
     def rows_processed(self) -> int:
         """Rows this run featurized or tried to."""
         return self.rows_written + self.rows_failed
+
+    @property
+    def rows_featurized(self) -> int:
+        """Rows the model computed (written or failed): what the night cost; carried rows cost none."""
+        return self.rows_processed
 
     @property
     def failed_fraction(self) -> float:
@@ -90,7 +96,8 @@ class RunSummary:
         known = f" + {self.rows_failed_known} known" if self.rows_failed_known else ""
         deleted = f", deleted {self.rows_deleted}" if self.rows_deleted else ""
         return (
-            f"fungi: rows in {self.rows_in}, skipped {self.rows_skipped}, written {self.rows_written}, "
+            f"fungi: rows in {self.rows_in}, skipped {self.rows_skipped}, featurized {self.rows_featurized}, "
+            f"carried {self.rows_carried}, written {self.rows_written}, "
             f"failed {self.rows_failed_new}{known} ({self.failed_fraction:.1%} new){deleted}, {rate:.1f} rows/s{steady}, "
             f"wall {self.wall_s:.1f} s -> {self.output} (spec {self.spec_hash})"
         )
@@ -104,17 +111,19 @@ def summarize(run: RunIdentity, manifest: Manifest, plan: NightPlan, results: li
         for key, value in result["counts"].items():
             totals[key] = totals.get(key, 0) + value
     failed_files = [*id_check.failed.values(), *(r["failed"] for r in results if r["failed"])]
-    dropped_rows = sum(row["rows"] + row["errors"] for row in plan.dropped) - id_check.moved_from_dropped
+    # a source --prune removes whole loses its rows, but for those whose ids another file now holds
+    dropped_rows = sum(row["rows"] + row["errors"] for row in plan.dropped) - id_check.rehomed
     present = pc.filter(manifest.sources, manifest.sources.column("present"))
     rows_in = int(pc.sum(present.column("input_rows")).as_py() or 0)
     processed = totals.get("written", 0) + totals.get("failed_new", 0) + totals.get("failed_known", 0)
+    carried = totals.get("carried", 0)
     wall = time.time() - run.started
     first_write_s, steady = _throughput(stats, run.started)
     summary = RunSummary(
-        output=run.output, spec_hash=run.spec_hash, rows_in=rows_in, rows_skipped=max(0, rows_in - processed),
+        output=run.output, spec_hash=run.spec_hash, rows_in=rows_in, rows_skipped=max(0, rows_in - processed - carried),
         rows_written=totals.get("written", 0), rows_failed_new=totals.get("failed_new", 0),
         rows_failed_known=totals.get("failed_known", 0), rows_deleted=totals.get("deleted", 0) + dropped_rows,
-        wall_s=wall, max_error_fraction=run.max_error_fraction, files_failed=failed_files,
+        wall_s=wall, max_error_fraction=run.max_error_fraction, files_failed=failed_files, rows_carried=carried,
         files_read=len(plan.to_read) + len(id_check.failed), first_write_s=first_write_s, steady_rows_per_s=steady,
     )
     record = RunRecord(
@@ -125,13 +134,15 @@ def summarize(run: RunIdentity, manifest: Manifest, plan: NightPlan, results: li
         rows_in=rows_in,
         rows_skipped=summary.rows_skipped,
         rows_written=summary.rows_written,
+        rows_featurized=summary.rows_featurized,
+        rows_carried=carried,
         rows_replaced=totals.get("replaced", 0),
         rows_failed=summary.rows_failed,
         rows_failed_new=summary.rows_failed_new,
         rows_failed_known=summary.rows_failed_known,
         rows_removed_failed=totals.get("removed_failed", 0),
         rows_deleted=summary.rows_deleted,
-        rows_moved=totals.get("moved", 0) + id_check.moved_from_dropped,
+        rows_moved=totals.get("moved", 0) + id_check.rehomed,
         files_read=summary.files_read,
         files_unchanged=len(plan.unchanged),
         files_failed=failed_files,
