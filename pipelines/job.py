@@ -143,10 +143,12 @@ class FeaturizeJob:
                 )
             return None
         if manifest.spec_hash != self.spec.hash:
+            written, current = manifest.spec.get("format"), self.spec.to_dict().get("format")
+            formats = f" (spec format {written}, whose features this fungi's format {current} computes otherwise)"
             raise ConfigError(
                 f"output {self.table.uri} holds features of spec {manifest.spec_hash} "
-                f"(model {manifest.spec.get('model')}); this run is spec {self.spec.hash}. "
-                "Use another output, or --overwrite to replace it"
+                f"(model {manifest.spec.get('model')}){formats if written != current else ''}; "
+                f"this run is spec {self.spec.hash}. Use another output, or --overwrite to replace it"
             )
         recorded = {k: manifest.input.get(k) for k in ("id_column", "data_column", "keep_columns", "event_time_column")}
         wanted = self.input_settings(None)
