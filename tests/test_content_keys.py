@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 import fungi_ops.spec as spec_module
-from fungi_ops import Featurizer, FeaturizerSpec
+from fungi_ops import ConfigError, Featurizer, FeaturizerSpec
 from lakes import config, features, write_part
 from pipelines.cli import main as cli_main
 from pipelines.job import run_featurize
@@ -73,3 +74,13 @@ def test_an_output_of_the_older_spec_format_is_refused_by_a_night_and_read_by_ev
 
     assert cli_main(["eval", "--train", str(output), "--test", str(output), "--k", "3", "--device", "cpu"]) == 0
     assert "embedding" in capsys.readouterr().out
+
+
+def test_a_spec_of_the_older_format_is_not_computed_again() -> None:
+    """A featurizer built from a format-1 spec (a serving replica of an old output) would
+    compute other features than the output holds: refused, with the fix."""
+    data = json.loads(FeaturizerSpec(model="hf:any", modality="text").to_json())
+    assert data["format"] == spec_module.SPEC_FORMAT == 2
+    data["format"] = 1
+    with pytest.raises(ConfigError, match=r"^spec format 1 .*seeded each row's views by its id.*--overwrite$"):
+        FeaturizerSpec.from_dict(data)
