@@ -218,6 +218,7 @@ class Featurizer:
         them (:func:`~fungi_ops.seeding.setup_order`). The negatives are the run's state,
         saved with its output (:meth:`save_setup`) and loaded wherever its features are
         computed, not a row's features, which depend on the row's content only.
+
         Samples are encoded in :func:`setup_encoding_order` (texts by length: a chunk is
         padded to its longest text), in chunks of ``batch_size``; the negatives keep the
         order of ``samples``.

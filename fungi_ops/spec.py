@@ -19,7 +19,8 @@ from fungi_ops.projection import PROJECTION_KIND
 # The spec format: a new one changes the features of the same settings, so the spec hash
 # changes with it, an output of an older format is refused by --incremental nights (never
 # mixed with new rows: rebuild it with --overwrite), and fungi eval / feast still read it.
-#   1: a row's views (SimCLR deletions and patches, DINO crops, audio crops) seeded by its id;
+#   1: a row's random views (SimCLR's word deletions and audio crops, DINO's crops, the dense
+#      negatives' draw) seeded by its id;
 #   2: seeded by its content (fungi_ops.seeding.content_hash of its payload).
 SPEC_FORMAT = 2
 FORMAT_CHANGES = {1: "seeded each row's views by its id; this fungi seeds them by its content"}
