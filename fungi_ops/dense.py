@@ -14,7 +14,8 @@ One :meth:`DenseFeaturizer.featurize` call on a batch of decoded images:
 3. negatives: every token, L2-normalised, queries the support index for its
    ``num_neighbors`` nearest support patches, one search per image; their head latents
    (computed once, when the support is built) are the negatives, of which a random
-   ``negative_fraction`` is kept, drawn from the stream ``(seed, "dense-negatives", row key)``;
+   ``negative_fraction`` is kept, drawn from the stream ``(seed, "dense-negatives", content key)`` (the hash of the
+   image's raw payload, :func:`~fungi_ops.seeding.content_hash`: never its id);
 4. the per-image InfoNCE of the tokens' latents (:class:`~fungi_ops.objectives.DenseObjective`),
    one backward pass down to the target layer only;
 5. per patch ``p``, its own gradient ``g_p [x_p | 1]^T`` (the output gradient of its token
@@ -30,7 +31,7 @@ patch's features do not depend on the other images of the batch. ``fungi_ops.den
 turns a :class:`DenseBatch` into Arrow.
 
 The support (:meth:`DenseFeaturizer.setup`): ``support_patches_per_image`` patches, drawn
-from ``(seed, "support", key)``, of each of the first ``DenseConfig.support_rows`` images of a
+from ``(seed, "support", id)``, of each of the first ``DenseConfig.support_rows`` images of a
 training split in :func:`~fungi_ops.seeding.setup_order`, up to ``support_size`` patches;
 their unit-norm tokens go into a :class:`~fungi_ops.neighbours.NeighbourIndex`, their head
 latents beside it. :meth:`DenseFeaturizer.setup_state` holds both for a setup artifact.
@@ -359,7 +360,11 @@ class DenseFeaturizer:
 
     # -- features ----------------------------------------------------------------
     def featurize(self, samples: Sequence[np.ndarray], keys: Sequence[str]) -> DenseBatch:
-        """Per-patch features of decoded samples. A row whose features are not finite is reported, not returned."""
+        """Per-patch features of decoded samples. A row whose features are not finite is reported, not returned.
+
+        ``keys``: the samples' content keys, which seed their negatives' draws (see
+        :meth:`Featurizer.featurize <fungi_ops.featurizer.Featurizer.featurize>`).
+        """
         if len(samples) != len(keys):
             raise ValueError(f"{len(samples)} samples but {len(keys)} keys")
         keys = [str(k) for k in keys]
@@ -377,9 +382,13 @@ class DenseFeaturizer:
         return DenseBatch(keys, self.grid, features, errors)
 
     def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> DenseBatch:
-        """Decode then featurize; rows that fail to decode are reported, the rest go on."""
-        decoded, decoded_rows, errors = decode_payloads(self.decode, payloads)
-        result = self.featurize(decoded, [str(keys[row]) for row in decoded_rows])
+        """Decode then featurize; rows that fail to decode are reported, the rest go on.
+
+        ``keys`` (row ids) only name the rows of the result: each payload's content key
+        seeds its draws (:func:`~fungi_ops.featurizer.decode_payloads`).
+        """
+        decoded, content_keys, decoded_rows, errors = decode_payloads(self.decode, payloads)
+        result = self.featurize(decoded, content_keys)
         errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
         return DenseBatch([str(k) for k in keys], self.grid, result.features, errors)
 

@@ -3,7 +3,8 @@
 One call of :meth:`Featurizer.featurize` on a batch
 
 1. builds every view of every sample on the device (eval view first, then each
-   objective's views), seeded per row;
+   objective's views), seeded by the row's content key (the hash of its raw payload,
+   :func:`~fungi_ops.seeding.content_hash`), never its id;
 2. runs them through the frozen backbone with the target layer's hook armed: in one
    forward pass on accelerators, in chunks of rows on the CPU (see ``CPU_FORWARD_ELEMENTS``);
 3. backpropagates the per-sample losses of all objectives (one backward when their
@@ -11,7 +12,8 @@ One call of :meth:`Featurizer.featurize` on a batch
 4. forms each sample's weight+bias gradient in closed form, projects it with the
    seeded Rademacher matrix and L2-normalises it.
 
-Features of a sample never depend on the other samples of the batch.
+Features of a sample depend on its content only: never on its id, nor on the other
+samples of the batch.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.gradients import LinearGradientTap, accumulate_linear_gradients
 from fungi_ops.objectives import Objective
 from fungi_ops.projection import RandomProjection
+from fungi_ops.seeding import content_hash
 from fungi_ops.spec import FeaturizerSpec, feature_column
 
 if TYPE_CHECKING:
@@ -211,6 +214,11 @@ class Featurizer:
     def setup(self, samples: Sequence[Any], keys: Sequence[str], batch_size: int = 8) -> None:
         """Encode supporting data (SimCLR negatives) from decoded samples of a training split.
 
+        ``keys`` seed the negatives' views: the job passes the rows' ids, which also drew
+        them (:func:`~fungi_ops.seeding.setup_order`). The negatives are the run's state,
+        saved with its output (:meth:`save_setup`) and loaded wherever its features are
+        computed, not a row's features, which depend on the row's content only.
+
         Samples are encoded in :func:`setup_encoding_order` (texts by length: a chunk is
         padded to its longest text), in chunks of ``batch_size``; the negatives keep the
         order of ``samples``.
@@ -261,7 +269,13 @@ class Featurizer:
         self.load_setup_state(read_setup_file(path, self.spec.hash))
 
     def featurize(self, samples: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
-        """Features of decoded samples. A row whose features are not finite is reported, not returned."""
+        """Features of decoded samples. A row whose features are not finite is reported, not returned.
+
+        ``keys``: each sample's content key, :func:`~fungi_ops.seeding.content_hash` of the
+        payload it was decoded from (the job's ``content_hash`` column). It seeds the sample's
+        views, so that equal payloads get equal features whatever their ids; pass ids here and
+        the features depend on the ids. :meth:`featurize_payloads` computes the keys itself.
+        """
         if len(samples) != len(keys):
             raise ValueError(f"{len(samples)} samples but {len(keys)} keys")
         keys = [str(k) for k in keys]
@@ -279,9 +293,13 @@ class Featurizer:
         return FeatureBatch(keys, features, errors)
 
     def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
-        """Decode then featurize; rows that fail to decode are reported, the rest go on."""
-        decoded, decoded_rows, errors = decode_payloads(self.decode, payloads)
-        result = self.featurize(decoded, [str(keys[row]) for row in decoded_rows])
+        """Decode then featurize; rows that fail to decode are reported, the rest go on.
+
+        ``keys`` (row ids) only name the rows of the result: the views are seeded by each
+        payload's content key (:func:`decode_payloads`).
+        """
+        decoded, content_keys, decoded_rows, errors = decode_payloads(self.decode, payloads)
+        result = self.featurize(decoded, content_keys)
         errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
         return FeatureBatch([str(k) for k in keys], result.features, errors)
 
@@ -513,16 +531,22 @@ def make_featurizer(spec: FeaturizerSpec, **options: Any) -> "Featurizer | Dense
 
 def decode_payloads(
     decode: Callable[[Any], Any], payloads: Sequence[Any]
-) -> tuple[list[Any], list[int], dict[int, SampleError]]:
-    """``(decoded samples, their row indices, {row: error})``: a row that fails to decode is reported, not raised."""
-    decoded, decoded_rows, errors = [], [], {}
+) -> tuple[list[Any], list[str], list[int], dict[int, SampleError]]:
+    """``(decoded samples, their content keys, their row indices, {row: error})``: a row that
+    fails to decode is reported, not raised. The content keys (:func:`~fungi_ops.seeding.content_hash`
+    of the raw payloads) are those the job computes where it reads the rows, so a payload
+    featurized here gets the features of its copies in any output.
+    """
+    decoded, content_keys, decoded_rows, errors = [], [], [], {}
     for row, payload in enumerate(payloads):
         try:
             decoded.append(decode(payload))
-            decoded_rows.append(row)
         except SampleError as exc:
             errors[row] = exc
-    return decoded, decoded_rows, errors
+            continue
+        content_keys.append(content_hash(payload))
+        decoded_rows.append(row)
+    return decoded, content_keys, decoded_rows, errors
 
 
 def write_setup_file(state: dict[str, torch.Tensor], path: str | Path, spec_hash: str) -> None:

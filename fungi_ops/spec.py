@@ -16,7 +16,14 @@ from fungi_ops.errors import ConfigError
 from fungi_ops.objectives import OBJECTIVES, KLConfig, ObjectiveConfig, make_objective_config
 from fungi_ops.projection import PROJECTION_KIND
 
-SPEC_FORMAT = 1
+# The spec format: a new one changes the features of the same settings, so the spec hash
+# changes with it, an output of an older format is refused by --incremental nights (never
+# mixed with new rows: rebuild it with --overwrite), and fungi eval / feast still read it.
+#   1: a row's random views (SimCLR's word deletions and audio crops, DINO's crops, the dense
+#      negatives' draw) seeded by its id;
+#   2: seeded by its content (fungi_ops.seeding.content_hash of its payload).
+SPEC_FORMAT = 2
+FORMAT_CHANGES = {1: "seeded each row's views by its id; this fungi seeds them by its content"}
 FEATURE_ORDER = ("kl", "dino", "simclr", "dense")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -116,8 +123,13 @@ class FeaturizerSpec:
     def from_dict(cls, data: dict[str, Any]) -> "FeaturizerSpec":
         """Inverse of :meth:`to_dict`; raises ConfigError for unknown fields or objectives."""
         data = dict(data)
-        if data.pop("format", SPEC_FORMAT) != SPEC_FORMAT:
-            raise ConfigError("spec was written by an incompatible fungi version")
+        written = data.pop("format", SPEC_FORMAT)
+        if written != SPEC_FORMAT:
+            change = FORMAT_CHANGES.get(written, "computes other features")
+            raise ConfigError(
+                f"spec format {written} was written by another fungi version ({change}): its features cannot "
+                f"be computed again; rebuild the output with --overwrite"
+            )
         objectives = tuple(
             make_objective_config(entry["name"], **entry.get("params", {})) for entry in data.pop("objectives", [])
         )

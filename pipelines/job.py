@@ -152,7 +152,15 @@ class FeaturizeJob:
                 )
             return None
         if manifest.spec_hash != self.spec.hash:
-            differences = spec_differences(manifest.spec, self.spec.to_dict()) or ["the spec's format"]
+            written, current = manifest.spec.get("format"), self.spec.to_dict().get("format")
+            if written != current:  # no setting brings the old features back: only a rebuild does
+                raise ConfigError(
+                    f"output {self.table.uri} holds features of spec {manifest.spec_hash} (model "
+                    f"{manifest.spec.get('model')}) (spec format {written}, whose features this fungi's format "
+                    f"{current} computes otherwise); this run is spec {self.spec.hash}. Use another output, or "
+                    "--overwrite to replace it"
+                )
+            differences = spec_differences(manifest.spec, self.spec.to_dict())
             raise ConfigError(
                 f"output {self.table.uri} holds features of spec {manifest.spec_hash}; this run is spec "
                 f"{self.spec.hash}: {', '.join(differences)}. Run with the output's settings, or --overwrite to "

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import SampleError
+from fungi_ops.seeding import content_hash
 
 from pipelines.formats.base import as_lists
 from pipelines.formats.input_tables import read_batches, read_columns
@@ -81,17 +82,6 @@ BLOCKS_DIR = "blocks"
 CARRIED_DIR = "carried"
 FINAL_DIR = "final"
 STAGED_SUFFIX = ".staged"  # a final file waiting in the staging area: no reader of the folder takes it for data
-
-
-def content_hash(payload: Any) -> str:
-    """Short hash of a payload's bytes: what ``--incremental`` compares across nights."""
-    if isinstance(payload, str):
-        data = payload.encode("utf-8")
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        data = bytes(payload)
-    else:
-        raise SampleError(f"payload is a {type(payload).__name__}, not bytes or text")
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 
 def source_tag(source: str) -> str:
@@ -408,7 +398,10 @@ class FeaturizeActor:
         self._first_batch = True
 
     def _featurize_rows(self, samples: list, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-        """Featurize (in halves if out of memory); if the batch as a whole raises, retry row by row to isolate the bad row."""
+        """Featurize (in halves if out of memory); if the batch as a whole raises, retry row by row to isolate the bad row.
+
+        ``keys``: the rows' content keys (``content_hash``), which seed their views.
+        """
         try:
             batch = self.run_batch(samples, keys)
             return batch.features, {i: str(e) for i, e in batch.errors.items()}
@@ -451,6 +444,8 @@ class FeaturizeActor:
         errors = table.column(ERROR_COLUMN).to_pylist()
         stages = table.column(STAGE_COLUMN).to_pylist()
         ids = table.column(ID_COLUMN).to_pylist()
+        # a row's views are seeded by its content, never its id (fungi_ops.seeding)
+        content_keys = table.column(HASH_COLUMN).to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
         ok = np.zeros(table.num_rows, dtype=bool)
         features = {name: np.zeros((0, *shape), np.float32) for name, shape in self.shapes.items()}
@@ -458,7 +453,7 @@ class FeaturizeActor:
             canon = table.column(CANON_COLUMN).to_pylist()
             shapes = table.column(SHAPE_COLUMN).to_pylist()
             samples = [unpack(self.modality, canon[i], shapes[i]) for i in todo]
-            features, failed = self._featurize_rows(samples, [ids[i] for i in todo])
+            features, failed = self._featurize_rows(samples, [content_keys[i] for i in todo])
             for position, index in enumerate(todo):
                 if position in failed:
                     errors[index], stages[index] = failed[position], "featurize"

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lakes import config, features, ids_of, last_run, lake, write_part
+from lakes import config, features, ids_of, last_run, lake, sql_catalog, write_part
 from pipelines.job import run_featurize
 
 
@@ -104,12 +104,7 @@ def test_delta_delete_merge_and_compaction_featurize_only_changed_and_new_rows(t
 
 
 def iceberg_table(tmp_path):
-    from pipelines.formats.address import load_catalog
-
-    warehouse = tmp_path / "warehouse"
-    warehouse.mkdir()
-    catalog_text = json.dumps({"type": "sql", "uri": f"sqlite:///{warehouse}/catalog.db", "warehouse": f"file://{warehouse}"})
-    catalog = load_catalog(catalog_text)
+    catalog_text, catalog = sql_catalog(tmp_path / "warehouse")
     catalog.create_namespace("lake")
     table = catalog.create_table("lake.docs", schema=delta_rows("a", 1).schema)
     for prefix in "ab":

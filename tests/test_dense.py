@@ -137,6 +137,20 @@ def test_features_do_not_depend_on_the_batch(engine: DenseFeaturizer, images) ->
     assert cosines[~np.eye(64, dtype=bool)].max() < 0.9999  # every patch its own feature
 
 
+def test_features_follow_the_payload_not_its_id(engine: DenseFeaturizer) -> None:
+    """One image under several ids: bit-identical features in one batch and across batches
+    (its negatives are drawn by its content key, which ``featurize`` takes as ``keys``)."""
+    copy, other = png_bytes(64, 80, seed=5), png_bytes(64, 64, seed=6)
+    first = engine.featurize_payloads([copy, other, copy], ["alpha", "other", "beta"])
+    again = engine.featurize_payloads([copy, other, copy], ["gamma", "delta", "epsilon"])
+    assert not first.errors and first.keys == ["alpha", "other", "beta"]
+    for name, values in first.features.items():
+        np.testing.assert_array_equal(values[0], values[2], err_msg=name)  # one batch, two ids
+        np.testing.assert_array_equal(again.features[name], values, err_msg=name)  # another batch, other ids
+    by_id = engine.featurize([engine.decode(copy)], ["alpha"])  # keyed by the id, other negatives are kept
+    assert not np.allclose(by_id.features["grad_dense"][0], first.features["grad_dense"][0], atol=1e-4)
+
+
 def test_chunking_of_forward_and_projection_does_not_change_features(engine, images, monkeypatch) -> None:
     keys = keys_for(images[:3])
     whole = engine.featurize(images[:3], keys).features

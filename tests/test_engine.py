@@ -13,10 +13,11 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 import fungi_ops.featurizer as featurizer_module
-from fungi_ops import ConfigError, Featurizer, FeaturizerSpec, parse_objectives
+from fungi_ops import ConfigError, Featurizer, FeaturizerSpec, SampleError, parse_objectives
 from fungi_ops.adapters import ViewGroup
 from fungi_ops.backbones import IMAGENET_MEAN, IMAGENET_STD
 from fungi_ops.gradients import accumulate_linear_gradients, grouped_linear_gradients
+from fungi_ops.seeding import content_hash
 
 ATOL = 1e-5
 IMAGE_SHAPES = [(375, 500), (500, 375), (64, 64), (40, 300), (300, 40), (97, 131), (700, 1000), (20, 30)]
@@ -183,7 +184,7 @@ def test_eval_view_is_the_centre_crop(image_engine: Featurizer, images) -> None:
         torch.testing.assert_close(view, expected, atol=2e-4, rtol=0)  # a neighbour's weight <= ~1e-5
 
 
-def test_random_views_follow_the_row_key(image_engine: Featurizer, images) -> None:
+def test_random_views_follow_the_content_key(image_engine: Featurizer, images) -> None:
     adapter, sample = image_engine.adapter, images[0]
     dino = [group for group in image_engine.groups if group.kind == "multicrop"]
     first = adapter.build_views([sample], ["a"], dino, 0, torch.device("cpu"))
@@ -202,6 +203,52 @@ def test_dino_boxes_lie_inside_the_image_with_the_configured_areas(image_engine:
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= widths).all() and (y0 + h <= heights).all()
     area = w * h / (heights * widths)
     assert (area[:, :2] >= 0.2).all() and (area[:, 2:] <= 0.3).all()
+
+
+# -- features depend on content only ----------------------------------------------------
+def assert_features_follow_the_payload_not_its_id(featurizer: Featurizer, payloads: list) -> None:
+    """One payload under several ids: bit-identical features in one batch and across batches.
+
+    The views are seeded by the payload's content key (what the job's ``content_hash``
+    column holds), and ``featurize`` seeds them by the key it is given, so the equality
+    below holds because ``featurize_payloads`` keys rows by content, not by id.
+    """
+    copy, other = payloads
+    batch = [copy, other, copy]
+    first = featurizer.featurize_payloads(batch, ["alpha", "other", "beta"])
+    again = featurizer.featurize_payloads(batch, ["gamma", "delta", "epsilon"])
+    alone = featurizer.featurize_payloads([copy], ["zeta"])
+    keyed = featurizer.featurize([featurizer.decode(copy)], [content_hash(copy)])
+    by_id = featurizer.featurize([featurizer.decode(copy)], ["alpha"])
+    assert not first.errors and first.keys == ["alpha", "other", "beta"]
+    for name in featurizer.feature_names:
+        values = first.features[name]
+        np.testing.assert_array_equal(values[0], values[2], err_msg=name)  # one batch, two ids
+        np.testing.assert_array_equal(again.features[name], values, err_msg=name)  # another batch, other ids
+        np.testing.assert_array_equal(keyed.features[name], alone.features[name], err_msg=name)  # the job's key
+        np.testing.assert_allclose(alone.features[name][0], values[0], atol=ATOL, rtol=0, err_msg=name)
+    # keyed by the id, the random views (DINO crops, text deletions, audio crops) differ
+    assert any(not np.allclose(by_id.features[n], alone.features[n], atol=1e-3) for n in featurizer.feature_names)
+
+
+def test_image_features_follow_the_payload_not_its_id(image_engine: Featurizer) -> None:
+    assert_features_follow_the_payload_not_its_id(image_engine, [png_bytes(90, 120, seed=7), png_bytes(64, 64, seed=8)])
+
+
+def test_text_features_follow_the_payload_not_its_id(text_engine: Featurizer) -> None:
+    assert_features_follow_the_payload_not_its_id(text_engine, [TEXTS[1], TEXTS[6]])
+
+
+def test_audio_features_follow_the_payload_not_its_id(audio_engine: Featurizer) -> None:
+    assert_features_follow_the_payload_not_its_id(audio_engine, [wav_bytes(1.1, freq=330.0), wav_bytes(0.6, freq=500.0)])
+
+
+def test_content_key_of_text_is_its_utf8_and_of_an_array_its_shape_and_values() -> None:
+    assert content_hash("été") == content_hash("été".encode()) != content_hash("ete")
+    pixels = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    assert content_hash(pixels) == content_hash(pixels.copy()) != content_hash(pixels.reshape(4, 2, 3))
+    with pytest.raises(SampleError, match="payload is a int"):
+        content_hash(42)
 
 
 # -- determinism ------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Decoding runs once per row on CPU workers and yields something cheap to ship (a bounded
 uint8 image, a cleaned string, a log-mel spectrogram). View building runs in the model's
 process, on its device, from the canonical form: each row's views are drawn from the
-stream ``(seed, "views", kind, row key)``, so a row gets the same views in any batch.
+stream ``(seed, "views", kind, content key)``, the key being the hash of the row's raw
+payload (:func:`~fungi_ops.seeding.content_hash`), so a payload gets the same views in any
+batch and under any id.
 """
 from __future__ import annotations
 
