@@ -151,7 +151,8 @@ def test_an_s3_endpoint_that_dies_mid_run_is_one_error_line(tiny_text_dir, tmp_p
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("lake")
+    # moto keeps its buckets per process: a name no other test makes
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("dying-endpoint")
     source = lake(tmp_path / "in", files=2, rows=2)
     real = FeaturizeJob.featurize_and_commit
 
@@ -161,7 +162,8 @@ def test_an_s3_endpoint_that_dies_mid_run_is_one_error_line(tiny_text_dir, tmp_p
 
     monkeypatch.setattr(FeaturizeJob, "featurize_and_commit", endpoint_dies)
     try:
-        code = main(["featurize", "--input", str(source), "--output", "s3://lake/features", "--modality", "text",
+        code = main(["featurize", "--input", str(source), "--output", "s3://dying-endpoint/features",
+                     "--modality", "text",
                      "--model", f"hf:{tiny_text_dir}", "--storage-options",
                      '{"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}'])
     finally:
@@ -169,7 +171,7 @@ def test_an_s3_endpoint_that_dies_mid_run_is_one_error_line(tiny_text_dir, tmp_p
     lines = stderr_lines(capsys.readouterr().err)
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: storage failed: ") and endpoint in lines[0], lines
-    assert "output s3://lake/features" in lines[0] and "nothing was committed" in lines[0]
+    assert "output s3://dying-endpoint/features" in lines[0] and "nothing was committed" in lines[0]
 
 
 def test_only_a_storage_error_itself_is_reported_as_one_line():
