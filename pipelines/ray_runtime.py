@@ -1,4 +1,5 @@
-"""Start or join Ray: a local instance sized to the machine by default, a cluster when asked.
+"""Start or join Ray: a local instance sized to the machine by default, a cluster when asked;
+and leave a Ray worker process that a cancelled task left unable to import torch.
 
 Usage-stats reporting is always off: it would try to reach the internet.
 """
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -71,3 +73,45 @@ def cluster_resources() -> tuple[float, float]:
 
     resources = ray.cluster_resources()
     return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+
+
+# EX_TEMPFAIL: the worker leaves so that Ray retries its task on a fresh one
+INTERRUPTED_TORCH_IMPORT_EXIT = 75
+
+
+def leave_if_torch_import_was_interrupted() -> None:
+    """Exit this Ray worker process if an earlier task's import of torch was cut short; in a
+    driver, raise :class:`~fungi_ops.errors.FungiError` saying to restart the process.
+
+    Why: Ray reuses a worker process after cancelling its task, and Ray Data cancels its
+    running tasks when a run is stopped (Ctrl-C, SIGTERM, an error elsewhere). A cancel that
+    lands while the task imports torch leaves torch's submodules in ``sys.modules`` without
+    torch itself; every later import of torch in that process then fails, or yields a module
+    that lacks attributes (``module 'torch' has no attribute '_utils'`` when a pickled tensor
+    is loaded). The next run on the same Ray (a notebook, a test session, a long-lived
+    cluster's job) would fail for no reason of its own. Python cannot re-import torch's C
+    extension, so the process cannot be repaired: a worker exits, and Ray retries the task
+    (or restarts the actor) on a fresh worker. Called first by every fungi task and actor
+    that may import torch (:class:`pipelines.tasks.RayTasks`, :mod:`pipelines.stages`).
+    """
+    torch = sys.modules.get("torch")
+    if (torch is not None and hasattr(torch, "_utils")) or not any(name.startswith("torch.") for name in sys.modules):
+        return  # torch imported whole, or not at all
+    message = ("torch's import in this process was interrupted earlier (a cancelled task or a Ctrl-C "
+               "during the import); it cannot be imported again in this process")
+    if _on_ray_worker():
+        print(f"fungi: {message}: this Ray worker exits, and Ray retries its task on a fresh one",
+              file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED_TORCH_IMPORT_EXIT)
+    from fungi_ops.errors import FungiError
+
+    raise FungiError(f"{message}: restart this Python process (in a notebook, restart the kernel)")
+
+
+def _on_ray_worker() -> bool:
+    """Whether this process is a Ray worker (a task's or an actor's), not a driver."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE

@@ -56,6 +56,7 @@ from pipelines.formats.base import as_lists
 from pipelines.formats.input_tables import read_batches, read_columns
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX
+from pipelines.ray_runtime import leave_if_torch_import_was_interrupted
 from pipelines.storage import InputFile, Location, fsync_file, write_whole
 
 log = logging.getLogger(__name__)
@@ -306,8 +307,7 @@ def decode_batch(table: pa.Table, *, modality: str, decoder: bytes) -> pa.Table:
     ``decoder`` is the spec's decoder (:func:`fungi_ops.adapters.make_spec_decoder`),
     pickled: the driver never unpickles it.
     """
-    import pickle
-
+    leave_if_torch_import_was_interrupted()  # unpickling the decoder may import torch
     decode = pickle.loads(decoder).decode
     payloads = table.column(PAYLOAD_COLUMN).to_pylist()
     errors = table.column(ERROR_COLUMN).to_pylist()
@@ -369,6 +369,7 @@ class FeaturizeActor:
         batch_size: int | str = "auto",
         gpus: float = 0.0,
     ) -> None:
+        leave_if_torch_import_was_interrupted()
         import torch
 
         import ray

@@ -15,6 +15,7 @@ always runs on Ray.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,12 +48,20 @@ class Tasks:
 
 
 class RayTasks(Tasks):
-    """Each call a Ray task (Ray must be initialized)."""
+    """Each call a Ray task (Ray must be initialized), on a worker that can import torch
+    (:func:`pipelines.ray_runtime.leave_if_torch_import_was_interrupted`)."""
 
     def remote(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         import ray
 
-        return ray.remote(**options)(fn).remote
+        from pipelines.ray_runtime import leave_if_torch_import_was_interrupted
+
+        @functools.wraps(fn)
+        def task(*args: Any, **kwargs: Any) -> Any:
+            leave_if_torch_import_was_interrupted()
+            return fn(*args, **kwargs)
+
+        return (ray.remote(**options)(task) if options else ray.remote(task)).remote
 
     def get(self, refs: Any) -> Any:
         import ray

@@ -201,3 +201,73 @@ def test_only_a_storage_error_itself_is_reported_as_one_line():
 
     assert storage_cause(raised(bug_while_handling)) is None
     assert isinstance(storage_cause(raised(endpoint_gone)), EndpointConnectionError)
+
+
+# A process in the state a cancelled task leaves behind when the cancel lands while it imports
+# torch: the import raised KeyboardInterrupt part-way, leaving torch's submodules without torch.
+CUT_SHORT_TORCH_IMPORT = '''
+import sys
+
+class CutShort:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.nn":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CutShort())
+try:
+    import torch
+except KeyboardInterrupt:
+    pass
+sys.meta_path.pop(0)
+'''
+
+
+def test_a_ray_worker_whose_torch_import_was_cut_short_leaves_and_its_task_runs_on_a_fresh_one(tmp_path):
+    """Ray reuses a worker after cancelling its task (Ray Data cancels its tasks when a run is
+    stopped); a worker whose torch import was cut short then failed the next run's setup draw with
+    ``module 'torch' has no attribute '_utils'`` (CI, stop 30). Such a worker now exits, and Ray
+    runs the task on a fresh one. (The stream's decode tasks and actors make the same check.)"""
+    script = f'''
+import json, os, pickle, sys
+import ray
+from pipelines.tasks import RayTasks
+
+ray.init(num_cpus=1, include_dashboard=False)
+
+def poison():
+    exec({CUT_SHORT_TORCH_IMPORT!r}, {{}})
+    return os.getpid(), sys.modules.get("torch") is None and "torch._C" in sys.modules
+
+def load_a_pickled_tensor(data):
+    return os.getpid(), int(pickle.loads(data).sum())
+
+tensor = ray.get(ray.remote(max_calls=1)(lambda: __import__("pickle").dumps(__import__("torch").arange(4))).remote())
+poisoned, cut_short = ray.get(ray.remote(poison).remote())
+tasks = RayTasks()
+ran_on, total = tasks.get(tasks.remote(load_a_pickled_tensor)(tensor))
+print(json.dumps(dict(cut_short=cut_short, moved=ran_on != poisoned, total=total)))
+'''
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == '{"cut_short": true, "moved": true, "total": 6}', done.stdout
+    assert "this Ray worker exits, and Ray retries its task on a fresh one" in done.stderr
+
+
+def test_a_driver_whose_torch_import_was_cut_short_is_told_to_restart(tmp_path):
+    """In a driver (a notebook after a Ctrl-C during ``import torch``) the same state is one error
+    that says what to do, not an AttributeError from deep in torch."""
+    script = CUT_SHORT_TORCH_IMPORT + '''
+from fungi_ops.errors import FungiError
+from pipelines.ray_runtime import leave_if_torch_import_was_interrupted
+try:
+    leave_if_torch_import_was_interrupted()
+except FungiError as exc:
+    print(exc)
+'''
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "torch's import in this process was interrupted earlier (a cancelled task or a Ctrl-C during the import); "
+        "it cannot be imported again in this process: restart this Python process (in a notebook, restart the kernel)"
+    )
