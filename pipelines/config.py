@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from fungi_ops.batch_size import parse_batch_size
 from fungi_ops.errors import ConfigError
@@ -61,6 +61,10 @@ class FeaturizeConfig:
     in_process_rows: int = DEFAULT_IN_PROCESS_ROWS  # a job featurizing at most this many rows runs without Ray (pipelines.tasks)
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.actors is not None:  # the Python API takes N as the CLI does (a notebook writes actors=2)
+            self.actors = parse_actors(self.actors)
+
     def validate(self) -> None:
         """Checks of the flags alone (no data, no model, no storage); ConfigError names the flag."""
         if not 0 <= self.max_error_fraction <= 1:
@@ -68,6 +72,9 @@ class FeaturizeConfig:
         parse_batch_size(self.batch_size)
         if self.in_process_rows < 0:
             raise ConfigError("--in-process-rows must be >= 0 (0: every job on Ray)")
+        for flag, value in (("--gpus-per-actor", self.gpus_per_actor), ("--cpus-per-actor", self.cpus_per_actor)):
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{flag} must be >= 0, got {value!r}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError("--max-image-pixels must be >= 1")
         if self.incremental and self.overwrite:
@@ -85,6 +92,20 @@ class FeaturizeConfig:
     def data_column_name(self) -> str:
         """The payload column: ``--data-column``, else the modality's default."""
         return self.data_column or DEFAULT_DATA_COLUMNS.get(self.modality, "data")
+
+
+def parse_actors(value: int | str | Sequence[int]) -> tuple[int, int]:
+    """The actor pool's ``(MIN, MAX)`` from ``N``, ``"N"``, ``"MIN,MAX"`` or a pair; ConfigError names --actors."""
+    try:
+        parts = [int(p) for p in value.split(",")] if isinstance(value, str) else (
+            [value] if isinstance(value, int) and not isinstance(value, bool) else [int(p) for p in value])
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise ConfigError(f"--actors: use N or MIN,MAX with 1 <= MIN <= MAX, got {value!r}")
+    return parts[0], parts[1]
 
 
 def spec_settings(config: FeaturizeConfig) -> dict[str, Any]:

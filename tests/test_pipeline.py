@@ -216,6 +216,22 @@ def test_bad_settings_fail_fast_with_a_clear_message(minilm_dir, text_input, tmp
     assert not (tmp_path / "o" / "_fungi_manifest.json").exists()
 
 
+def test_the_python_api_takes_the_actor_pool_as_the_cli_does(tmp_path):
+    """A notebook writes ``actors=2`` as the CLI's ``--actors 2``; a bad pool names --actors (it used to
+    fail in the model's resolution child with "'int' object is not iterable")."""
+    from pipelines.config import FeaturizeConfig
+
+    def pool(**settings):
+        return FeaturizeConfig(input="in", output="out", modality="text", model="hf:m", **settings)
+
+    assert pool(actors=2).actors == (2, 2) and pool(actors="1,3").actors == (1, 3) and pool(actors=[2, 4]).actors == (2, 4)
+    for bad in (0, (3, 1), "two", True, (1, 2, 3)):
+        with pytest.raises(ConfigError, match="--actors: use N or MIN,MAX"):
+            pool(actors=bad)
+    with pytest.raises(ConfigError, match="--gpus-per-actor must be >= 0"):
+        pool(gpus_per_actor=-1).validate()
+
+
 def test_unknown_model_and_missing_input_fail_fast(text_input, tmp_path, capsys):
     assert cli_main(["featurize", "--input", str(text_input), "--output", str(tmp_path / "o"),
                      "--modality", "image", "--data-column", "text", "--model", "timm:not_a_model"]) == 2

@@ -33,12 +33,13 @@ HELP = "featurize Parquet data into FUNGI feature tables with Ray Data"
 
 
 def _actors(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
-        raise argparse.ArgumentTypeError("use N or MIN,MAX with 1 <= MIN <= MAX")
-    return parts[0], parts[1]
+    from fungi_ops.errors import ConfigError
+    from pipelines.config import parse_actors
+
+    try:
+        return parse_actors(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError("use N or MIN,MAX with 1 <= MIN <= MAX") from None
 
 
 def _batch_size(text: str) -> int | str:
