@@ -73,7 +73,7 @@ def patch_feature_array(values: np.ndarray | Sequence[np.ndarray], ok: np.ndarra
 
     ``values``: ``[n, patches, dim]`` float32, or one ``[patches_i, dim]`` array per image.
     ``ok``: optional bool mask over the output rows, ``ok.sum() == n``: rows where it is
-    False are null (failed rows of a batch, as ``pipelines.stages.feature_array``).
+    False are null (failed rows of a batch, as ``pipelines.job.actor.feature_array``).
     """
     if isinstance(values, np.ndarray):
         if values.ndim != 3:

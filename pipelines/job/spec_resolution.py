@@ -3,7 +3,7 @@
 A run on Ray never imports torch in the driver (about 0.5 GB of resident memory for a CUDA
 build, plus transformers; a small job run in one process, :mod:`pipelines.tasks`, does so by
 design): :class:`SpecResolver` loads the model in a short-lived child process
-(``python -m pipelines.spec_resolution``) while the driver starts Ray, and hands back a
+(``python -m pipelines.job.spec_resolution``) while the driver starts Ray, and hands back a
 :class:`ResolvedSpec`, plain data that the driver, the planner and the writers need.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ class SpecResolver:
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.spec_resolution"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-m", "pipelines.job.spec_resolution"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path},
             )
 
