@@ -40,7 +40,7 @@ def unpack(modality: str, data: bytes, shape: Sequence[int]) -> Any:
 def decode_batch(table: pa.Table, *, modality: str, decoder: bytes) -> pa.Table:
     """CPU stage: decode payloads into canonical form; undecodable rows carry their error.
 
-    ``decoder`` is the spec's decoder (:func:`fungi_ops.adapters.make_spec_decoder`),
+    ``decoder`` is the spec's decoder (:func:`fungi_ops.factory.make_spec_decoder`),
     pickled: the driver never unpickles it.
     """
     leave_if_torch_import_was_interrupted()  # unpickling the decoder may import torch

@@ -38,7 +38,7 @@ class ResolvedSpec:
     dense: bool  # per-patch features (fungi_ops.dense): a dense table, the support as setup state
     columns: tuple[str, ...]  # the output columns the features take (kept columns must not clash)
     row_bytes: int  # float32 feature bytes of one output row: bounds the stream's block size
-    decoder: bytes  # fungi_ops.adapters.make_spec_decoder's decoder, pickled
+    decoder: bytes  # fungi_ops.factory.make_spec_decoder's decoder, pickled
 
     @property
     def setup_splits(self) -> bool:
@@ -104,7 +104,8 @@ def _short(value: Any) -> str:
 
 def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
     """Load the model and resolve the run's spec, in this process (imports torch)."""
-    from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, make_spec_decoder
+    from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS
+    from fungi_ops.factory import make_spec_decoder
     from fungi_ops.backbones import load_backbone
     from fungi_ops.featurizer import resolve_spec
     from fungi_ops.spec import FeaturizerSpec, parse_objectives
