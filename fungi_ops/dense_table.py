@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fungi_ops.eval.dense_io import DENSE_FEATURES, GRID_COLUMNS, DenseReader, DenseRows
-from fungi_ops.eval.io import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY
+from fungi_ops.file_keys import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from fungi_ops.eval.io import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY  # the feature files' reader (torch-free) owns them
+from fungi_ops.file_keys import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY
 
 if TYPE_CHECKING:
     from pipelines.storage import Location

@@ -33,7 +33,15 @@ streams a source's rows into its new file instead of holding them.
 """
 from __future__ import annotations
 
-from pipelines.config import FeaturizeConfig
-from pipelines.job.run import FeaturizeJob, run_featurize
+from fungi_ops._lazy import lazy_exports
 
-__all__ = ["FeaturizeConfig", "FeaturizeJob", "run_featurize"]
+# The run's entry points, loaded on first use (PEP 562): a Ray worker that runs one stage
+# (pipelines.job.read, ...) imports this package first, and needs none of the run's modules.
+_EXPORTS = {
+    "FeaturizeConfig": "pipelines.config",
+    "FeaturizeJob": "pipelines.job.run",
+    "run_featurize": "pipelines.job.run",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
