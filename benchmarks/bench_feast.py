@@ -39,7 +39,9 @@ def main() -> None:
 
     from fungi_outputs import SyntheticOutput, make_spec
 
-    from pipelines.feast_repo import fungi_vectors, load_definitions, vector_matrix, write_feast_repo
+    from pipelines.feast.definitions import load_definitions
+    from pipelines.feast.repo import write_feast_repo
+    from pipelines.feast.vectors import fungi_vectors, vector_matrix
 
     import pyarrow.parquet as pq
 

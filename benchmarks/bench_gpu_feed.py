@@ -160,7 +160,8 @@ def featurize(data: Path, output: Path, *extra: str) -> dict[str, Any]:
 
 # -- 1. per stage, in one process --------------------------------------------------------
 class StageClock:
-    """CPU seconds (``time.process_time``) spent in each of the stream's stage functions."""
+    """CPU seconds (``time.process_time``) spent in each of the stream's stage functions (patched where
+    :mod:`pipelines.job.stream` calls them)."""
 
     STAGES = ("read_sources", "decode_batch", "write_batch", "finalize_source")
 
@@ -169,13 +170,13 @@ class StageClock:
         self.originals: dict[str, Any] = {}
 
     def __enter__(self) -> "StageClock":
-        from pipelines import stages
+        from pipelines.job import stream
 
-        self.originals = {name: getattr(stages, name) for name in (*self.STAGES, "FeaturizeActor")}
+        self.originals = {name: getattr(stream, name) for name in (*self.STAGES, "FeaturizeActor")}
         for name in self.STAGES:
-            original = getattr(stages, name)
-            setattr(stages, name, self._generator(name, original) if name == "read_sources" else self._call(name, original))
-        actor = stages.FeaturizeActor
+            original = getattr(stream, name)
+            setattr(stream, name, self._generator(name, original) if name == "read_sources" else self._call(name, original))
+        actor = stream.FeaturizeActor
         clock = self
 
         class TimedActor(actor):
@@ -186,14 +187,14 @@ class StageClock:
                 finally:
                     clock.seconds["featurize (stand-in)"] += time.process_time() - began
 
-        stages.FeaturizeActor = TimedActor
+        stream.FeaturizeActor = TimedActor
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from pipelines import stages
+        from pipelines.job import stream
 
         for name, original in self.originals.items():
-            setattr(stages, name, original)
+            setattr(stream, name, original)
 
     def _call(self, name: str, function: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -224,7 +225,7 @@ def decode_profile(payloads: list[bytes]) -> dict[str, float]:
     from PIL import Image
 
     import fungi_ops
-    from pipelines.stages import pack
+    from pipelines.job.decode import pack
 
     decoder = fungi_ops.make_featurizer(fungi_ops.FeaturizerSpec(model=MODEL, modality="image", weights="random")).adapter
     import torch

@@ -36,7 +36,7 @@ killed commit to resolve.
 
 Ids are zero-padded sequence numbers (``--ids sequential``), as a lake that grows by
 appending gets; ``--ids random`` gives random hex ids (UUID-like), for which the id
-check must read the id column of every committed file (see ``pipelines/plan.py``).
+check must read the id column of every committed file (see ``pipelines/job/plan.py``).
 """
 from __future__ import annotations
 
@@ -67,9 +67,10 @@ from fungi_ops import FeaturizerSpec  # noqa: E402
 from pipelines.formats import open_output, read_output  # noqa: E402
 from pipelines.formats.folder import committed_files  # noqa: E402
 from pipelines.job import FeaturizeConfig  # noqa: E402
-from pipelines.spec_resolution import resolve_spec_here  # noqa: E402
+from pipelines.job.spec_resolution import resolve_spec_here  # noqa: E402
 from pipelines.manifest import Manifest, RunRecord, read_manifest, sources_schema, write_header, write_sources_table  # noqa: E402
-from pipelines.stages import content_hash, spec_metadata, staged_final_path  # noqa: E402
+from fungi_ops.seeding import content_hash  # noqa: E402
+from pipelines.layout import spec_metadata, staged_final_path  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
 
 FRACTION = 0.0005

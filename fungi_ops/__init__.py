@@ -32,7 +32,7 @@ _EXPORTS = {
     "DenseFeaturizer": "fungi_ops.dense",
     "FeatureBatch": "fungi_ops.featurizer",
     "Featurizer": "fungi_ops.featurizer",
-    "make_featurizer": "fungi_ops.featurizer",
+    "make_featurizer": "fungi_ops.factory",
     "OBJECTIVES": "fungi_ops.objectives",
     "DenseConfig": "fungi_ops.objectives",
     "DINOConfig": "fungi_ops.objectives",

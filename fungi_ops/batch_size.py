@@ -12,7 +12,7 @@ AUTO = "auto"
 # bigger batches only hold more views in memory, so auto means the CLI's long-standing 16.
 AUTO_CPU_BATCH = 16
 # On CUDA, auto never exceeds this: a ViT-B with 62 views a row is compute-bound far below
-# it, and the stream's blocks (pipelines.stream.block_rows) are sized for it.
+# it, and the stream's blocks (pipelines.job.stream.block_rows) are sized for it.
 AUTO_MAX_BATCH = 256
 # Fraction of the actor's share of the free accelerator memory an auto batch may use; the
 # rest covers the allocator's fragmentation and the next batch's inputs.

@@ -38,8 +38,8 @@ latents beside it. :meth:`DenseFeaturizer.setup_state` holds both for a setup ar
 
 For a featurize job (``pipelines``): resolve the spec on the driver
 (:func:`~fungi_ops.featurizer.resolve_spec` fills ``image_size``; ``spec.is_dense`` picks
-this path, in :func:`fungi_ops.adapters.make_spec_decoder` and
-:func:`fungi_ops.featurizer.make_featurizer`), decode on workers with
+this path, in :func:`fungi_ops.factory.make_spec_decoder` and
+:func:`fungi_ops.factory.make_featurizer`), decode on workers with
 :func:`make_dense_decoder`, build the support from the
 first ``spec.setup_rows`` rows of the support split in ``setup_order`` and ship
 :meth:`DenseFeaturizer.setup_state` (two arrays: the serialised index and the latents) as the
@@ -63,7 +63,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -75,9 +74,9 @@ import fungi_ops.featurizer as featurizer_module
 from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, host_buffer, to_device
 from fungi_ops.adapters.image import ImageAdapter
 from fungi_ops.backbones import ImageInput
-from fungi_ops.backbones import Backbone, load_backbone, resolve_target_layer
+from fungi_ops.backbones import Backbone, resolve_target_layer
 from fungi_ops.errors import ConfigError, SampleError
-from fungi_ops.featurizer import decode_payloads, read_setup_file, resolve_spec, write_setup_file
+from fungi_ops.featurizer import FeaturizerBase
 from fungi_ops.gradients import LinearGradientTap, token_linear_gradients
 from fungi_ops.neighbours import NeighbourIndex
 from fungi_ops.objectives import DenseConfig, DenseObjective
@@ -164,7 +163,7 @@ def dense_config(spec: FeaturizerSpec) -> DenseConfig:
     return config
 
 
-class DenseFeaturizer:
+class DenseFeaturizer(FeaturizerBase):
     """Load a frozen ViT once, then compute per-patch features of batches of decoded images.
 
     ``spec`` must hold the ``dense`` objective alone. ``device``: default CUDA when
@@ -182,12 +181,7 @@ class DenseFeaturizer:
         trust_remote_code: bool = False,
     ) -> None:
         dense_config(spec)  # refuse other specs before loading anything
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backbone: Backbone = load_backbone(
-            spec.model, spec.modality, weights=spec.weights, seed=spec.seed, pooling=spec.pooling,
-            trust_remote_code=trust_remote_code,
-        )
-        self.spec = resolve_spec(spec, self.backbone)
+        self._load_model(spec, device, trust_remote_code)
         self.config = dense_config(self.spec)
         tokens = self.backbone.patch_tokens
         assert tokens is not None and self.config.image_size is not None  # checked by resolve_spec
@@ -350,14 +344,6 @@ class DenseFeaturizer:
         latents = latents.detach().clone() if isinstance(latents, torch.Tensor) else torch.tensor(latents)
         self._install(index, latents.float())
 
-    def save_setup(self, path: str | Path) -> None:
-        """Write :meth:`setup_state` to a safetensors file tagged with the spec hash."""
-        write_setup_file(self.setup_state(), path, self.spec.hash)
-
-    def load_setup(self, path: str | Path) -> None:
-        """Install a file written by :meth:`save_setup`; ConfigError if it belongs to another spec."""
-        self.load_setup_state(read_setup_file(path, self.spec.hash))
-
     # -- features ----------------------------------------------------------------
     def featurize(self, samples: Sequence[np.ndarray], keys: Sequence[str]) -> DenseBatch:
         """Per-patch features of decoded samples. A row whose features are not finite is reported, not returned.
@@ -371,7 +357,7 @@ class DenseFeaturizer:
         if not samples:
             empty = {name: np.zeros((0, self.patches, dim), np.float32) for name, dim in self.feature_dims.items()}
             return DenseBatch(keys, self.grid, empty)
-        features = self.featurize_views(self.views(samples), keys)
+        features = self.featurize_pixels(self.views(samples), keys)
         finite = np.all([np.isfinite(values).all(axis=(1, 2)) for values in features.values()], axis=0)
         errors = {
             int(i): SampleError("features are not finite (NaN/inf in the model output or gradient)", stage="featurize")
@@ -381,18 +367,7 @@ class DenseFeaturizer:
             features = {name: values[finite] for name, values in features.items()}
         return DenseBatch(keys, self.grid, features, errors)
 
-    def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> DenseBatch:
-        """Decode then featurize; rows that fail to decode are reported, the rest go on.
-
-        ``keys`` (row ids) only name the rows of the result: each payload's content key
-        seeds its draws (:func:`~fungi_ops.featurizer.decode_payloads`).
-        """
-        decoded, content_keys, decoded_rows, errors = decode_payloads(self.decode, payloads)
-        result = self.featurize(decoded, content_keys)
-        errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
-        return DenseBatch([str(k) for k in keys], self.grid, result.features, errors)
-
-    def featurize_views(self, pixels: torch.Tensor, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    def featurize_pixels(self, pixels: torch.Tensor, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """``{"embedding": [B, P, D], "grad_dense": [B, P, k]}`` of normalised views (:meth:`views`)."""
         if self.support is None:
             raise ConfigError("dense features need a support index: run DenseFeaturizer.setup() or load a setup artifact")

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fungi_ops.eval.dense_io import DENSE_FEATURES, GRID_COLUMNS, DenseReader, DenseRows
-from fungi_ops.eval.io import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY
+from fungi_ops.file_keys import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -73,7 +73,7 @@ def patch_feature_array(values: np.ndarray | Sequence[np.ndarray], ok: np.ndarra
 
     ``values``: ``[n, patches, dim]`` float32, or one ``[patches_i, dim]`` array per image.
     ``ok``: optional bool mask over the output rows, ``ok.sum() == n``: rows where it is
-    False are null (failed rows of a batch, as ``pipelines.stages.feature_array``).
+    False are null (failed rows of a batch, as ``pipelines.job.actor.feature_array``).
     """
     if isinstance(values, np.ndarray):
         if values.ndim != 3:

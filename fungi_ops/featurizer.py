@@ -22,9 +22,10 @@ import dataclasses
 import gc
 import logging
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,9 +40,6 @@ from fungi_ops.objectives import Objective
 from fungi_ops.projection import RandomProjection
 from fungi_ops.seeding import content_hash
 from fungi_ops.spec import FeaturizerSpec, feature_column
-
-if TYPE_CHECKING:
-    from fungi_ops.dense import DenseFeaturizer
 
 log = logging.getLogger(__name__)
 SETUP_FILE = "setup.safetensors"
@@ -105,7 +103,63 @@ def setup_encoding_order(samples: Sequence[Any]) -> list[int]:
     return sorted(range(len(samples)), key=lambda i: len(samples[i]) if isinstance(samples[i], str) else 0)
 
 
-class Featurizer:
+class FeaturizerBase(ABC):
+    """What :class:`Featurizer` and :class:`~fungi_ops.dense.DenseFeaturizer` share, so that a caller
+    that only moves rows (the pipeline's actors and setup task, :func:`fungi_ops.factory.make_featurizer`)
+    treats both alike: the resolved :attr:`spec`, decoding a payload, featurizing decoded samples
+    (a batch with ``keys``, ``features`` and ``errors``), and a setup state (SimCLR negatives, a dense
+    support index) that is computed once, shipped to every worker and saved beside the output.
+    """
+
+    spec: FeaturizerSpec
+    backbone: Backbone
+    device: torch.device
+
+    def _load_model(self, spec: FeaturizerSpec, device: str | torch.device | None, trust_remote_code: bool) -> None:
+        """Load the spec's frozen backbone for ``device`` (default: CUDA when available) and resolve the
+        spec against it (:func:`resolve_spec`): what both featurizers' constructors start with."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backbone = load_backbone(spec.model, spec.modality, weights=spec.weights, seed=spec.seed,
+                                      pooling=spec.pooling, trust_remote_code=trust_remote_code)
+        self.spec = resolve_spec(spec, self.backbone)
+
+    @abstractmethod
+    def decode(self, payload: Any) -> Any:
+        """A raw payload (bytes, text) -> the decoded sample :meth:`featurize` takes; SampleError for a bad one."""
+
+    @abstractmethod
+    def featurize(self, samples: Sequence[Any], keys: Sequence[str]) -> Any:
+        """Features of decoded samples, whose views are seeded by ``keys`` (their content keys)."""
+
+    @abstractmethod
+    def setup_state(self) -> dict[str, torch.Tensor]:
+        """The setup state, as tensors by name (what :meth:`save_setup` writes)."""
+
+    @abstractmethod
+    def load_setup_state(self, state: Mapping[str, Any]) -> None:
+        """Install a state of :meth:`setup_state` (tensors or numpy arrays, e.g. from the object store); copied."""
+
+    def save_setup(self, path: str | Path) -> None:
+        """Write :meth:`setup_state` to a safetensors file tagged with the spec hash."""
+        write_setup_file(self.setup_state(), path, self.spec.hash)
+
+    def load_setup(self, path: str | Path) -> None:
+        """Install a file written by :meth:`save_setup`; ConfigError if it belongs to another spec."""
+        self.load_setup_state(read_setup_file(path, self.spec.hash))
+
+    def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> Any:
+        """Decode then featurize; rows that fail to decode are reported, the rest go on.
+
+        ``keys`` (row ids) only name the rows of the result: the views are seeded by each
+        payload's content key (:func:`decode_payloads`).
+        """
+        decoded, content_keys, decoded_rows, errors = decode_payloads(self.decode, payloads)
+        result = self.featurize(decoded, content_keys)
+        errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
+        return dataclasses.replace(result, keys=[str(k) for k in keys], errors=errors)
+
+
+class Featurizer(FeaturizerBase):
     """Load a frozen backbone once, then featurize batches of decoded samples.
 
     ``device``: where the model runs (default: CUDA when available).
@@ -123,16 +177,7 @@ class Featurizer:
     ) -> None:
         if spec.is_dense:
             raise ConfigError("the 'dense' objective makes per-patch features: use fungi_ops.dense.DenseFeaturizer")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backbone: Backbone = load_backbone(
-            spec.model,
-            spec.modality,
-            weights=spec.weights,
-            seed=spec.seed,
-            pooling=spec.pooling,
-            trust_remote_code=trust_remote_code,
-        )
-        self.spec = resolve_spec(spec, self.backbone)
+        self._load_model(spec, device, trust_remote_code)
         _, layer = resolve_target_layer(self.backbone.model, self.spec.target_layer, self.backbone.default_target)
         self.backbone.model.to(self.device)
         self.adapter = make_adapter(self.backbone)
@@ -250,7 +295,7 @@ class Featurizer:
             if objective.needs_setup
         }
 
-    def load_setup_state(self, state: dict[str, Any]) -> None:
+    def load_setup_state(self, state: Mapping[str, Any]) -> None:
         """Install supporting tensors (or arrays) saved by :meth:`setup_state`; they are copied."""
         for name, objective in self.objectives.items():
             if objective.needs_setup:
@@ -259,14 +304,6 @@ class Featurizer:
                 value = state[f"{name}.negatives"]
                 # copies: arrays from the object store are read-only, tensors may be shared
                 objective.set_negatives(value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value))
-
-    def save_setup(self, path: str | Path) -> None:
-        """Write :meth:`setup_state` to a safetensors file tagged with the spec hash."""
-        write_setup_file(self.setup_state(), path, self.spec.hash)
-
-    def load_setup(self, path: str | Path) -> None:
-        """Install a file written by :meth:`save_setup`; raises ConfigError if it belongs to another spec."""
-        self.load_setup_state(read_setup_file(path, self.spec.hash))
 
     def featurize(self, samples: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
         """Features of decoded samples. A row whose features are not finite is reported, not returned.
@@ -291,17 +328,6 @@ class Featurizer:
         if errors:
             features = {name: values[finite] for name, values in features.items()}
         return FeatureBatch(keys, features, errors)
-
-    def featurize_payloads(self, payloads: Sequence[Any], keys: Sequence[str]) -> FeatureBatch:
-        """Decode then featurize; rows that fail to decode are reported, the rest go on.
-
-        ``keys`` (row ids) only name the rows of the result: the views are seeded by each
-        payload's content key (:func:`decode_payloads`).
-        """
-        decoded, content_keys, decoded_rows, errors = decode_payloads(self.decode, payloads)
-        result = self.featurize(decoded, content_keys)
-        errors.update({decoded_rows[i]: exc for i, exc in result.errors.items()})
-        return FeatureBatch([str(k) for k in keys], result.features, errors)
 
     def featurize_views(self, inputs: Any, batch: int) -> dict[str, np.ndarray]:
         """Features from model-ready views laid out as :attr:`groups` (group-major, sample-major)."""
@@ -433,7 +459,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        featurizer: "Featurizer | DenseFeaturizer",
+        featurizer: FeaturizerBase,
         batch_size: int | str = AUTO,
         *,
         memory_share: float = 1.0,
@@ -477,7 +503,7 @@ class BatchRunner:
 
 
 def auto_batch_size(
-    featurizer: "Featurizer | DenseFeaturizer",
+    featurizer: FeaturizerBase,
     samples: Sequence[Any],
     keys: Sequence[str],
     featurize: FeaturizeFn | None = None,
@@ -512,21 +538,6 @@ def auto_batch_size(
     chosen = max(1, min(AUTO_MAX_BATCH, rows if rows < 8 else rows // 8 * 8))
     log.info("batch size auto: %.0f MiB a row, %.0f MiB free of %.0f, %d rows", per_row / 2**20, free / 2**20, total / 2**20, chosen)
     return chosen
-
-
-def make_featurizer(spec: FeaturizerSpec, **options: Any) -> "Featurizer | DenseFeaturizer":
-    """The featurizer of a spec: :class:`~fungi_ops.dense.DenseFeaturizer` for a dense one, else :class:`Featurizer`.
-
-    ``options`` go to the constructor (``device``, ``projection``, ``trust_remote_code``).
-    Both load the model once, take :meth:`~Featurizer.setup` / :meth:`~Featurizer.load_setup_state`
-    and return a batch with ``features`` and ``errors`` from ``featurize``, so a caller that
-    only moves rows (the pipeline's actors and setup task) picks one here and treats both alike.
-    """
-    if spec.is_dense:
-        from fungi_ops.dense import DenseFeaturizer  # fungi_ops.dense imports this module
-
-        return DenseFeaturizer(spec, **options)
-    return Featurizer(spec, **options)
 
 
 def decode_payloads(

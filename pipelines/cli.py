@@ -45,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fungi`` console script; returns the process exit code.
 
-    Ctrl-C and SIGTERM (:mod:`pipelines.interrupts`) and a failing store
-    (:class:`~pipelines.storage.StorageFailure`) end any command with one line, no traceback.
+    Ctrl-C and SIGTERM (:mod:`pipelines.interrupts`), a failing store
+    (:class:`~pipelines.storage.StorageFailure`) and a lease another run took over end any command
+    with one line and exit 1, no traceback; bad input or settings (a ``FungiError`` or
+    ``ValueError``) with one ``error:`` line and exit 2.
     """
+    from fungi_ops.errors import FungiError
     from pipelines.interrupts import Interrupted, raise_on_sigterm
+    from pipelines.lease import LeaseLost
     from pipelines.storage import StorageFailure, describe_storage_error, storage_cause
 
     parser = build_parser()
@@ -60,9 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = exc if isinstance(exc, Interrupted) else Interrupted.of(exc)
         print(f"interrupted: {interrupted.outcome}", file=sys.stderr)
         return interrupted.exit_code
-    except StorageFailure as exc:
+    except (StorageFailure, LeaseLost) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (FungiError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # another command's storage error: the line without the commit state
         cause = storage_cause(exc)
         if cause is None:

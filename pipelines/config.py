@@ -4,6 +4,13 @@
 :meth:`~FeaturizeConfig.validate` refuses contradictory flags before anything is read, and
 :func:`spec_settings` is the part of it that determines the features (what the manifest
 records, so that a night with nothing to read can reuse the recorded spec).
+
+Why a small job stays in the driver (``--in-process-rows``, :func:`runs_in_process`): on
+Ray every run pays fresh worker processes that import torch and load the model (about
+5 s on 2 cores for a 1-layer text model) and Ray's own start; a job of a few dozen
+samples then costs more in set-up than in featurizing. A job given ``--address`` (a
+cluster, whose nodes may hold models and GPUs the driver lacks) or an actor pool setting
+always runs on Ray (:mod:`pipelines.tasks`: the same functions run either way).
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from typing import Any, Sequence
 
 from fungi_ops.batch_size import parse_batch_size
 from fungi_ops.errors import ConfigError
-from pipelines.stages import HASH_COLUMN, ID_COLUMN, TIME_COLUMN
+from pipelines.layout import CONTENT_HASH_COLUMN, EVENT_TIME_COLUMN, ID_COLUMN
 from pipelines.tasks import DEFAULT_IN_PROCESS_ROWS
 
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
@@ -58,7 +65,7 @@ class FeaturizeConfig:
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     catalog: str | None = None  # the Iceberg catalog of iceberg: addresses (pipelines.formats.address.load_catalog)
     address: str | None = None
-    in_process_rows: int = DEFAULT_IN_PROCESS_ROWS  # a job featurizing at most this many rows runs without Ray (pipelines.tasks)
+    in_process_rows: int = DEFAULT_IN_PROCESS_ROWS  # a job featurizing at most this many rows runs without Ray (runs_in_process)
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -81,7 +88,7 @@ class FeaturizeConfig:
             raise ConfigError("--incremental and --overwrite contradict each other")
         if (self.prune or self.retry_failed) and not self.incremental:
             raise ConfigError("--prune and --retry-failed apply to --incremental runs")
-        reserved = {ID_COLUMN, HASH_COLUMN, TIME_COLUMN}  # the features' own: FeaturizeJob.validate_spec
+        reserved = {ID_COLUMN, CONTENT_HASH_COLUMN, EVENT_TIME_COLUMN}  # the features' own: FeaturizeJob.validate_spec
         clash = sorted(c for c in self.keep_columns if c in reserved or c.startswith("__fungi"))
         if clash:
             raise ConfigError(f"--keep-columns {', '.join(clash)} would clash with output columns")
@@ -133,3 +140,15 @@ def spec_settings(config: FeaturizeConfig) -> dict[str, Any]:
     settings["fungi"] = library
     return settings
 
+
+def runs_in_process(rows_to_featurize: int, config: FeaturizeConfig) -> bool:
+    """Whether a job featurizing ``rows_to_featurize`` rows runs in the driver (see the module docstring).
+
+    Never with ``--address`` or ``RAY_ADDRESS`` (a cluster), nor when the actor pool is set
+    (``--actors``, ``--gpus-per-actor``, ``--cpus-per-actor``: the user asked for Ray's actors).
+    """
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    if config.actors is not None or config.gpus_per_actor is not None or config.cpus_per_actor is not None:
+        return False
+    return config.in_process_rows > 0 and rows_to_featurize <= config.in_process_rows

@@ -489,7 +489,7 @@ def _featurize(config: DemoConfig, model: str, data: DemoData, features_dir: Pat
     """
 
     from pipelines.job import FeaturizeConfig, run_featurize
-    from pipelines.manifest import MANIFEST_NAME
+    from pipelines.layout import MANIFEST_NAME
 
     state_file = features_dir.parent / STATE_FILE
     settings_now = {

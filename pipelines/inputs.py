@@ -17,8 +17,7 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
-from pipelines.formats.address import refuse_table_folder
-from pipelines.storage import InputFile, Location, exists, list_input
+from pipelines.storage import InputFile, Location
 
 FOOTER_THREADS = 16
 # Parquet/Arrow types whose values a modality's decode accepts (``pyarrow.types`` predicates;
@@ -180,16 +179,3 @@ def check_schemas(
 
 def _uri(location: Location, info: InputFile) -> str:
     return f"s3://{info.path}" if location.is_s3 else info.path
-
-
-def list_parquet(location: Location, what: str, flag: str = "--input") -> list[InputFile]:
-    """The Parquet data files of a folder; ConfigError when there is none, or when the folder
-    is a Delta or Iceberg table's own (its files hold rows the table deleted)."""
-    fs = location.filesystem()
-    if not exists(fs, location.path):
-        raise ConfigError(f"{what} {location.uri} does not exist")
-    refuse_table_folder(fs, location.path, location.uri, flag)
-    files = list_input(location)
-    if not files:
-        raise ConfigError(f"{what} {location.uri} holds no Parquet files")
-    return files

@@ -41,10 +41,10 @@ from typing import Any, Iterator
 
 from fungi_ops.errors import ConfigError
 
+from pipelines.layout import LEASE_NAME
 from pipelines.storage import Location
 
 log = logging.getLogger(__name__)
-LEASE_NAME = "_fungi_lease.json"
 
 
 @dataclass(frozen=True)

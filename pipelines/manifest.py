@@ -30,17 +30,10 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
+from pipelines.layout import INTERNAL_SUFFIX, LOG_DIR, MANIFEST_NAME
 from pipelines.storage import Location, exists, read_bytes, write_atomic
 
-MANIFEST_NAME = "_fungi_manifest.json"
-LOG_DIR = "_fungi_log"
 MANIFEST_FORMAT = 3
-ERRORS_DIR = "_errors"
-INTERNAL_SUFFIX = ".pqt"
-"""The suffix of every Parquet file fungi keeps inside an output for itself (sources tables,
-error files, staged blocks): not ``.parquet``, so that a reader of the bare folder that
-descends into ``_``-folders (Dask's ``read_parquet(OUT)``, Feast's file offline store) reads
-only feature rows. pyarrow, Spark and DuckDB skip ``_``-folders anyway."""
 
 
 @dataclass

@@ -92,7 +92,7 @@ def leave_if_torch_import_was_interrupted() -> None:
     cluster's job) would fail for no reason of its own. Python cannot re-import torch's C
     extension, so the process cannot be repaired: a worker exits, and Ray retries the task
     (or restarts the actor) on a fresh worker. Called first by every fungi task and actor
-    that may import torch (:class:`pipelines.tasks.RayTasks`, :mod:`pipelines.stages`).
+    that may import torch (:class:`pipelines.tasks.RayTasks`, :mod:`pipelines.job`).
     """
     torch = sys.modules.get("torch")
     if (torch is not None and hasattr(torch, "_utils")) or not any(name.startswith("torch.") for name in sys.modules):

@@ -4,10 +4,11 @@
 come from the standard AWS environment and config files (``AWS_ENDPOINT_URL``,
 ``AWS_PROFILE``, ...), with ``--storage-options`` as explicit overrides.
 
-Besides plain reads and writes this module gives the two primitives the job's commit
-and lease are built on: a durable atomic replace of a small file, and an input listing
-that carries each file's identity (size plus mtime on disks, size plus ETag on S3), so
-that a night can tell unchanged input files from a listing alone, without reading them.
+Besides plain reads and writes this module gives the primitive the job's commit and lease
+are built on, a durable atomic replace of a small file, and :class:`InputFile`: an input
+file with its identity (size plus mtime on disks, size plus ETag on S3), so that a night
+can tell unchanged input files from a listing alone (:mod:`pipelines.formats.sources`),
+without reading them.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class InputFile:
     modification time has one-second resolution and would miss two writes in a second).
     A table's data file is immutable: its identity is what else decides its live rows (an
     Iceberg file's delete files, a Delta file's deletion vector), and ``read`` says how to read
-    them (:class:`pipelines.formats.input_tables.IcebergRead` or ``DeltaRead``; None: the file as it is).
+    them (:class:`pipelines.formats.sources.IcebergRead` or ``DeltaRead``; None: the file as it is).
     """
 
     path: str
@@ -108,40 +109,6 @@ class InputFile:
     size: int
     identity: str
     read: Any = field(default=None, compare=False, repr=False)
-
-
-def list_input(location: Location) -> list[InputFile]:
-    """Parquet data files under a file or directory, sorted, with their identities.
-
-    Entries whose relative path has a component starting with ``_`` or ``.`` are
-    bookkeeping (Spark, Hive and fungi's own) and are skipped. One listing call on S3
-    per 1,000 keys; no file is opened.
-    """
-    root = location.path
-    if location.is_s3:
-        fs = location.s3()
-        if fs.isfile(root):
-            info = fs.info(root)
-            return [InputFile(root, posixpath.basename(root), int(info["size"]), str(info.get("ETag", "")))]
-        entries = fs.find(root, detail=True)
-        files = [
-            InputFile(path, path[len(root) + 1 :], int(info["size"]), str(info.get("ETag", "")))
-            for path, info in entries.items()
-            if info.get("type") == "file" and path.endswith(".parquet")
-        ]
-    else:
-        fs = pafs.LocalFileSystem()
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.File:
-            return [InputFile(root, posixpath.basename(root), info.size, str(info.mtime_ns))]
-        files = [
-            InputFile(entry.path, entry.path[len(root) + 1 :], entry.size, str(entry.mtime_ns))
-            for entry in list_files(fs, root, ".parquet", recursive=True)
-        ]
-    return sorted(
-        (f for f in files if not any(part.startswith(("_", ".")) for part in f.relpath.split("/"))),
-        key=lambda f: f.relpath,
-    )
 
 
 def parse_json_object(text: str, flag: str) -> dict[str, Any]:

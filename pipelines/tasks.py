@@ -1,26 +1,17 @@
 """Where a run's tasks execute: on Ray, or, for a small job, in the driver's own process.
 
-A run's O(rows) steps are plain functions (:mod:`pipelines.stages`, the id check of
-:mod:`pipelines.plan`, the setup draw of :mod:`pipelines.setup_rows`) that the job calls
+A run's O(rows) steps are plain functions (the stages of :mod:`pipelines.job`, the id check of
+:mod:`pipelines.job.plan`, the setup draw of :mod:`pipelines.job.setup_rows`) that the job calls
 through a :class:`Tasks`: :class:`RayTasks` makes each call a Ray task (the cluster, or
 the local Ray), :class:`InProcessTasks` calls the function right away. The same functions
 run either way, so a small job's features, files and manifest are those of a Ray run.
-
-Why a small job stays in the driver (``--in-process-rows``, :func:`runs_in_process`): on
-Ray every run pays fresh worker processes that import torch and load the model (about
-5 s on 2 cores for a 1-layer text model) and Ray's own start; a job of a few dozen
-samples then costs more in set-up than in featurizing. A job given ``--address`` (a
-cluster, whose nodes may hold models and GPUs the driver lacks) or an actor pool setting
-always runs on Ray.
+Which one a run takes is a setting (:func:`pipelines.config.runs_in_process`).
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Callable
-
-if TYPE_CHECKING:
-    from pipelines.config import FeaturizeConfig
+from typing import Any, Callable
 
 DEFAULT_IN_PROCESS_ROWS = 256  # bench_small_jobs.py: 32 and 128 images ran faster in one process than on Ray
 
@@ -96,15 +87,3 @@ class InProcessTasks(Tasks):
     def cpus(self) -> float:
         return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
-
-def runs_in_process(rows_to_featurize: int, config: FeaturizeConfig) -> bool:
-    """Whether a job featurizing ``rows_to_featurize`` rows runs in the driver (see the module docstring).
-
-    Never with ``--address`` or ``RAY_ADDRESS`` (a cluster), nor when the actor pool is set
-    (``--actors``, ``--gpus-per-actor``, ``--cpus-per-actor``: the user asked for Ray's actors).
-    """
-    if config.address or os.environ.get("RAY_ADDRESS"):
-        return False
-    if config.actors is not None or config.gpus_per_actor is not None or config.cpus_per_actor is not None:
-        return False
-    return config.in_process_rows > 0 and rows_to_featurize <= config.in_process_rows

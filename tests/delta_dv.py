@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyroaring import BitMap64
 
-from pipelines.formats.input_tables import DV_MAGIC, Z85_ALPHABET
+from pipelines.formats.sources import DV_MAGIC, Z85_ALPHABET
 
 
 def z85_encode(data: bytes) -> str:

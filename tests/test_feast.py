@@ -26,9 +26,9 @@ import pytest
 from fungi_outputs import SyntheticOutput, make_spec, spec_hash
 from fungi_ops.errors import ConfigError
 from pipelines.cli import main as cli_main
-from pipelines.feast_repo import (
-    check_event_time_column, describe, fungi_vectors, load_definitions, materialize_repo, write_feast_repo,
-)
+from pipelines.feast.definitions import load_definitions
+from pipelines.feast.repo import describe, materialize_repo, write_feast_repo
+from pipelines.feast.vectors import fungi_vectors
 
 pytest.importorskip("feast")
 pytest.importorskip("sqlite_vec")
@@ -426,21 +426,21 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, case, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def test_check_event_time_column_names_the_fix():
-    schema = pa.schema([("id", pa.string()), ("updated_at", pa.timestamp("ms")), ("day", pa.date32()),
-                        ("stamp", pa.string()), ("epoch", pa.int64()), ("utc", pa.timestamp("us", tz="UTC"))])
-    check_event_time_column(schema, "updated_at")  # naive timestamps are read as UTC
-    check_event_time_column(schema, "utc")
-    for name, message in [
-        ("nope", "--event-time-column 'nope' not found in the input; columns: id, updated_at"),
-        ("day", "'day' is date32[day], a date: store it as a timestamp"),
-        ("stamp", "'stamp' is string, text, which is not parsed"),
-        ("epoch", "'epoch' is int64, an integer (epoch?)"),
-        ("", "--event-time-column is empty"),
-    ]:
-        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")
-                           .replace("[", r"\[").replace("]", r"\]")):
-            check_event_time_column(schema, name)
+def test_feature_store_yaml_naming_the_old_module_path_still_loads_the_store(tmp_path):
+    """Repositories written before the store moved to pipelines.feast.online_store name
+    ``pipelines.feast_online.FungiSqliteOnlineStore`` in feature_store.yaml, as fungi feast still writes."""
+    from feast.infra.online_stores.helpers import get_online_store_from_config
+    from feast.repo_config import RepoConfig
+
+    from pipelines.feast import STORE_TYPE
+    from pipelines.feast.online_store import FungiSqliteOnlineStore
+
+    assert STORE_TYPE == "pipelines.feast_online.FungiSqliteOnlineStore"
+    config = RepoConfig(project="p", provider="local", registry=str(tmp_path / "registry.db"),
+                        online_store={"type": STORE_TYPE, "path": str(tmp_path / "online.db"), "vector_enabled": True},
+                        entity_key_serialization_version=3)
+    assert config.online_store.vector_enabled
+    assert isinstance(get_online_store_from_config(config.online_store), FungiSqliteOnlineStore)
 
 
 def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_path, local_ray):

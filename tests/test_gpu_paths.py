@@ -158,7 +158,7 @@ SCHEDULING_CHILD = textwrap.dedent(
     import ray
     from pipelines.config import FeaturizeConfig
     from pipelines.job import FeaturizeJob
-    from pipelines.stream import actor_resources
+    from pipelines.job.stream import actor_resources
 
     # 1 logical GPU: no CUDA here, so the actors' featurizers run on the CPU
     ray.init(address="local", num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False)

@@ -17,7 +17,7 @@ from fungi_ops.errors import ConfigError
 from delta_dv import delete_rows, live_adds
 from lakes import config, features, ids_of, last_run, sql_catalog
 from pipelines.formats.address import parse_address
-from pipelines.formats.input_tables import IcebergRead, iceberg_source, list_sources, live_row_counts, read_columns
+from pipelines.formats.sources import IcebergRead, iceberg_source, list_sources, live_row_counts, read_columns
 from pipelines.job import run_featurize
 from pipelines.manifest import read_manifest
 from pipelines.storage import InputFile, Location
@@ -283,7 +283,7 @@ def test_delta_deletion_vectors_on_s3_and_checkpoint_names(s3_endpoint, tmp_path
     """Vector files are found under an S3 table's root; the newest complete checkpoint is the one read."""
     import s3fs
 
-    from pipelines.formats.input_tables import _newest_checkpoint
+    from pipelines.formats.sources import _newest_checkpoint
 
     lake = dv_lake(tmp_path / "lake", files=2, count=4)
     delete_rows(lake, {file_of(lake, "a"): [0, 3]}, storage="u", prefix="p1")
@@ -335,8 +335,8 @@ def test_setup_rows_are_drawn_from_a_tables_live_rows(tiny_text_dir, tmp_path):
     whether its file was rewritten without it or its deletion vector marks it."""
     from deltalake import DeltaTable
 
-    from pipelines.setup_rows import select_setup_rows
-    from pipelines.spec_resolution import resolve_spec_here
+    from pipelines.job.setup_rows import select_setup_rows
+    from pipelines.job.spec_resolution import resolve_spec_here
 
     train = dv_lake(tmp_path / "train", files=2, count=3)
     DeltaTable(str(train)).delete("id = 'a-001'")  # copy-on-write: a's file rewritten

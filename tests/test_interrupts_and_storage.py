@@ -18,7 +18,7 @@ import pytest
 from lakes import config, lake
 from pipelines.cli import main
 from pipelines.job import run_featurize
-from pipelines.lease import LEASE_NAME
+from pipelines.layout import LEASE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
@@ -71,7 +71,7 @@ def test_sigterm_and_ctrl_c_on_ray_are_one_line(signal_number, code, where, tiny
     the driver waits on Ray's actors is the same one line. The signal is sent to this process mid-stream."""
     import threading
 
-    from pipelines.stream import Stream
+    from pipelines.job.stream import Stream
 
     source, output = lake(tmp_path / "in", files=2, rows=60), tmp_path / "out"
     real = Stream.run

@@ -25,11 +25,12 @@ from pipelines.commands.evaluate import read_table_files
 from pipelines.formats import open_output, read_output
 from pipelines.formats.address import load_catalog
 from pipelines.formats.folder import ParquetFolder, read_committed, recover
-from pipelines.stages import STAGED_SUFFIX
 from pipelines.job import FeaturizeJob, run_featurize
-from pipelines.lease import LEASE_NAME, LeaseHeld, OutputLease
+from pipelines.layout import LEASE_NAME
+from pipelines.lease import LeaseHeld, OutputLease
 from pipelines.manifest import read_manifest
-from pipelines.stages import ERROR_COLUMN, HASH_COLUMN, ID_COLUMN, SOURCE_COLUMN, STAGE_COLUMN, write_batch
+from pipelines.job.stage import write_batch
+from pipelines.layout import CONTENT_HASH_COLUMN, ERROR_COLUMN, ID_COLUMN, SOURCE_COLUMN, STAGE_COLUMN, STAGED_SUFFIX
 from pipelines.storage import Location
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +242,7 @@ def test_a_run_leaves_no_staging_folder_or_lock_file_and_a_refused_run_writes_no
 def test_a_block_write_killed_halfway_leaves_no_truncated_file(tmp_path, monkeypatch):
     """A task killed while it writes its block (a lost node): no half-written Parquet file under a
     block's name, where ``--history`` would keep it and a reader of the staging area would fail."""
-    block = pa.table({SOURCE_COLUMN: ["part-0.parquet"] * 3, ID_COLUMN: ["a", "b", "c"], HASH_COLUMN: ["h"] * 3,
+    block = pa.table({SOURCE_COLUMN: ["part-0.parquet"] * 3, ID_COLUMN: ["a", "b", "c"], CONTENT_HASH_COLUMN: ["h"] * 3,
                       ERROR_COLUMN: [None, None, "text is empty"], STAGE_COLUMN: [None, None, "decode"],
                       "embedding": [[1.0, 0.0], [0.0, 1.0], None]})
     real_write = pq.write_table

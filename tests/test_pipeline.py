@@ -13,7 +13,7 @@ from conftest import png_bytes, wav_bytes
 from fungi_ops import ConfigError, Featurizer, FeaturizerSpec
 from pipelines.cli import main as cli_main
 from pipelines.job import FeaturizeConfig, run_featurize
-from pipelines.summary import _throughput
+from pipelines.job.summary import _throughput
 from pipelines.storage import Location
 
 TEXTS = [
@@ -171,7 +171,7 @@ def test_incremental_rerun_skips_known_rows_and_replaces_changed_ones(minilm_dir
 
 
 def test_spec_differences_name_the_flags_and_the_parameters_that_differ():
-    from pipelines.spec_resolution import spec_differences
+    from pipelines.job.spec_resolution import spec_differences
 
     old = {"model": "hf:m", "seed": 0, "weights": None, "weights_sha256": None, "projection_dim": 384,
            "objectives": [{"name": "kl", "params": {"temperature": 15}}, {"name": "simclr", "params": {"num_negatives": 8}}]}
@@ -351,14 +351,14 @@ def test_negatives_encoded_in_parts_equal_one_process(minilm_dir, text_input, pa
     the negatives are exactly those of one in-process Featurizer.setup over the same draw."""
     from fungi_ops.seeding import setup_order
     from pipelines.job import FeaturizeConfig
-    from pipelines.setup_rows import encode_setup_rows, merge_setup_parts, select_setup_rows
-    from pipelines.spec_resolution import resolve_spec_here
-    from pipelines.storage import list_input
+    from pipelines.job.setup_rows import encode_setup_rows, merge_setup_parts, select_setup_rows
+    from pipelines.job.spec_resolution import resolve_spec_here
+    from pipelines.formats.sources import list_parquet
 
     config = FeaturizeConfig(input=str(text_input), output="unused", modality="text", model=f"hf:{minilm_dir}",
                              objectives="kl,simclr:num_negatives=7;text_views=3")
     spec = resolve_spec_here(config)
-    files = list_input(Location(str(text_input)))
+    files = list_parquet(Location(str(text_input)), "input")
     order, skipped, *split = select_setup_rows(spec.json, spec.decoder, Location(str(text_input)), files, "id", "text",
                                                spec.setup_rows, parts, 2)
     assert len(order) + len(skipped) == spec.setup_rows  # every drawn row: encoded, or reported to the driver

@@ -1,4 +1,4 @@
-"""Where a run's tasks execute (pipelines.tasks): small jobs in the driver's process, the rest on Ray.
+"""Where a run's tasks execute (pipelines.tasks, chosen by pipelines.config.runs_in_process): small jobs in the driver's process, the rest on Ray.
 
 That both give the same rows, errors and features is checked end to end in
 tests/test_pipeline.py (``test_features_do_not_depend_on_where_the_job_runs...``).
@@ -15,7 +15,8 @@ import pytest
 
 from lakes import config, lake
 from fungi_ops.errors import ConfigError
-from pipelines.tasks import InProcessTasks, runs_in_process
+from pipelines.config import runs_in_process
+from pipelines.tasks import InProcessTasks
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from fungi_ops.backbones import Backbone
 from fungi_ops.errors import ConfigError, SampleError
 from fungi_ops.objectives import ObjectiveConfig
-
-if TYPE_CHECKING:
-    from fungi_ops.spec import FeaturizerSpec
 
 
 # Default cap on an image's width x height before it is decoded. Decoding 100 Mpx holds the
@@ -114,23 +111,6 @@ def make_decoder(
 
         return AudioAdapter(input_config)
     raise _unknown_modality(modality)
-
-
-def make_spec_decoder(
-    spec: "FeaturizerSpec", input_config: Any, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> Any:
-    """The decoder of a resolved spec's rows, for workers that hold no model: the one place that picks it.
-
-    A dense spec's rows are decoded to its square view (:func:`fungi_ops.dense.make_dense_decoder`),
-    any other spec's by its modality's adapter (:func:`make_decoder`, ``input_config`` the
-    backbone's). Either has ``decode(payload)``, raising SampleError for a bad row, and pickles
-    (a job builds it once where the model is loaded and ships it to its decode tasks).
-    """
-    if spec.is_dense:
-        from fungi_ops.dense import make_dense_decoder  # fungi_ops.dense imports this module
-
-        return make_dense_decoder(spec, max_image_pixels)
-    return make_decoder(spec.modality, input_config, max_image_pixels=max_image_pixels)
 
 
 def _unknown_modality(modality: str) -> ConfigError:

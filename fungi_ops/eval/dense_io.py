@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fungi_ops.eval.errors import EvalInputError
-from fungi_ops.eval.io import ID_COLUMN, open_feature_dataset
+from fungi_ops.eval.io import open_feature_dataset
+from fungi_ops.file_keys import ID_COLUMN
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

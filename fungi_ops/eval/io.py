@@ -25,14 +25,12 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from fungi_ops.eval.errors import EvalInputError, quote
+from fungi_ops.file_keys import ID_COLUMN, SPEC_HASH_KEY, SPEC_KEY
 
 FEATURE_COLUMNS: tuple[str, ...] = ("embedding", "grad_kl", "grad_dino", "grad_simclr", "grad_dense")
 """Feature columns the pipeline writes, in the paper's incremental-combination order (``grad_dense``:
 per-patch tables, see :mod:`fungi_ops.dense_table`)."""
 
-SPEC_KEY = b"fungi.spec"
-SPEC_HASH_KEY = b"fungi.spec_hash"
-ID_COLUMN = "id"
 
 _FINITE_CHECK_ROWS = 65536  # rows per np.isfinite pass, bounds the temporary bool array
 

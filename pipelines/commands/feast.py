@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the repository; 0 on success, 2 on bad input."""
     from fungi_ops.errors import FungiError
-    from pipelines.feast_repo import describe, materialize_repo, write_feast_repo
+    from pipelines.feast.repo import describe, materialize_repo, write_feast_repo
     from pipelines.storage import parse_storage_options
 
     try:

@@ -1,11 +1,14 @@
-"""Featurize Parquet data (local directory or s3:// prefix) into FUNGI feature tables.
+"""Featurize an input (a Parquet folder, a Delta or an Iceberg table; local or s3://) into a FUNGI feature output.
 
 Reads the id and payload columns, decodes payloads on CPU tasks, computes features in
 an actor pool that keeps the frozen model loaded (one GPU per actor when the cluster
-has GPUs), and writes Parquet with `id`, `content_hash`, the kept columns, `embedding`
-and one `grad_<objective>` column per objective (FixedSizeList<float32>), the spec JSON
-in each file's metadata (`fungi.spec`) and `_fungi_manifest.json` at the output root.
-Rows that fail go to `<output>/_errors/` with the stage and the message.
+has GPUs), and commits the output in one step: a Parquet folder (`--output PATH`, its
+`_fungi_manifest.json` at the root) or a table (`delta:PATH`, `iceberg:NS.TABLE`). Its rows
+hold `id`, `content_hash`, `event_time`, the kept columns, `embedding` and one
+`grad_<objective>` column per objective (float32 vectors: fixed-size lists in a folder,
+lists with their dimensions in the table's properties in a table), the spec JSON in each
+file's metadata (`fungi.spec`). Rows that fail go to the output's `_errors/` with the stage
+and the message.
 
 Dense (per-patch) features: `--objectives dense[:key=value;...]` (a ViT, images only) writes
 one row per image with `grid_rows`, `grid_cols` and the patches' `embedding` and `grad_dense`
@@ -29,7 +32,7 @@ import sys
 
 from pipelines.tasks import DEFAULT_IN_PROCESS_ROWS
 
-HELP = "featurize Parquet data into FUNGI feature tables with Ray Data"
+HELP = "featurize a Parquet folder or a Delta or Iceberg table into FUNGI features with Ray Data"
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -207,18 +210,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fungi_ops.errors import FungiError
     from pipelines.job import run_featurize
-    from pipelines.lease import LeaseLost
 
-    try:
-        summary = run_featurize(config_from_args(args))
-    except (FungiError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except LeaseLost as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = run_featurize(config_from_args(args))  # bad settings, a lost lease: pipelines.cli.main's one line
     print(summary.line())
     too_many_files = summary.failed_files_fraction > summary.max_error_fraction
     for message in summary.files_failed:

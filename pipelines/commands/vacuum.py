@@ -23,7 +23,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 import uuid
 
 from pipelines.config import DEFAULT_LEASE_TIMEOUT_S
@@ -72,12 +71,8 @@ def run(args: argparse.Namespace) -> int:
         with OutputLease(table.root, "vacuum-" + uuid.uuid4().hex[:8], timeout_s=args.lease_timeout,
                          break_lease=args.break_lease) as lease:
             removed = table.vacuum(args.retention_hours, lease.check)
-    except (FungiError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except LeaseLost as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (FungiError, ValueError, LeaseLost):
+        raise  # bad input (exit 2) and a lost lease (exit 1): pipelines.cli.main's one line
     except KeyboardInterrupt as exc:
         raise Interrupted.of(exc, stopped) from None
     except Exception as exc:

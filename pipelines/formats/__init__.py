@@ -5,7 +5,7 @@
 interface (:class:`~pipelines.formats.base.OutputTable`) the job commits through and readers
 read through; :mod:`~pipelines.formats.folder` implements it for a folder, and
 :mod:`~pipelines.formats.table` for the table formats, whose own parts are in
-:mod:`~pipelines.formats.delta` and :mod:`~pipelines.formats.iceberg`. :mod:`~pipelines.formats.input_tables` lists
+:mod:`~pipelines.formats.delta` and :mod:`~pipelines.formats.iceberg`. :mod:`~pipelines.formats.sources` lists
 and reads the three as input (a table's data files, its deletes applied).
 """
 from __future__ import annotations

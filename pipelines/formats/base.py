@@ -3,7 +3,7 @@
 The job does not know which format it writes. It plans a night against the output's
 committed :class:`~pipelines.manifest.Manifest` (the sources table: which data file and error
 file hold each input file's rows), stages one new data file and error file per touched
-source in ``_staging/<run_id>/final/`` (:func:`pipelines.stages.finalize_source`), and then
+source in ``_staging/<run_id>/final/`` (:func:`pipelines.job.finalize.finalize_source`), and then
 hands the next manifest to :meth:`OutputTable.commit`. A format decides:
 
 * where the committed data files are (:attr:`OutputTable.root` and the names in the sources
@@ -30,19 +30,13 @@ from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 
+from pipelines.layout import DIMS_PROPERTY, RUN_PROPERTY, SPEC_HASH_PROPERTY, SPEC_PROPERTY, STAGING_DIR, data_file_name
 from pipelines.manifest import Manifest
 from pipelines.storage import Location
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "FUNGI_COMMIT_CRASH_AFTER"
-STAGING_DIR = "_staging"
-SETUP_DIR = "_fungi_setup"  # the setup states (SimCLR negatives, dense supports) of the committed features
-SPEC_PROPERTY = "fungi.spec"
-SPEC_HASH_PROPERTY = "fungi.spec_hash"
-DIMS_PROPERTY = "fungi.dims"  # JSON {column: dimension} of the vector columns
-RUN_PROPERTY = "fungi.run_id"
-MANIFEST_PROPERTY = "fungi.manifest"  # the fungi manifest header of a table version, relative to the root
 
 Fault = Callable[[int, str], None]
 T = TypeVar("T")
@@ -99,9 +93,7 @@ class OutputTable(ABC):
 
     def data_name(self, source: str, run_id: str) -> str:
         """The name (relative to :attr:`root`) of the data file run ``run_id`` writes for ``source``:
-        :func:`pipelines.stages.data_file_name`, with the run id when names are versioned, under :attr:`data_dir`."""
-        from pipelines.stages import data_file_name  # stages reads through this package: imported when called
-
+        :func:`pipelines.layout.data_file_name`, with the run id when names are versioned, under :attr:`data_dir`."""
         return self.data_dir + data_file_name(source, run_id if self.versioned_names else None)
 
     def staging_area(self, run_id: str) -> Location:

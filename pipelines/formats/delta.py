@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.base import RUN_PROPERTY, Fault
-from pipelines.formats.input_tables import delta_storage_options
+from pipelines.formats.base import Fault
+from pipelines.layout import RUN_PROPERTY
+from pipelines.formats.sources import delta_storage_options
 from pipelines.formats.table import CommitConflict, LakeTable
 from pipelines.storage import Location, read_bytes
 

@@ -2,7 +2,7 @@
 
 The run has written everything it commits into ``_staging/<run_id>/final/`` (one new
 data file and error file per touched source, under the names the source always has:
-:func:`pipelines.stages.data_file_name`) before the commit starts. Then:
+:func:`pipelines.layout.data_file_name`) before the commit starts. Then:
 
 1. the new sources table is written under a new version name (nothing refers to it yet);
    when ``--history`` starts on an output that has rows, the current data files are
@@ -43,11 +43,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.base import SETUP_DIR, STAGING_DIR, Fault, OutputTable, T
-from pipelines.manifest import (
-    ERRORS_DIR, INTERNAL_SUFFIX, LOG_DIR, MANIFEST_NAME, Manifest, read_header, read_manifest, write_header, write_sources_table,
+from pipelines.formats.base import Fault, OutputTable, T
+from pipelines.layout import (
+    BLOCKS_DIR, ERRORS_DIR, INTERNAL_SUFFIX, LOG_DIR, MANIFEST_NAME, SETUP_DIR, STAGED_SUFFIX, STAGING_DIR, staged_final_path,
 )
-from pipelines.stages import BLOCKS_DIR, STAGED_SUFFIX, staged_final_path
+from pipelines.manifest import Manifest, read_header, read_manifest, write_header, write_sources_table
 from pipelines.storage import Location, delete_file, delete_tree, exists, list_files
 
 log = logging.getLogger(__name__)

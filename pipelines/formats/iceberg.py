@@ -34,9 +34,10 @@ import pyarrow.fs as pafs
 
 from fungi_ops.errors import ConfigError
 from pipelines.formats.address import TableAddress, load_catalog, table_root_kind
-from pipelines.formats.base import STAGING_DIR, Fault
-from pipelines.formats.input_tables import location_uri
-from pipelines.formats.table import VERSIONS_DIR, CommitConflict, LakeTable
+from pipelines.formats.base import Fault
+from pipelines.formats.sources import location_uri
+from pipelines.formats.table import CommitConflict, LakeTable
+from pipelines.layout import STAGING_DIR, VERSIONS_DIR
 from pipelines.storage import Location, delete_file, exists, list_files
 
 NAME_MAPPING_PROPERTY = "schema.name-mapping.default"

@@ -45,16 +45,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
-from pipelines.formats.base import (
-    DIMS_PROPERTY, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR, Fault, NothingToCommit,
-    OutputTable, T, restore_vectors, table_properties,
+from pipelines.formats.base import Fault, NothingToCommit, OutputTable, T, restore_vectors, table_properties
+from pipelines.layout import (
+    DIMS_PROPERTY, ERRORS_DIR, INTERNAL_SUFFIX, MANIFEST_PROPERTY, RUN_PROPERTY, SETUP_DIR, SPEC_HASH_PROPERTY, STAGING_DIR,
+    VERSIONS_DIR, run_of_data_file, staged_final_path,
 )
-from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX, Manifest, read_manifest, write_header, write_sources_table
-from pipelines.stages import run_of_data_file, staged_final_path
+from pipelines.manifest import Manifest, read_manifest, write_header, write_sources_table
 from pipelines.storage import Location, delete_file, delete_tree, exists, list_files, write_atomic
 
 log = logging.getLogger(__name__)
-VERSIONS_DIR = "_fungi_versions"  # one folder per committed run: that version's fungi manifest
 COMMITTING_MARKER = "committing"  # in a run's staging area from its commit's start: an emptied folder vanishes on S3
 
 

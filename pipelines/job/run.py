@@ -1,24 +1,24 @@
-"""One featurization run: Parquet or a lake table in (disk or S3) -> FUNGI features out.
+"""One featurization run (:func:`run_featurize`): Parquet or a lake table in (disk or S3) -> FUNGI features out.
 
 Order of work, chosen so that mistakes cost seconds, not GPU hours, and a night costs
 what changed, not what exists. Each step lives in a module of its own:
 
-1. the settings (:mod:`pipelines.config`), the input listing (:mod:`pipelines.inputs`: one
-   listing, no file opened) and the feature spec, resolved from the model in a child
-   process while Ray starts (:mod:`pipelines.spec_resolution`);
+1. the settings (:mod:`pipelines.config`), the input listing (:mod:`pipelines.formats.sources`:
+   one listing, no file opened) and the feature spec, resolved from the model in a child
+   process while Ray starts (:mod:`pipelines.job.spec_resolution`);
 2. the output (:mod:`pipelines.formats`: a Parquet folder, a Delta table or an Iceberg
    table, behind one interface): take its lease (:mod:`pipelines.lease`, one writer per
    output), finish or undo what a dead run left, read the committed state;
-3. plan the night file by file (:mod:`pipelines.plan`): unchanged input files are skipped
-   unopened; read the footers of the files to read and check their schemas; check ids for
-   duplicates and moves;
-4. compute or reuse the setup state (:mod:`pipelines.setup_rows`: SimCLR negatives, or a
+3. plan the night file by file (:mod:`pipelines.job.plan`): unchanged input files are skipped
+   unopened; read the footers of the files to read and check their schemas
+   (:mod:`pipelines.inputs`); check ids for duplicates and moves;
+4. compute or reuse the setup state (:mod:`pipelines.job.setup_rows`: SimCLR negatives, or a
    dense spec's support index);
 5. stream read -> decode -> featurize (actor pool) -> stage, then finalize each touched
-   source into one new data file and error file (:mod:`pipelines.stream`,
-   :mod:`pipelines.stages`);
+   source into one new data file and error file (:mod:`pipelines.job.stream`, and the
+   stages of :mod:`pipelines.job`);
 6. commit through the output's format (one atomic step every reader sees whole), and
-   summarize (:mod:`pipelines.summary`).
+   summarize (:mod:`pipelines.job.summary`).
 
 The driver holds O(input files) state; every O(rows) step runs in Ray tasks, or, for a
 job of at most ``--in-process-rows`` rows to featurize, the same functions run in the
@@ -40,25 +40,26 @@ from typing import Any
 import pyarrow as pa
 
 from fungi_ops.errors import ConfigError, FungiError
-from pipelines.config import FeaturizeConfig, spec_settings
+from pipelines.config import FeaturizeConfig, runs_in_process, spec_settings
 from pipelines.formats import open_output
-from pipelines.formats.base import STAGING_DIR, NothingToCommit
+from pipelines.formats.base import NothingToCommit
 from pipelines.formats.folder import history_location, history_name
-from pipelines.formats.input_tables import InputListing, file_schemas, input_location, list_sources, live_row_counts
+from pipelines.formats.sources import InputListing, file_schemas, input_location, list_sources, live_row_counts
 from pipelines.inputs import InputColumns, InputSchema, check_schemas, read_footers
 from pipelines.interrupts import NOTHING_COMMITTED, Interrupted
 from pipelines.lease import LeaseLost, OutputLease
 from pipelines.manifest import Manifest, parse_type, sources_schema, type_name
-from pipelines.plan import NightPlan, check_ids, plan_night
-from pipelines.setup_rows import SetupStage
-from pipelines.spec_resolution import ResolvedSpec, SpecResolver, spec_differences
-from pipelines.stages import spec_metadata, unreadable_source_row
+from pipelines.job.plan import NightPlan, check_ids, plan_night
+from pipelines.job.setup_rows import SetupStage
+from pipelines.job.spec_resolution import ResolvedSpec, SpecResolver, spec_differences
+from pipelines.job.finalize import unreadable_source_row
+from pipelines.layout import STAGING_DIR, spec_metadata
 from pipelines.storage import (
     InputFile, StorageFailure, delete_empty_dir, delete_tree, describe_storage_error, storage_cause,
 )
-from pipelines.stream import Stream
-from pipelines.summary import RunIdentity, RunSummary, summarize
-from pipelines.tasks import InProcessTasks, RayTasks, Tasks, runs_in_process
+from pipelines.job.stream import Stream
+from pipelines.job.summary import RunIdentity, RunSummary, summarize
+from pipelines.tasks import InProcessTasks, RayTasks, Tasks
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +378,7 @@ class FeaturizeJob:
 
     def unreadable_results(self, plan: NightPlan, failed: dict[str, str]) -> list[dict[str, Any]]:
         """Finalize results of the new input files that could not be read: their reason in ``_errors/``
-        (:func:`~pipelines.stages.unreadable_source_row`). A file with committed features keeps its row
+        (:func:`~pipelines.job.finalize.unreadable_source_row`). A file with committed features keeps its row
         and features; its failure is in the run record."""
         files = {info.relpath: info for info in self.listing.files}
         metadata = spec_metadata(self.spec.json, self.spec.hash)

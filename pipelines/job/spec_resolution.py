@@ -3,7 +3,7 @@
 A run on Ray never imports torch in the driver (about 0.5 GB of resident memory for a CUDA
 build, plus transformers; a small job run in one process, :mod:`pipelines.tasks`, does so by
 design): :class:`SpecResolver` loads the model in a short-lived child process
-(``python -m pipelines.spec_resolution``) while the driver starts Ray, and hands back a
+(``python -m pipelines.job.spec_resolution``) while the driver starts Ray, and hands back a
 :class:`ResolvedSpec`, plain data that the driver, the planner and the writers need.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ResolvedSpec:
     dense: bool  # per-patch features (fungi_ops.dense): a dense table, the support as setup state
     columns: tuple[str, ...]  # the output columns the features take (kept columns must not clash)
     row_bytes: int  # float32 feature bytes of one output row: bounds the stream's block size
-    decoder: bytes  # fungi_ops.adapters.make_spec_decoder's decoder, pickled
+    decoder: bytes  # fungi_ops.factory.make_spec_decoder's decoder, pickled
 
     @property
     def setup_splits(self) -> bool:
@@ -104,7 +104,8 @@ def _short(value: Any) -> str:
 
 def resolve_spec_here(config: FeaturizeConfig) -> ResolvedSpec:
     """Load the model and resolve the run's spec, in this process (imports torch)."""
-    from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS, make_spec_decoder
+    from fungi_ops.adapters import DEFAULT_MAX_IMAGE_PIXELS
+    from fungi_ops.factory import make_spec_decoder
     from fungi_ops.backbones import load_backbone
     from fungi_ops.featurizer import resolve_spec
     from fungi_ops.spec import FeaturizerSpec, parse_objectives
@@ -159,7 +160,7 @@ class SpecResolver:
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.spec_resolution"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-m", "pipelines.job.spec_resolution"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path},
             )
 

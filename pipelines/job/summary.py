@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipelines.manifest import Manifest, RunRecord, fingerprint
-from pipelines.plan import IdCheck, NightPlan
+from pipelines.job.plan import IdCheck, NightPlan
 from pipelines.storage import InputFile
 
 

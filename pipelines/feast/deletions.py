@@ -25,7 +25,7 @@ ids of the row versions the Feast source holds (a table's kept versions, a folde
 
 Removal (:func:`remove_deleted_ids`) deletes the rows of the pending ids from the online
 tables of every feature view of the output's entity (Feast's SQLite store, and
-:class:`pipelines.feast_online.FungiSqliteOnlineStore`, whose vector search scans those same
+:class:`pipelines.feast.online_store.FungiSqliteOnlineStore`, whose vector search scans those same
 tables: a removed id is found by neither). An id stays pending at least until every view of
 the output has been materialized once, since a first materialization of a ``--history``
 source pushes every id it holds.
@@ -43,10 +43,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:  # feast_repo imports this module
-    from pipelines.feast_repo import FeatureOutput
+from pipelines.layout import ID_COLUMN
 
-ID_COLUMN = "id"
+if TYPE_CHECKING:
+    from pipelines.feast.output import FeatureOutput
+
 SERVED_DIR = Path("data") / "served"
 FILES_NAME = "files.json"
 PENDING_NAME = "pending.parquet"
@@ -122,7 +123,7 @@ def remove_deleted_ids(repo: Path, entity: str, folder: Path) -> tuple[int, int,
     from feast import FeatureStore
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
 
-    from pipelines.feast_online import delete_entities
+    from pipelines.feast.online_store import delete_entities
 
     store = FeatureStore(repo_path=str(repo))
     views = [view for view in store.list_feature_views() if entity in view.entities]

@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 from fungi_ops.batch_size import stream_batch_size
 from fungi_ops.errors import ConfigError
 from pipelines.config import FeaturizeConfig
-from pipelines.formats.base import SETUP_DIR
-from pipelines.formats.input_tables import InputListing, file_schemas, list_sources, read_batches, read_columns
+from pipelines.layout import SETUP_DIR
+from pipelines.formats.sources import InputListing, file_schemas, list_sources, read_batches, read_columns
 from pipelines.inputs import InputColumns, check_schemas, read_footers
 from pipelines.manifest import Manifest
-from pipelines.spec_resolution import ResolvedSpec
+from pipelines.job.spec_resolution import ResolvedSpec
 from pipelines.storage import InputFile, Location, read_bytes, write_atomic
 from pipelines.tasks import Tasks
 

@@ -23,7 +23,7 @@ Parquet file renamed or re-partitioned), the rows of the new file come from the 
 replaced: the sources the input no longer lists (or lists changed), whose output files are
 still committed until this night's commit. The read task compares the new file's rows with
 its donors' ids and content hashes, and the rows unchanged there are **carried**: copied from
-the donor's output file, not featurized (:mod:`pipelines.stages`). The driver learns only the
+the donor's output file, not featurized (:mod:`pipelines.job.finalize`). The driver learns only the
 (file, donor) pairs, O(files); the ids stay in the bucket tasks, except those that moved out
 of a source the night keeps (they must be removed from its output file).
 
@@ -48,8 +48,9 @@ import pyarrow.parquet as pq
 
 from fungi_ops.errors import ConfigError
 
-from pipelines.formats.input_tables import read_columns
-from pipelines.manifest import INTERNAL_SUFFIX, Manifest
+from pipelines.formats.sources import read_columns
+from pipelines.layout import INTERNAL_SUFFIX
+from pipelines.manifest import Manifest
 from pipelines.storage import InputFile, Location, list_files
 from pipelines.tasks import Tasks
 
@@ -316,7 +317,7 @@ def _overlapping_committed(old_sources: list[dict[str, Any]], own: dict[str, tup
 def _name_donors(reads: list[SourceWork], candidates: list[dict[str, Any]],
                  collisions: list[tuple[int, int, int, pa.Array | None]]) -> None:
     """Each file read this night learns the committed data files of other sources that hold some
-    of its ids: its rows whose content is unchanged are carried from them (:mod:`pipelines.stages`)."""
+    of its ids: its rows whose content is unchanged are carried from them (:mod:`pipelines.job.finalize`)."""
     for new_tag, old_tag in sorted({(new_tag, old_tag) for new_tag, old_tag, _, _ in collisions}):
         work, owner = reads[new_tag], candidates[old_tag]
         if owner["source"] != work.source and owner["file"] and owner["file"] not in work.donors:

@@ -5,7 +5,7 @@ pool that keeps the frozen model loaded; GPUs in production) -> stage (tasks wri
 block's rows and error rows per source to the run's staging area). Then one finalize task
 per touched source merges its previous file with its staged blocks into its new data file
 and error file, with the rows it carries unchanged from other sources' files
-(:func:`pipelines.stages.finalize_source`). The driver only gathers one
+(:func:`pipelines.job.finalize.finalize_source`). The driver only gathers one
 stats row per staged block and one sources-table row per touched source.
 """
 from __future__ import annotations
@@ -18,12 +18,17 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from fungi_ops.batch_size import stream_batch_size
-from pipelines import stages
 from pipelines.config import FeaturizeConfig
 from pipelines.formats.base import OutputTable
 from pipelines.inputs import InputColumns, InputSchema
-from pipelines.plan import NightPlan
-from pipelines.spec_resolution import ResolvedSpec
+from pipelines.job.actor import FeaturizeActor
+from pipelines.job.decode import decode_batch
+from pipelines.job.finalize import FinalizeWork, finalize_source
+from pipelines.job.plan import NightPlan
+from pipelines.job.read import read_sources
+from pipelines.job.spec_resolution import ResolvedSpec
+from pipelines.job.stage import write_batch
+from pipelines.layout import carried_path, spec_metadata
 from pipelines.storage import Location
 from pipelines.tasks import Tasks
 
@@ -93,7 +98,7 @@ class Stream:
         return ActorResources(1, 1.0 if torch.cuda.is_available() else 0.0, self.tasks.cpus())
 
     def _read_settings(self, schema: InputSchema, rows_per_block: int) -> dict[str, Any]:
-        """The keyword arguments of :func:`pipelines.stages.read_sources`."""
+        """The keyword arguments of :func:`pipelines.job.read.read_sources`."""
         return dict(
             input_location=self.input, output=self.output, columns=self.columns, schema=schema,
             event_time=datetime.fromtimestamp(self.started, timezone.utc), rows_per_block=rows_per_block,
@@ -101,13 +106,13 @@ class Stream:
         )
 
     def _featurizer_settings(self, setup_state: Any) -> dict[str, Any]:
-        """The constructor arguments of :class:`pipelines.stages.FeaturizeActor`."""
+        """The constructor arguments of :class:`pipelines.job.actor.FeaturizeActor`."""
         _, gpus, cpus = self.resources
         return dict(spec_json=self.spec.json, setup_state=setup_state, threads=None if gpus else max(1, int(round(cpus))),
                     batch_size=self.config.batch_size, gpus=gpus)
 
     def _write_settings(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`pipelines.stages.write_batch`."""
+        """The keyword arguments of :func:`pipelines.job.stage.write_batch`."""
         return dict(staging=self.staging, spec_json=self.spec.json, spec_hash=self.spec.hash, dense=self.spec.dense)
 
     def run(self, plan: NightPlan, schema: InputSchema, rows_to_read: int, setup_state: Any) -> list[dict[str, Any]]:
@@ -136,16 +141,16 @@ class Stream:
     def _run_in_process(self, items: list[dict[str, Any]], schema: InputSchema, rows_per_block: int, batch_size: int,
                         setup_state: Any) -> list[dict[str, Any]]:
         """The stream's stages one block after another in this process (a small job: no Ray)."""
-        featurize = stages.FeaturizeActor(**self._featurizer_settings(setup_state))
+        featurize = FeaturizeActor(**self._featurizer_settings(setup_state))
         read_settings, write_settings = self._read_settings(schema, rows_per_block), self._write_settings()
         stats: list[dict[str, Any]] = []
         for item in items:
-            for block in stages.read_sources(pa.Table.from_pylist([item]), **read_settings):
-                decoded = stages.decode_batch(block, modality=self.spec.modality, decoder=self.spec.decoder)
+            for block in read_sources(pa.Table.from_pylist([item]), **read_settings):
+                decoded = decode_batch(block, modality=self.spec.modality, decoder=self.spec.decoder)
                 featurized = pa.concat_tables(
                     featurize(decoded.slice(start, batch_size)) for start in range(0, decoded.num_rows, batch_size)
                 )
-                stats.extend(stages.write_batch(featurized, **write_settings).to_pylist())
+                stats.extend(write_batch(featurized, **write_settings).to_pylist())
         return stats
 
     def _run_on_ray(self, items: list[dict[str, Any]], schema: InputSchema, rows_per_block: int, batch_size: int,
@@ -155,14 +160,14 @@ class Stream:
 
         concurrency, gpus_per_actor, cpus_per_actor = self.resources
         read = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            stages.read_sources,
+            read_sources,
             batch_format="pyarrow",
             batch_size=1,
             num_cpus=0.25,
             fn_kwargs=self._read_settings(schema, rows_per_block),
         ).repartition(target_num_rows_per_block=rows_per_block)
         decoded = read.map_batches(
-            stages.decode_batch,
+            decode_batch,
             batch_format="pyarrow",
             num_cpus=0.25,
             fn_kwargs=dict(modality=self.spec.modality, decoder=self.spec.decoder),
@@ -174,7 +179,7 @@ class Stream:
         in_flight = None if gpus_per_actor else 1
         shared_state = setup_state if isinstance(setup_state, ray.ObjectRef) or not setup_state else ray.put(setup_state)
         featurized = decoded.map_batches(
-            stages.FeaturizeActor,
+            FeaturizeActor,
             batch_format="pyarrow",
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=in_flight),
@@ -183,7 +188,7 @@ class Stream:
             fn_constructor_kwargs=self._featurizer_settings(shared_state),
         )
         written = featurized.map_batches(
-            stages.write_batch,
+            write_batch,
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=0.25,
@@ -200,25 +205,16 @@ class Stream:
                 files.add(row["file"])
             if row["error_file"]:
                 error_files.add(row["error_file"])
-        task = self.tasks.remote(stages.finalize_source, num_cpus=0.25)
-        metadata = stages.spec_metadata(self.spec.json, self.spec.hash)
+        task = self.tasks.remote(finalize_source, num_cpus=0.25)
+        metadata = spec_metadata(self.spec.json, self.spec.hash)
         refs = []
         for work in plan.work.values():
             files, error_files = staged.get(work.source, (set(), set()))
-            description = {
-                "source": work.source,
-                "kind": work.kind,
-                "old": work.old,
-                "input": {"size": work.input.size, "identity": work.input.identity} if work.input else None,
-                "input_file": work.input,
-                "input_rows": input_rows.get(work.source),
-                "listed": work.source in plan.listed,
-                "reads_payloads": work.reads_payloads,
-                "staged_files": sorted(files),
-                "staged_error_files": sorted(error_files),
-                "moved_ids": work.moved_ids,
-                "carried_file": stages.carried_path(self.staging, work.source) if work.donors else None,
-            }
+            description = FinalizeWork(
+                planned=work, listed=work.source in plan.listed, input_rows=input_rows.get(work.source),
+                staged_files=sorted(files), staged_error_files=sorted(error_files),
+                carried_file=carried_path(self.staging, work.source) if work.donors else None,
+            )
             refs.append(task(
                 description, input_location=self.input, output=self.output, staging=self.staging,
                 id_column=self.columns.id, id_type=id_type, run_id=self.run_id, prune=self.config.prune,
