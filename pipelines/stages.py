@@ -56,6 +56,7 @@ from pipelines.formats.base import as_lists
 from pipelines.formats.input_tables import read_batches, read_columns
 from pipelines.inputs import InputColumns, InputSchema
 from pipelines.manifest import ERRORS_DIR, INTERNAL_SUFFIX
+from pipelines.plan import read_moved_ids
 from pipelines.ray_runtime import leave_if_torch_import_was_interrupted
 from pipelines.storage import InputFile, Location, fsync_file, write_whole
 
@@ -783,7 +784,7 @@ class _SourceFinalizer:
             [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err, self.carried) if t is not None]
             or [pa.array([], pa.string())]
         ).drop_null()
-        self.moved = work["moved_ids"].cast(pa.string()) if work["moved_ids"] is not None else pa.array([], pa.string())
+        self.moved = read_moved_ids(work["moved_ids"])
         self.current = None  # the input file's ids now, when a night needs them
         if work["input_file"] and (self.prune or work["kind"] != "new"):
             ids = read_columns(input_location, work["input_file"], [id_column]).column(0)

@@ -69,6 +69,28 @@ def test_a_renamed_file_without_prune_moves_its_rows_to_the_new_name(tiny_text_d
     assert record["rows_featurized"] == 0 and sources["runs"][-1]["files_read"] == 1
 
 
+def test_a_compaction_without_prune_sends_the_driver_counts_not_ids(tiny_text_dir, tmp_path, monkeypatch):
+    """Without --prune the ids that moved out of the compacted files stay on scratch storage: each
+    bucket task returns (file, donor, count) and at most 5 example ids a pair, whatever the rows."""
+    import pipelines.plan as plan
+
+    root, output = lake(tmp_path / "in", files=2, rows=12), tmp_path / "out"
+    run_featurize(config(tiny_text_dir, root, output))
+    before = features(output)
+    table = pa.concat_tables([pq.read_table(root / f"part-{i}.parquet") for i in range(2)])
+    for index in range(2):
+        (root / f"part-{index}.parquet").unlink()
+    pq.write_table(table, root / "compacted.parquet")
+    returned, check_bucket = [], plan._check_bucket
+    monkeypatch.setattr(plan, "_check_bucket", lambda *args: returned.append(check_bucket(*args)) or returned[-1])
+    summary = run_featurize(config(tiny_text_dir, root, output, incremental=True))
+    collisions = [pair for _, _, pairs in returned for pair in pairs]
+    assert sum(count for _, _, count, _ in collisions) == 24
+    assert all(isinstance(found, list) and len(found) <= 5 for _, _, _, found in collisions)
+    record = assert_night(before, features(output), ids_of(before), set(), set(), output)
+    assert (summary.rows_carried, record["rows_moved"]) == (24, 24)
+
+
 def delta_rows(prefix: str, count: int) -> pa.Table:
     ids = [f"{prefix}-{i:03d}" for i in range(count)]
     return pa.table({"id": ids, "text": [f"text of {i}" for i in ids]})
