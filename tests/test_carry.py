@@ -91,6 +91,26 @@ def test_a_compaction_without_prune_sends_the_driver_counts_not_ids(tiny_text_di
     assert (summary.rows_carried, record["rows_moved"]) == (24, 24)
 
 
+@pytest.mark.parametrize("prune", [False, True])
+def test_rows_that_failed_before_are_retried_not_carried_from_another_file(tiny_text_dir, tmp_path, prune):
+    """A compaction moves two rows that failed (empty texts) into a new file: they are tried again
+    there, not carried from the compacted files' output, and stay failed once, in _errors/ only."""
+    root, output = tmp_path / "in", tmp_path / "out"
+    write_part(root, "part-0.parquet", [f"g{i}" for i in range(6)], [f"good text {i}" for i in range(6)])
+    write_part(root, "part-1.parquet", ["b0", "b1", "g6"], ["", "   ", "good text 6"])
+    assert run_featurize(config(tiny_text_dir, root, output)).rows_failed_new == 2
+    before = features(output)
+    table = pa.concat_tables([pq.read_table(root / f"part-{i}.parquet") for i in range(2)])
+    for index in range(2):
+        (root / f"part-{index}.parquet").unlink()
+    pq.write_table(table, root / "compacted.parquet")
+    summary = run_featurize(config(tiny_text_dir, root, output, incremental=True, prune=prune))
+    assert (summary.rows_carried, summary.rows_failed_new + summary.rows_failed_known) == (7, 2)
+    assert features(output).equals(before)
+    errors = pq.read_table(output / "_errors")
+    assert sorted(errors.column("id").to_pylist()) == ["b0", "b1"]
+
+
 def delta_rows(prefix: str, count: int) -> pa.Table:
     ids = [f"{prefix}-{i:03d}" for i in range(count)]
     return pa.table({"id": ids, "text": [f"text of {i}" for i in ids]})
