@@ -21,7 +21,8 @@ equal to an in-process computation of the same rows.
 ``--compact`` files into one, with 0.05 % of the rows changed (a weekly ``OPTIMIZE`` or a
 producer that re-partitions its folder). Its rows are carried from the committed output, and
 only the changed rows are featurized (the run record's ``rows_featurized`` and
-``rows_carried``, checked).
+``rows_carried``, checked). ``--night ordinary,compaction`` runs both, each on a lake of its own,
+side by side, and prints the compaction night's wall over the ordinary night's at each N.
 
 It also times reading and writing the manifest of an output of 100,000 input files with
 a year of nightly run records, and listing its committed files (what readers through the
@@ -33,6 +34,7 @@ killed commit to resolve.
     python benchmarks/bench_incremental.py --rows 200000 --ids random
     python benchmarks/bench_incremental.py --keep /tmp/lake      # keep the data
     python benchmarks/bench_incremental.py --night compaction --rows 200000,2000000
+    python benchmarks/bench_incremental.py --night ordinary,compaction --rows 1000000,5000000,10000000
 
 Ids are zero-padded sequence numbers (``--ids sequential``), as a lake that grows by
 appending gets; ``--ids random`` gives random hex ids (UUID-like), for which the id
