@@ -216,17 +216,21 @@ def run_night(source: Path, output: str, model: str) -> tuple[float, float, str]
     command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", output,
                "--modality", "text", "--model", f"hf:{model}", "--objectives", "kl", "--incremental", "--prune"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    driver, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, driver.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    out = process.stdout.read()
-    wall = time.perf_counter() - started
+    # its output goes to a file: a pipe read only at the end fills (64 KiB of Ray Data's progress
+    # lines in a long night) and blocks the night's writes for ever
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, text=True)
+        driver, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, driver.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        log.seek(0)
+        out = log.read()
     if process.returncode != 0:
         raise SystemExit(f"the night failed ({process.returncode}):\n{out[-4000:]}")
     return wall, peak / 2**20, out
