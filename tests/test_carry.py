@@ -69,6 +69,48 @@ def test_a_renamed_file_without_prune_moves_its_rows_to_the_new_name(tiny_text_d
     assert record["rows_featurized"] == 0 and sources["runs"][-1]["files_read"] == 1
 
 
+def test_a_compaction_without_prune_sends_the_driver_counts_not_ids(tiny_text_dir, tmp_path, monkeypatch):
+    """Without --prune the ids that moved out of the compacted files stay on scratch storage: each
+    bucket task returns (file, donor, count) and at most 5 example ids a pair, whatever the rows."""
+    import pipelines.job.plan as plan
+
+    root, output = lake(tmp_path / "in", files=2, rows=12), tmp_path / "out"
+    run_featurize(config(tiny_text_dir, root, output))
+    before = features(output)
+    table = pa.concat_tables([pq.read_table(root / f"part-{i}.parquet") for i in range(2)])
+    for index in range(2):
+        (root / f"part-{index}.parquet").unlink()
+    pq.write_table(table, root / "compacted.parquet")
+    returned, check_bucket = [], plan._check_bucket
+    monkeypatch.setattr(plan, "_check_bucket", lambda *args: returned.append(check_bucket(*args)) or returned[-1])
+    summary = run_featurize(config(tiny_text_dir, root, output, incremental=True))
+    collisions = [pair for _, _, pairs in returned for pair in pairs]
+    assert sum(count for _, _, count, _ in collisions) == 24
+    assert all(isinstance(found, list) and len(found) <= 5 for _, _, _, found in collisions)
+    record = assert_night(before, features(output), ids_of(before), set(), set(), output)
+    assert (summary.rows_carried, record["rows_moved"]) == (24, 24)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_rows_that_failed_before_are_retried_not_carried_from_another_file(tiny_text_dir, tmp_path, prune):
+    """A compaction moves two rows that failed (empty texts) into a new file: they are tried again
+    there, not carried from the compacted files' output, and stay failed once, in _errors/ only."""
+    root, output = tmp_path / "in", tmp_path / "out"
+    write_part(root, "part-0.parquet", [f"g{i}" for i in range(6)], [f"good text {i}" for i in range(6)])
+    write_part(root, "part-1.parquet", ["b0", "b1", "g6"], ["", "   ", "good text 6"])
+    assert run_featurize(config(tiny_text_dir, root, output)).rows_failed_new == 2
+    before = features(output)
+    table = pa.concat_tables([pq.read_table(root / f"part-{i}.parquet") for i in range(2)])
+    for index in range(2):
+        (root / f"part-{index}.parquet").unlink()
+    pq.write_table(table, root / "compacted.parquet")
+    summary = run_featurize(config(tiny_text_dir, root, output, incremental=True, prune=prune))
+    assert (summary.rows_carried, summary.rows_failed_new + summary.rows_failed_known) == (7, 2)
+    assert features(output).equals(before)
+    errors = pq.read_table(output / "_errors")
+    assert sorted(errors.column("id").to_pylist()) == ["b0", "b1"]
+
+
 def delta_rows(prefix: str, count: int) -> pa.Table:
     ids = [f"{prefix}-{i:03d}" for i in range(count)]
     return pa.table({"id": ids, "text": [f"text of {i}" for i in ids]})

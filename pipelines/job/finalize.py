@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipelines.formats.base import as_lists
 from pipelines.formats.sources import read_columns
-from pipelines.job.plan import NEW, SourceWork
+from pipelines.job.plan import NEW, SourceWork, read_moved_ids
 from pipelines.job.stage import rows_where
 from pipelines.layout import (
     CONTENT_HASH_COLUMN, ERROR_SCHEMA, ERRORS_DIR, FINAL_DIR, ID_COLUMN, READ_STAGE, data_file_name, error_file_name,
@@ -252,8 +252,7 @@ class _SourceFinalizer:
             [t.column(ID_COLUMN).combine_chunks() for t in (staged_ok, staged_err, self.carried) if t is not None]
             or [pa.array([], pa.string())]
         ).drop_null()
-        moved = work.planned.moved_ids
-        self.moved = moved.cast(pa.string()) if moved is not None else pa.array([], pa.string())
+        self.moved = read_moved_ids(work.planned.moved_ids)
         self.current = None  # the input file's ids now, when a night needs them
         if work.planned.input and (self.prune or work.planned.kind != NEW):
             ids = read_columns(input_location, work.planned.input, [id_column]).column(0)

@@ -23,9 +23,11 @@ Parquet file renamed or re-partitioned), the rows of the new file come from the 
 replaced: the sources the input no longer lists (or lists changed), whose output files are
 still committed until this night's commit. The read task compares the new file's rows with
 its donors' ids and content hashes, and the rows unchanged there are **carried**: copied from
-the donor's output file, not featurized (:mod:`pipelines.job.finalize`). The driver learns only the
-(file, donor) pairs, O(files); the ids stay in the bucket tasks, except those that moved out
-of a source the night keeps (they must be removed from its output file).
+the donor's output file, not featurized (:mod:`pipelines.job.finalize`). The driver learns only
+(file, donor, count) triples, O(files), with or without ``--prune``: the ids that moved out of a
+source the night keeps (they must be removed from its output file) are written by the bucket
+tasks to the run's scratch area, one folder per source (:func:`moved_ids_path`), and read there
+by the task that rewrites that source's output file.
 
 Both checks hash-partition the ids into buckets of about ``ID_BUCKET_ROWS`` ids, written
 as small Parquet files to the run's staging area by one Ray task per input file, then
@@ -73,7 +75,7 @@ class SourceWork:
     kind: str
     input: InputFile | None
     old: dict[str, Any] | None
-    moved_ids: pa.Array | None = None
+    moved_ids: Location | None = None  # scratch folder of the ids it lost to other files (:func:`read_moved_ids`)
     donors: list[str] = field(default_factory=list)  # committed data files of other sources holding its ids
 
     @property
@@ -187,14 +189,31 @@ def _scan_old(output: Location, names: list[str], id_type: pa.DataType, tag: int
     _scatter(ids.cast(id_type), tag, buckets, directory.join("old"), f"{tag:08d}")
 
 
+def moved_ids_path(directory: Location, old_tag: int) -> Location:
+    """The scratch folder of the ids that the committed source ``old_tag`` of an id check lost to other files."""
+    return directory.join("moved", f"t{old_tag:08d}")
+
+
+def read_moved_ids(folder: Location | None) -> pa.Array:
+    """The ids written to ``folder`` by the bucket tasks (:func:`moved_ids_path`), as strings; none for None."""
+    if folder is None:
+        return pa.array([], pa.string())
+    fs = folder.filesystem()
+    files = list_files(fs, folder.path, INTERNAL_SUFFIX)
+    chunks = [chunk for f in files for chunk in pq.read_table(f.path, filesystem=fs).column("id").cast(pa.string()).chunks]
+    return pa.chunked_array(chunks, pa.string()).combine_chunks()
+
+
 def _check_bucket(directory: Location, bucket: int, examples: int,
-                  own: dict[int, int], dropped: set[int]) -> tuple[int, list, list[tuple[int, int, int, pa.Array | None]]]:
+                  own: dict[int, int], dropped: set[int]) -> tuple[int, list, list[tuple[int, int, int, list | None]]]:
     """Ray task: duplicates among the night's ids of one bucket, and their collisions with old ids.
 
-    Returns (number of duplicated ids, a few examples, collisions as ``(new_tag, old_tag, count, ids)``).
-    ``ids`` is None where the old tag is the new file's own old version (``own``: new tag -> old
-    tag) or a source that ``--prune`` removes whole (``dropped``): those pairs only name a donor
-    of carried rows (:func:`_name_donors`), so a compaction's ids never travel to the driver.
+    Returns (number of duplicated ids, a few examples, collisions as ``(new_tag, old_tag, count,
+    examples)``). A pair whose old tag is neither the new file's own old version (``own``: new
+    tag -> old tag) nor a source that ``--prune`` removes whole (``dropped``) is a move: its ids
+    are written to :func:`moved_ids_path` and a few of them returned (for the duplicate error);
+    the other pairs only name a donor of carried rows (:func:`_name_donors`), examples None. So
+    the driver receives counts, never a compaction's ids.
     """
     fs = directory.filesystem()
 
@@ -214,22 +233,30 @@ def _check_bucket(directory: Location, bucket: int, examples: int,
         return 0, [], []
     joined = new.join(old, keys="id", left_suffix="_new", right_suffix="_old", join_type="inner")
     pairs = joined.group_by(["tag_new", "tag_old"]).aggregate([("id", "count")]).to_pylist()
-    collisions = []
+    collisions, moved = [], {}
     for pair in pairs:
         new_tag, old_tag, count = pair["tag_new"], pair["tag_old"], pair["id_count"]
-        ids = None
+        found = None
         if old_tag not in dropped and own.get(new_tag) != old_tag:
             chosen = pc.and_(pc.equal(joined.column("tag_new"), new_tag), pc.equal(joined.column("tag_old"), old_tag))
             ids = joined.column("id").filter(chosen).combine_chunks()
-        collisions.append((new_tag, old_tag, count, ids))
+            moved.setdefault(old_tag, []).append(ids)
+            found = ids[:examples].to_pylist()
+        collisions.append((new_tag, old_tag, count, found))
+    fs = directory.filesystem()
+    for old_tag, parts in moved.items():
+        folder = moved_ids_path(directory, old_tag)
+        fs.create_dir(folder.path, recursive=True)
+        pq.write_table(pa.table({"id": pa.concat_arrays(parts)}),
+                       folder.child_path(f"b{bucket:05d}{INTERNAL_SUFFIX}"), filesystem=fs)
     return 0, [], collisions
 
 
 @dataclass
 class IdCheck:
-    """Outcome of :func:`check_ids`: which committed sources lose which ids to other files."""
+    """Outcome of :func:`check_ids`: how many ids each committed source loses to other files."""
 
-    moved: dict[str, pa.Array]
+    moved: dict[str, int]
     null_ids: int
     opened: set[str]
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it could not be read
@@ -290,7 +317,7 @@ def check_ids(
     collisions = [pair for _, _, pairs in results for pair in pairs]
     rehomed = sum(count for _, old_tag, count, _ in collisions if old_tag in dropped)
     _name_donors(reads, candidates, collisions)
-    moved = _moved_ids(plan, reads, candidates, collisions, id_type)
+    moved = _moved_ids(plan, reads, candidates, collisions, scratch)
     null_ids = sum(nulls for _, _, nulls, _ in new_scans)
     opened = {name for row in candidates for name in (row["file"], row["error_file"]) if name}
     return IdCheck(moved, null_ids, opened, failed, rehomed)
@@ -325,28 +352,28 @@ def _name_donors(reads: list[SourceWork], candidates: list[dict[str, Any]],
 
 
 def _moved_ids(plan: NightPlan, reads: list[SourceWork], candidates: list[dict[str, Any]],
-               collisions: list[tuple[int, int, int, pa.Array | None]], id_type: pa.DataType) -> dict[str, pa.Array]:
-    """The ids each committed source lost to a file read this night (a move); ConfigError when the
-    source keeping them is unchanged in the input (a true duplicate). Adds those sources to ``plan.work``.
-    Pairs without ids are a source's own old version or a source that --prune removes whole."""
-    moved: dict[str, list[pa.Array]] = {}
-    for new_tag, old_tag, _, group in collisions:
-        if group is None:
+               collisions: list[tuple[int, int, int, list | None]], scratch: Location) -> dict[str, int]:
+    """How many ids each committed source lost to a file read this night (a move); ConfigError when the
+    source keeping them is unchanged in the input (a true duplicate). Adds those sources to ``plan.work``,
+    pointing at the scratch folder of their moved ids. Pairs without examples are a source's own old
+    version or a source that --prune removes whole."""
+    moved: dict[int, int] = {}
+    for new_tag, old_tag, count, examples in collisions:
+        if examples is None:
             continue
         new_source, owner = reads[new_tag].source, candidates[old_tag]
         owner_work = plan.work.get(owner["source"])
         if owner["source"] in plan.listed and not (owner_work and owner_work.reads_payloads):
             raise ConfigError(
-                f"input ids are not unique: {', '.join(map(str, group[:5].to_pylist()))} in {new_source} are also in "
+                f"input ids are not unique: {', '.join(map(str, examples))} in {new_source} are also in "
                 f"{owner['source']}, which is unchanged in the input; nothing was committed"
             )
-        moved.setdefault(owner["source"], []).append(group.cast(id_type))
-    result = {source: pa.concat_arrays(parts) for source, parts in moved.items()}
-    for source, ids in result.items():
-        work = plan.work.get(source)
+        moved[old_tag] = moved.get(old_tag, 0) + count
+    for old_tag in moved:
+        old = candidates[old_tag]
+        work = plan.work.get(old["source"])
         if work is None:
-            old = next(row for row in candidates if row["source"] == source)
-            work = plan.work[source] = SourceWork(source, MOVED, None, old)
-        work.moved_ids = ids
-    return result
+            work = plan.work[old["source"]] = SourceWork(old["source"], MOVED, None, old)
+        work.moved_ids = moved_ids_path(scratch, old_tag)
+    return {candidates[old_tag]["source"]: count for old_tag, count in moved.items()}
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import pickle
 from datetime import datetime
-from typing import Iterator, Sequence
+from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,6 +26,7 @@ from fungi_ops.seeding import content_hash
 
 from pipelines.formats.sources import read_batches
 from pipelines.inputs import InputColumns, InputSchema
+from pipelines.job.known_rows import KnownRows
 from pipelines.layout import (
     CARRIED_DIR, CONTENT_HASH_COLUMN, ERROR_COLUMN, EVENT_TIME_COLUMN, EVENT_TIME_TYPE, ID_COLUMN, PAYLOAD_COLUMN,
     READ_STAGE, SOURCE_COLUMN, STAGE_COLUMN, carried_path,
@@ -32,24 +34,6 @@ from pipelines.layout import (
 from pipelines.storage import Location, write_whole
 
 log = logging.getLogger(__name__)
-
-
-def _known_rows(output: Location, data_file: str | None, error_file: str | None,
-                donors: Sequence[str] = ()) -> dict[str, tuple[str, bool, int]]:
-    """id -> (content hash, featurized, donor) of the rows committed for a source: its previous
-    output (its data and error file; donor -1) and the data files of other sources that held
-    some of its ids (``donors``; donor: the index of the file), from which its unchanged rows
-    are carried."""
-    fs = output.filesystem()
-    known: dict[str, tuple[str, bool, int]] = {}
-    named = [*((name, True, index) for index, name in enumerate(donors)), (error_file, False, -1), (data_file, True, -1)]
-    for name, ok, donor in named:
-        if name:
-            table = pq.read_table(output.child_path(name), columns=[ID_COLUMN, CONTENT_HASH_COLUMN], filesystem=fs)
-            for row_id, digest in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                if row_id is not None:
-                    known[row_id] = (digest, ok, donor)
-    return known
 
 
 def _read_block(
@@ -60,44 +44,40 @@ def _read_block(
     columns: InputColumns,
     schema: InputSchema,
     event_time: datetime,
-    known: dict[str, tuple[str, bool, int]],
+    known: KnownRows,
     retry_failed: bool,
-    carried: list[tuple[str, int]],
+    carried: list[tuple[pa.Array, pa.Array]],
 ) -> pa.Table:
     """Rows of one record batch to featurize (or to report), with the job's internal columns.
 
     A row whose id and content hash are those of a committed row is left out: unchanged in its
-    own previous output, or appended to ``carried`` as ``(id, donor)`` when another source's
-    file holds it (the finalize task copies it from there)."""
-    ids = table.column(columns.id).to_pylist()
-    payloads = table.column(columns.data).to_pylist()
-    times = table.column(columns.event_time).to_pylist() if columns.event_time else None
-    keep, out_ids, hashes, errors = [], [], [], []
-    for row, (row_id, payload) in enumerate(zip(ids, payloads)):
-        key = None if row_id is None else str(row_id)
-        digest, error = None, None
-        if payload is not None:
-            try:
-                digest = content_hash(payload)
-            except Exception as exc:  # noqa: BLE001 - a row, not the job
-                error = f"cannot hash the '{columns.data}' value: {exc}"
-        if key is None:
-            error = f"row {first_row + row} of {source} has a null '{columns.id}'"
-        elif payload is None:
-            error = f"'{columns.data}' is null"
-        elif times is not None and times[row] is None:
-            error = f"'{columns.event_time}' is null"
-        if error is None and key in known:
-            old_digest, featurized, donor = known[key]
-            if old_digest == digest and donor >= 0:
-                carried.append((key, donor))
-                continue
-            if old_digest == digest and (featurized or not retry_failed):
-                continue
-        keep.append(row)
-        out_ids.append(key)
-        hashes.append(digest)
-        errors.append(error)
+    own previous output, or appended to ``carried`` as ``(ids, donors)`` when another source's
+    file holds it (the finalize task copies it from there). Only the hashing is per row in
+    Python; the lookups are vectorized (:class:`~pipelines.job.known_rows.KnownRows`)."""
+    keys = table.column(columns.id).combine_chunks().cast(pa.string())
+    payloads = table.column(columns.data).combine_chunks()
+    digests, errors = _content_hashes(payloads.to_pylist(), columns.data)
+    times = table.column(columns.event_time).combine_chunks() if columns.event_time else None
+    flagged = pc.or_(pc.is_null(keys), pc.is_null(payloads))
+    if times is not None:
+        flagged = pc.or_(flagged, pc.is_null(times))
+    for row in np.flatnonzero(flagged.to_numpy(zero_copy_only=False)):
+        if not keys[row].is_valid:
+            errors[row] = f"row {first_row + row} of {source} has a null '{columns.id}'"
+        elif not payloads[row].is_valid:
+            errors[row] = f"'{columns.data}' is null"
+        else:
+            errors[row] = f"'{columns.event_time}' is null"
+    digest_array = pa.array(digests, pa.string())
+    old_digest, featurized, donor = known.lookup(keys)
+    error_free = pa.array([e is None for e in errors], pa.bool_())
+    same = pc.fill_null(pc.and_(pc.equal(old_digest, digest_array), error_free), False)  # null: not committed
+    carry = pc.and_(same, pc.fill_null(pc.greater_equal(donor, 0), False))
+    settled = pc.or_(pc.fill_null(featurized, False), pa.scalar(not retry_failed))  # featurized, or failed and not retried
+    skip = pc.and_(pc.and_(same, pc.fill_null(pc.less(donor, 0), False)), settled)
+    if pc.any(carry).as_py():
+        carried.append((keys.filter(carry), donor.filter(carry)))
+    keep = np.flatnonzero(~pc.or_(carry, skip).to_numpy(zero_copy_only=False))
     kept = table.take(pa.array(keep, pa.int64()))
     if columns.event_time:
         stamps = kept.column(columns.event_time).cast(schema.type_of(columns.event_time))
@@ -106,18 +86,35 @@ def _read_block(
         stamps = stamps.cast(EVENT_TIME_TYPE)
     else:
         stamps = pa.array([event_time] * len(keep), EVENT_TIME_TYPE)
+    kept_errors = [errors[row] for row in keep]
     return pa.table(
         {
-            ID_COLUMN: pa.array(out_ids, pa.string()),
-            CONTENT_HASH_COLUMN: pa.array(hashes, pa.string()),
+            ID_COLUMN: keys.take(pa.array(keep, pa.int64())),
+            CONTENT_HASH_COLUMN: digest_array.take(pa.array(keep, pa.int64())),
             EVENT_TIME_COLUMN: stamps,
             **{name: kept.column(name).cast(schema.type_of(name)) for name in columns.keep},
             PAYLOAD_COLUMN: kept.column(columns.data).cast(schema.type_of(columns.data)),
             SOURCE_COLUMN: pa.array([source] * len(keep), pa.string()),
-            ERROR_COLUMN: pa.array(errors, pa.string()),
-            STAGE_COLUMN: pa.array(["decode" if e else None for e in errors], pa.string()),
+            ERROR_COLUMN: pa.array(kept_errors, pa.string()),
+            STAGE_COLUMN: pa.array(["decode" if e else None for e in kept_errors], pa.string()),
         }
     )
+
+
+def _content_hashes(payloads: list[Any], data_column: str) -> tuple[list[str | None], list[str | None]]:
+    """Each payload's content hash (None for a null payload) and, by row, why it could not be hashed."""
+    errors: list[str | None] = [None] * len(payloads)
+    try:
+        return [None if payload is None else content_hash(payload) for payload in payloads], errors
+    except Exception:  # noqa: BLE001 - a row, not the job: find which
+        digests: list[str | None] = []
+        for row, payload in enumerate(payloads):
+            try:
+                digests.append(None if payload is None else content_hash(payload))
+            except Exception as exc:  # noqa: BLE001
+                digests.append(None)
+                errors[row] = f"cannot hash the '{data_column}' value: {exc}"
+        return digests, errors
 
 
 def _read_failure(source: str, message: str, columns: InputColumns, schema: InputSchema) -> pa.Table:
@@ -155,13 +152,13 @@ def read_sources(
     once the file is read whole (a retried task writes the same list again).
 
     Memory: one record batch of ``rows_per_block`` rows, plus the (id, hash) pairs of
-    the source's previous output and of its donor files.
+    the source's previous output and of its donor files (:class:`~pipelines.job.known_rows.KnownRows`).
     """
     fs = staging.filesystem()
     for item in items.to_pylist():
         source, donors = item["source"], item.get("donors") or []
-        known = _known_rows(output, item["old_file"], item["old_error_file"], donors)
-        carried: list[tuple[str, int]] = []
+        known = KnownRows.load(output, item["old_file"], item["old_error_file"], donors)
+        carried: list[tuple[pa.Array, pa.Array]] = []
         first_row = 0
         try:
             input_file = pickle.loads(item["input"])
@@ -174,8 +171,9 @@ def read_sources(
                 if block.num_rows:
                     yield block
             if donors:
-                listed = pa.table({ID_COLUMN: pa.array([key for key, _ in carried], pa.string()),
-                                   "file": pa.array([donors[index] for _, index in carried], pa.string())})
+                indices = pa.chunked_array([index for _, index in carried], pa.int32())
+                listed = pa.table({ID_COLUMN: pa.chunked_array([ids for ids, _ in carried], pa.string()),
+                                   "file": pa.array(donors, pa.string()).take(indices)})
                 fs.create_dir(staging.child_path(CARRIED_DIR), recursive=True)
                 write_whole(fs, carried_path(staging, source), lambda target: pq.write_table(listed, target, filesystem=fs))
         except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone, the job goes on
