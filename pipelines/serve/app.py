@@ -23,6 +23,9 @@ from datetime import date, datetime
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
 
 from pipelines.serve.api import (
     DEFAULT_NEIGHBOURS_K, BadRequest, Limits, Query, check_length, item_error, parse_query,
@@ -67,8 +70,6 @@ def token_digest(token: str) -> str:
 def build_app(settings: ServeSettings, *, replicas: int | tuple[int, int] = 1, cpus_per_replica: float = 1.0,
               gpus_per_replica: float = 0.0) -> Any:
     """The bound Serve application: ``replicas`` fixed, or ``(min, max)`` autoscaled on ongoing requests."""
-    from ray import serve
-
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         # above the batch: Serve holds no more requests per replica than this (Ray issue 43288)
@@ -83,196 +84,192 @@ def build_app(settings: ServeSettings, *, replicas: int | tuple[int, int] = 1, c
     return serve.deployment(FungiReplica, name="FungiReplica", **options).bind(settings)
 
 
-def _make_ingress() -> type:
-    """The replica class with its FastAPI routes (one FastAPI app per class, as ``serve.ingress`` wants)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from ray import serve
+api = FastAPI(title="fungi serve", docs_url=None, redoc_url=None, openapi_url=None)
 
-    api = FastAPI(title="fungi serve", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @serve.ingress(api)
-    class Replica:
-        def __init__(self, settings: ServeSettings) -> None:
-            from pipelines.formats import open_output
-            from pipelines.serve.engine import ServingFeaturizer
+@serve.ingress(api)
+class FungiReplica:
+    """One replica: the served version (featurizer and indexes), its following thread, the endpoints."""
 
-            logging.basicConfig(level=logging.INFO)
-            self.settings = settings
-            self.output = open_output(settings.output, settings.storage_options, catalog=settings.catalog)
-            root = self.output.root
+    def __init__(self, settings: ServeSettings) -> None:
+        from pipelines.formats import open_output
+        from pipelines.serve.engine import ServingFeaturizer
 
-            def make_featurizer(manifest: Any) -> ServingFeaturizer:
-                return ServingFeaturizer(root, manifest, max_image_pixels=settings.max_image_pixels,
-                                         threads=settings.threads, batch_size=settings.batch_size, gpus=settings.gpus)
+        logging.basicConfig(level=logging.INFO)
+        self.settings = settings
+        self.output = open_output(settings.output, settings.storage_options, catalog=settings.catalog)
+        root = self.output.root
 
-            self.make_featurizer = make_featurizer
-            self.served: ServedVersion = self._load(None)
-            self.follow_error: str | None = None
-            self._featurize_batched.set_max_batch_size(settings.max_batch_size)
-            self._featurize_batched.set_batch_wait_timeout_s(settings.batch_wait_s)
-            if settings.version is None and settings.poll_s > 0:
-                threading.Thread(target=self._follow, name="fungi-follow", daemon=True).start()
+        def make_featurizer(manifest: Any) -> ServingFeaturizer:
+            return ServingFeaturizer(root, manifest, max_image_pixels=settings.max_image_pixels,
+                                     threads=settings.threads, batch_size=settings.batch_size, gpus=settings.gpus)
 
-        # -- versions -------------------------------------------------------------------
-        def _load(self, previous: ServedVersion | None) -> ServedVersion:
-            settings = self.settings
-            served = load_version(self.output, version=settings.version, label_column=settings.label_column,
-                                  features=settings.features, exact_rows=settings.exact_rows,
-                                  make_featurizer=self.make_featurizer, previous=previous)
-            for name, index in served.indexes.items():
-                log.info("fungi serve: version %s, index %s: %s", served.version, name, index.describe())
-            return served
+        self.make_featurizer = make_featurizer
+        self.served: ServedVersion = self._load(None)
+        self.follow_error: str | None = None
+        self._featurize_batched.set_max_batch_size(settings.max_batch_size)
+        self._featurize_batched.set_batch_wait_timeout_s(settings.batch_wait_s)
+        if settings.version is None and settings.poll_s > 0:
+            threading.Thread(target=self._follow, name="fungi-follow", daemon=True).start()
 
-        def _follow(self) -> None:
-            """Poll the commit point; build the new version beside the served one, then swap it in whole."""
-            while True:
-                time.sleep(self.settings.poll_s)
-                try:
-                    if commit_point(self.output) == self.served.point:
-                        continue
-                    self.served = self._load(self.served)
-                    self.follow_error = None
-                except Exception as exc:  # noqa: BLE001 - keep serving the version held, and say why in /spec
-                    self.follow_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("fungi serve: keeps serving version %s: %s", self.served.version, self.follow_error)
+    # -- versions -------------------------------------------------------------------
+    def _load(self, previous: ServedVersion | None) -> ServedVersion:
+        settings = self.settings
+        served = load_version(self.output, version=settings.version, label_column=settings.label_column,
+                              features=settings.features, exact_rows=settings.exact_rows,
+                              make_featurizer=self.make_featurizer, previous=previous)
+        for name, index in served.indexes.items():
+            log.info("fungi serve: version %s, index %s: %s", served.version, name, index.describe())
+        return served
 
-        # -- requests -------------------------------------------------------------------
-        def _authorize(self, request: Request) -> None:
-            digest = self.settings.token_sha256
-            if digest is None:
-                return
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(token.strip()), digest):
-                raise BadRequest(401, "authorization: missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
-
-        async def _query(self, request: Request, served: ServedVersion, *, default_k: int | None = None,
-                         allow_features: bool = False) -> Query:
-            self._authorize(request)
-            limits = self.settings.limits
-            check_length(request.headers.get("content-length"), limits)
-            body = bytearray()
-            async for chunk in request.stream():
-                body.extend(chunk)
-                if len(body) > limits.max_body_bytes:
-                    raise BadRequest(413, f"body: over --max-body-mb ({limits.max_body_bytes} bytes)")
-            return parse_query(bytes(body), served.featurizer.modality, limits, default_k=default_k,
-                               allow_features=allow_features)
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def _featurize_batched(self, jobs: list[tuple[ServedVersion, Query]]) -> list[list[Any]]:
-            """One featurize call per featurizer for the items of every request in the batch, split back."""
-            results: list[list[Any]] = [[] for _ in jobs]
-            groups: dict[int, list[int]] = {}
-            for position, (served, _) in enumerate(jobs):
-                groups.setdefault(id(served.featurizer), []).append(position)
-            for positions in groups.values():
-                featurizer = jobs[positions[0]][0].featurizer
-                ids = [i for p in positions for i in jobs[p][1].ids]
-                payloads = [x for p in positions for x in jobs[p][1].payloads]
-                items = await asyncio.to_thread(featurizer.featurize, ids, payloads)
-                start = 0
-                for p in positions:
-                    count = len(jobs[p][1].ids)
-                    results[p] = items[start:start + count]
-                    start += count
-            return results
-
-        async def _features(self, request: Request, **options: Any) -> tuple[ServedVersion, Query, list[Any]]:
-            served = self.served  # this request's one version
-            query = await self._query(request, served, **options)
-            return served, query, await self._featurize_batched((served, query))
-
-        @api.get("/healthz")
-        async def healthz(self) -> dict[str, Any]:
-            return {"ok": True, "version": self.served.version}
-
-        @api.get("/spec")
-        async def spec(self, request: Request) -> Any:
+    def _follow(self) -> None:
+        """Poll the commit point; build the new version beside the served one, then swap it in whole."""
+        while True:
+            time.sleep(self.settings.poll_s)
             try:
-                self._authorize(request)
-            except BadRequest as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            return self.spec_document()
-
-        def spec_document(self) -> dict[str, Any]:
-            """What ``GET /spec`` answers (the CLI prints it at start)."""
-            served = self.served
-            return {
-                "spec": served.manifest.spec, "spec_hash": served.spec_hash, "version": served.version,
-                "run_id": served.run_id, "rows": int(len(served.ids)), "features": served.dims,
-                "indexes": {name: index.describe() for name, index in served.indexes.items()},
-                "recall_at_10": {name: index.recall_at_10 for name, index in served.indexes.items()},
-                "label_column": self.settings.label_column, "kept_columns": served.kept.column_names,
-                "following": self.settings.version is None and self.settings.poll_s > 0,
-                "follow_error": self.follow_error,
-            }
-
-        @api.post("/featurize")
-        async def featurize(self, request: Request) -> Any:
-            try:
-                served, query, items = await self._features(request)
-            except BadRequest as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            answers = []
-            columns = served.combos.get(FUNGI) or tuple(served.dims)
-            for item in items:
-                if item.error is not None:
-                    answers.append(item_error(item.id, item.error, item.stage))
+                if commit_point(self.output) == self.served.point:
                     continue
-                answer: dict[str, Any] = {"id": item.id}
-                answer.update({name: vector.tolist() for name, vector in item.features.items()})
-                answer[FUNGI] = unit_rows({c: item.features[c][None, :] for c in columns}, columns)[0].tolist()
-                answers.append(answer)
-            return {"spec_hash": served.spec_hash, "version": served.version, "items": answers}
+                self.served = self._load(self.served)
+                self.follow_error = None
+            except Exception as exc:  # noqa: BLE001 - keep serving the version held, and say why in /spec
+                self.follow_error = f"{type(exc).__name__}: {exc}"
+                log.warning("fungi serve: keeps serving version %s: %s", self.served.version, self.follow_error)
 
-        @api.post("/neighbours")
-        async def neighbours(self, request: Request) -> Any:
-            try:
-                served, query, items = await self._features(request, default_k=DEFAULT_NEIGHBOURS_K, allow_features=True)
-                name = _combination(served, query.features)
-            except BadRequest as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            good = [i for i, item in enumerate(items) if item.error is None]
-            answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
-            if good:
-                vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, name)
-                scores, rows = served.indexes[name].search(vectors, query.k)
-                for position, i in enumerate(good):
-                    found = [int(r) for r in rows[position] if r >= 0]
-                    kept = served.kept.take(found).to_pylist() if served.kept.num_columns else [{} for _ in found]
-                    answers[i] = {"id": items[i].id, "neighbours": [
-                        {"id": _json(served.ids[r]), "score": float(s), **{k: _json(v) for k, v in extra.items()}}
-                        for r, s, extra in zip(found, scores[position], kept)
-                    ]}
-            return {"spec_hash": served.spec_hash, "version": served.version, "features": name, "items": answers}
+    # -- requests -------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        digest = self.settings.token_sha256
+        if digest is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(token.strip()), digest):
+            raise BadRequest(401, "authorization: missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
 
-        @api.post("/classify")
-        async def classify(self, request: Request) -> Any:
-            from fungi_ops.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, vote_scores
+    async def _query(self, request: Request, served: ServedVersion, *, default_k: int | None = None,
+                     allow_features: bool = False) -> Query:
+        self._authorize(request)
+        limits = self.settings.limits
+        check_length(request.headers.get("content-length"), limits)
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limits.max_body_bytes:
+                raise BadRequest(413, f"body: over --max-body-mb ({limits.max_body_bytes} bytes)")
+        return parse_query(bytes(body), served.featurizer.modality, limits, default_k=default_k,
+                           allow_features=allow_features)
 
-            try:
-                served, query, items = await self._features(request, default_k=DEFAULT_K)
-                if served.classes is None:
-                    raise BadRequest(422, "classify: the server was started without --label-column, and the output keeps no 'label'")
-            except BadRequest as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            good = [i for i, item in enumerate(items) if item.error is None]
-            answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
-            if good:
-                vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, FUNGI)
-                sims, rows = served.indexes[FUNGI].search(vectors, query.k)
-                votes = vote_scores(sims, served.codes[rows], len(served.classes), temperature=DEFAULT_TEMPERATURE)
-                for position, i in enumerate(good):
-                    row = votes[position]
-                    order = [c for c in np.argsort(-row, kind="stable") if row[c] > 0]
-                    total = float(row.sum())
-                    answers[i] = {"id": items[i].id, "label": _json(served.classes[int(row.argmax())]),
-                                  "scores": [{"label": _json(served.classes[c]), "score": float(row[c]) / total} for c in order]}
-            return {"spec_hash": served.spec_hash, "version": served.version, "k": query.k, "items": answers}
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _featurize_batched(self, jobs: list[tuple[ServedVersion, Query]]) -> list[list[Any]]:
+        """One featurize call per featurizer for the items of every request in the batch, split back."""
+        results: list[list[Any]] = [[] for _ in jobs]
+        groups: dict[int, list[int]] = {}
+        for position, (served, _) in enumerate(jobs):
+            groups.setdefault(id(served.featurizer), []).append(position)
+        for positions in groups.values():
+            featurizer = jobs[positions[0]][0].featurizer
+            ids = [i for p in positions for i in jobs[p][1].ids]
+            payloads = [x for p in positions for x in jobs[p][1].payloads]
+            items = await asyncio.to_thread(featurizer.featurize, ids, payloads)
+            start = 0
+            for p in positions:
+                count = len(jobs[p][1].ids)
+                results[p] = items[start:start + count]
+                start += count
+        return results
 
-    return Replica
+    async def _features(self, request: Request, **options: Any) -> tuple[ServedVersion, Query, list[Any]]:
+        served = self.served  # this request's one version
+        query = await self._query(request, served, **options)
+        return served, query, await self._featurize_batched((served, query))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"ok": True, "version": self.served.version}
+
+    @api.get("/spec")
+    async def spec(self, request: Request) -> Any:
+        try:
+            self._authorize(request)
+        except BadRequest as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return self.spec_document()
+
+    def spec_document(self) -> dict[str, Any]:
+        """What ``GET /spec`` answers (the CLI prints it at start)."""
+        served = self.served
+        return {
+            "spec": served.manifest.spec, "spec_hash": served.spec_hash, "version": served.version,
+            "run_id": served.run_id, "rows": int(len(served.ids)), "features": served.dims,
+            "indexes": {name: index.describe() for name, index in served.indexes.items()},
+            "recall_at_10": {name: index.recall_at_10 for name, index in served.indexes.items()},
+            "label_column": self.settings.label_column, "kept_columns": served.kept.column_names,
+            "following": self.settings.version is None and self.settings.poll_s > 0,
+            "follow_error": self.follow_error,
+        }
+
+    @api.post("/featurize")
+    async def featurize(self, request: Request) -> Any:
+        try:
+            served, query, items = await self._features(request)
+        except BadRequest as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        answers = []
+        columns = served.combos.get(FUNGI) or tuple(served.dims)
+        for item in items:
+            if item.error is not None:
+                answers.append(item_error(item.id, item.error, item.stage))
+                continue
+            answer: dict[str, Any] = {"id": item.id}
+            answer.update({name: vector.tolist() for name, vector in item.features.items()})
+            answer[FUNGI] = unit_rows({c: item.features[c][None, :] for c in columns}, columns)[0].tolist()
+            answers.append(answer)
+        return {"spec_hash": served.spec_hash, "version": served.version, "items": answers}
+
+    @api.post("/neighbours")
+    async def neighbours(self, request: Request) -> Any:
+        try:
+            served, query, items = await self._features(request, default_k=DEFAULT_NEIGHBOURS_K, allow_features=True)
+            name = _combination(served, query.features)
+        except BadRequest as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        good = [i for i, item in enumerate(items) if item.error is None]
+        answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
+        if good:
+            vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, name)
+            scores, rows = served.indexes[name].search(vectors, query.k)
+            for position, i in enumerate(good):
+                found = [int(r) for r in rows[position] if r >= 0]
+                kept = served.kept.take(found).to_pylist() if served.kept.num_columns else [{} for _ in found]
+                answers[i] = {"id": items[i].id, "neighbours": [
+                    {"id": _json(served.ids[r]), "score": float(s), **{k: _json(v) for k, v in extra.items()}}
+                    for r, s, extra in zip(found, scores[position], kept)
+                ]}
+        return {"spec_hash": served.spec_hash, "version": served.version, "features": name, "items": answers}
+
+    @api.post("/classify")
+    async def classify(self, request: Request) -> Any:
+        from fungi_ops.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, vote_scores
+
+        try:
+            served, query, items = await self._features(request, default_k=DEFAULT_K)
+            if served.classes is None:
+                raise BadRequest(422, "classify: the server was started without --label-column, and the output keeps no 'label'")
+        except BadRequest as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        good = [i for i, item in enumerate(items) if item.error is None]
+        answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
+        if good:
+            vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, FUNGI)
+            sims, rows = served.indexes[FUNGI].search(vectors, query.k)
+            votes = vote_scores(sims, served.codes[rows], len(served.classes), temperature=DEFAULT_TEMPERATURE)
+            for position, i in enumerate(good):
+                row = votes[position]
+                order = [c for c in np.argsort(-row, kind="stable") if row[c] > 0]
+                total = float(row.sum())
+                answers[i] = {"id": items[i].id, "label": _json(served.classes[int(row.argmax())]),
+                              "scores": [{"label": _json(served.classes[c]), "score": float(row[c]) / total} for c in order]}
+        return {"spec_hash": served.spec_hash, "version": served.version, "k": query.k, "items": answers}
+
 
 
 def _combination(served: ServedVersion, requested: str | None) -> str:
@@ -299,5 +296,3 @@ def _json(value: Any) -> Any:
         return value.hex()
     return value
 
-
-FungiReplica = _make_ingress()
