@@ -9,9 +9,11 @@ Concurrent requests are coalesced by ``@serve.batch`` into one featurize call (a
 ``max_batch_size`` requests, waiting at most ``batch_wait_s`` for them). Serve caps the requests a
 replica holds at ``max_ongoing_requests``, which would silently cap the batch too (Ray issue
 43288): :func:`build_app` sets it above the batch size.
-"""
-from __future__ import annotations
 
+Serve pickles the ingress class by value when it is decorated: what its methods call must be
+defined above it, and no ``from __future__ import annotations`` here (FastAPI, on the replica,
+could not resolve ``request: "Request"`` and would take the request for a query parameter).
+"""
 import asyncio
 import hashlib
 import hmac
@@ -82,6 +84,31 @@ def build_app(settings: ServeSettings, *, replicas: int | tuple[int, int] = 1, c
     else:
         options["num_replicas"] = replicas
     return serve.deployment(FungiReplica, name="FungiReplica", **options).bind(settings)
+
+
+def _combination(served: ServedVersion, requested: str | None) -> str:
+    """The index a ``features`` value names; 422 naming the indexed ones otherwise."""
+    if requested is None:
+        requested = FUNGI
+    if requested in served.indexes:
+        return requested
+    parts = requested.split("+")
+    for name, columns in served.combos.items():
+        if set(columns) == set(parts):
+            return name
+    raise BadRequest(422, f"features: {requested!r} is not indexed; this server indexes {', '.join(served.indexes)} "
+                          "(start it with --features to index others)")
+
+
+def _json(value: Any) -> Any:
+    """A kept column's value as JSON has it (timestamps as ISO text, bytes as their length-free hex)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
 
 
 api = FastAPI(title="fungi serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -184,10 +211,12 @@ class FungiReplica:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        """200 once this replica answers (no token: probes call it)."""
         return {"ok": True, "version": self.served.version}
 
     @api.get("/spec")
     async def spec(self, request: Request) -> Any:
+        """What is served: :meth:`spec_document`."""
         try:
             self._authorize(request)
         except BadRequest as exc:
@@ -209,6 +238,7 @@ class FungiReplica:
 
     @api.post("/featurize")
     async def featurize(self, request: Request) -> Any:
+        """Each item's feature columns and their FUNGI concatenation, or its error."""
         try:
             served, query, items = await self._features(request)
         except BadRequest as exc:
@@ -227,6 +257,7 @@ class FungiReplica:
 
     @api.post("/neighbours")
     async def neighbours(self, request: Request) -> Any:
+        """Each item's ``k`` nearest rows of the served version, by cosine on the requested combination."""
         try:
             served, query, items = await self._features(request, default_k=DEFAULT_NEIGHBOURS_K, allow_features=True)
             name = _combination(served, query.features)
@@ -248,6 +279,7 @@ class FungiReplica:
 
     @api.post("/classify")
     async def classify(self, request: Request) -> Any:
+        """Each item's label by ``fungi eval``'s weighted k-NN vote over the served rows."""
         from fungi_ops.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, vote_scores
 
         try:
@@ -269,30 +301,3 @@ class FungiReplica:
                 answers[i] = {"id": items[i].id, "label": _json(served.classes[int(row.argmax())]),
                               "scores": [{"label": _json(served.classes[c]), "score": float(row[c]) / total} for c in order]}
         return {"spec_hash": served.spec_hash, "version": served.version, "k": query.k, "items": answers}
-
-
-
-def _combination(served: ServedVersion, requested: str | None) -> str:
-    """The index a ``features`` value names; 422 naming the indexed ones otherwise."""
-    if requested is None:
-        requested = FUNGI
-    if requested in served.indexes:
-        return requested
-    parts = requested.split("+")
-    for name, columns in served.combos.items():
-        if set(columns) == set(parts):
-            return name
-    raise BadRequest(422, f"features: {requested!r} is not indexed; this server indexes {', '.join(served.indexes)} "
-                          "(start it with --features to index others)")
-
-
-def _json(value: Any) -> Any:
-    """A kept column's value as JSON has it (timestamps as ISO text, bytes as their length-free hex)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-

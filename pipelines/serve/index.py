@@ -11,7 +11,8 @@ mixes two.
 The vectors indexed are those ``fungi eval`` compares: each block L2-normalised,
 concatenated, normalised again (:func:`fungi_ops.eval.combinations.unit_concatenation`);
 the inner product is their cosine. Up to ``exact_rows`` rows the index is exact
-(``IndexFlatIP``); above, an inverted file (``IndexIVFFlat``, ``4 sqrt(n)`` lists) whose
+(``IndexFlatIP``); above, an inverted file (``IndexIVFFlat``, ``sqrt(n)`` lists trained on 40 rows
+each, :data:`DEFAULT_NPROBE` of them searched) whose
 recall@10 against the exact search is measured on a sample of the rows when it is built.
 """
 from __future__ import annotations
@@ -88,12 +89,12 @@ class VectorIndex:
             self.index = faiss.IndexFlatIP(dim)
             self.index.add(rows)
         else:
-            lists = int(4 * math.sqrt(count))
+            lists = max(1, int(math.sqrt(count)))
             self.kind = f"ivf{lists}"
             quantizer = faiss.IndexFlatIP(dim)
             self.index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
-            sample = rows[np.sort(rng.choice(count, size=min(count, 64 * lists), replace=False))]
+            sample = rows[np.sort(rng.choice(count, size=min(count, 40 * lists), replace=False))]
             self.index.train(sample)
             self.index.add(rows)
             self.index.nprobe = nprobe
