@@ -294,3 +294,35 @@ def test_cli_refuses_bad_settings_before_starting(outputs, tmp_path, capsys):
     for flags, message in cases:
         assert cli_main(["serve", text, *flags]) == 2
         assert capsys.readouterr().err.strip().startswith(message), flags
+
+    from ray.serve import Application
+
+    from pipelines.commands.serve import app_from_args
+    from pipelines.serve.app import token_digest
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    app = app_from_args({"argv": [text, "--token-file", str(token), "--replicas", "1,3", "--max-batch-size", "16"]})
+    assert isinstance(app, Application)  # what cluster/rayservice.yaml's import_path gives Serve
+    deployment = app._bound_deployment
+    settings = deployment.init_args[0]
+    assert settings.token_sha256 == token_digest(TOKEN) and settings.label_column == "label"
+    assert deployment._deployment_config.max_ongoing_requests > settings.max_batch_size == 16  # Ray issue 43288
+    assert (deployment._deployment_config.autoscaling_config.min_replicas,
+            deployment._deployment_config.autoscaling_config.max_replicas) == (1, 3)
+
+
+def test_above_exact_rows_the_index_is_ivf_with_its_recall_measured():
+    from pipelines.serve.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((20, 48)).astype(np.float32)
+    rows = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 48)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    exact = VectorIndex(rows, exact_rows=3000)
+    ivf = VectorIndex(rows, exact_rows=2999)
+    assert exact.kind == "exact" and exact.recall_at_10 is None
+    assert ivf.kind == "ivf54" and 0.9 <= ivf.recall_at_10 <= 1.0
+    assert f"recall@10 {ivf.recall_at_10:.3f} vs exact" in ivf.describe()
+    scores, found = ivf.search(rows[:5], 3)
+    assert found[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(scores[:, 0], 1.0, atol=1e-5)

@@ -180,12 +180,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for line in describe(spec, args):
         print(line, flush=True)
+    from ray import serve
+
+    from pipelines.interrupts import Interrupted
+
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (pipelines.interrupts)
+        raise Interrupted.of(exc, "the server stopped; the output was only read") from None
     finally:
-        from ray import serve
-
         serve.shutdown()
 
 

@@ -293,9 +293,10 @@ class FungiReplica:
         if good:
             vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, FUNGI)
             sims, rows = served.indexes[FUNGI].search(vectors, query.k)
-            votes = vote_scores(sims, served.codes[rows], len(served.classes), temperature=DEFAULT_TEMPERATURE)
             for position, i in enumerate(good):
-                row = votes[position]
+                found = rows[position] >= 0  # an IVF search may find fewer than k rows
+                row = vote_scores(sims[position, found][None, :], served.codes[rows[position, found]][None, :],
+                                  len(served.classes), temperature=DEFAULT_TEMPERATURE)[0]
                 order = [c for c in np.argsort(-row, kind="stable") if row[c] > 0]
                 total = float(row.sum())
                 answers[i] = {"id": items[i].id, "label": _json(served.classes[int(row.argmax())]),

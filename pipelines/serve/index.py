@@ -17,7 +17,6 @@ recall@10 against the exact search is measured on a sample of the rows when it i
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ from pipelines.formats.base import MANIFEST_PROPERTY, OutputTable
 from pipelines.formats.folder import ParquetFolder
 from pipelines.formats.table import LakeTable
 from pipelines.manifest import Manifest, read_header, read_manifest
-
-log = logging.getLogger(__name__)
 
 FUNGI = "fungi"  # the name of the concatenation of every feature column, in requests and --features
 DEFAULT_EXACT_ROWS = 1_000_000
@@ -192,7 +189,9 @@ def load_version(output: OutputTable, *, version: int | None, label_column: str 
     classes = codes = None
     if label_column is not None:
         classes, codes = np.unique(table.labels, return_inverse=True)
-    if previous is not None and previous.spec_hash == manifest.spec_hash and previous.featurizer is not None:
+    same_state = previous is not None and (previous.spec_hash, previous.manifest.setup_artifact) == (
+        manifest.spec_hash, manifest.setup_artifact)  # an --overwrite may draw new negatives under the same spec
+    if same_state and previous.featurizer is not None:
         featurizer = previous.featurizer
     else:
         featurizer = make_featurizer(manifest) if make_featurizer is not None else None
