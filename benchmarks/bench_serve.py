@@ -52,6 +52,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import requests  # noqa: E402
 
+MODEL_NAMES = {"text": "all-MiniLM-L6-v2", "image": "ViT-Tiny/16 (random init)"}
 WORDS = ("the cat dog bank loan pizza music river mountain city train market rain sun night coffee book film game "
          "doctor school garden ocean computer phone travel money sport team song paint bread cheese").split()
 
@@ -167,7 +168,7 @@ def bench_modality(modality: str, args: argparse.Namespace, root: Path, port: in
     serve.delete(modality)
     width = sum(spec["features"].values())
     return {
-        "modality": modality, "model": manifest.spec["model"].split("/")[-1], "objectives": ",".join(
+        "modality": modality, "model": MODEL_NAMES[modality], "objectives": ",".join(
             o["name"] for o in manifest.spec["objectives"]), "width": width, "output_rows": spec["rows"],
         "direct_p50_ms": 1000 * percentile(direct, 50), "http_p50_ms": 1000 * percentile(http, 50),
         "http_p99_ms": 1000 * percentile(http, 99), "neighbours_p50_ms": 1000 * percentile(neighbours, 50),
@@ -229,9 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--index-rows", type=int, default=1_000_000)
+    parser.add_argument("--index-only", metavar="WIDTH[,WIDTH]",
+                        help="only the index part, for these row widths (1152: MiniLM kl,simclr; 768: ViT-Tiny kl,dino,simclr)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
+    if args.index_only:
+        for width in args.index_only.split(","):
+            print(json.dumps(bench_index(args.index_rows, int(width), args.rows)), flush=True)
+        return
     import ray
     from ray import serve
 

@@ -326,3 +326,26 @@ def test_above_exact_rows_the_index_is_ivf_with_its_recall_measured():
     assert f"recall@10 {ivf.recall_at_10:.3f} vs exact" in ivf.describe()
     scores, found = ivf.search(rows[:5], 3)
     assert found[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_a_delta_output_is_read_at_one_table_version_and_can_be_pinned(tiny_text_dir, tmp_path):
+    """The version a replica serves and polls is the Delta version; --version pins an older one."""
+    from pipelines.formats import open_output
+    from pipelines.serve.index import commit_point, load_version
+
+    source, address = tmp_path / "in", f"delta:{tmp_path / 'table'}"
+    write_part(source, "part-0.parquet", ["a", "b", "c"], ["one line", "two lines", "three lines"], label=["x", "y", "x"])
+    run_featurize(config(tiny_text_dir, source, address, keep_columns=("label",)))
+    output = open_output(address)
+    first = load_version(output, version=None, label_column="label", features=("fungi",), exact_rows=10,
+                         make_featurizer=None)
+    assert first.point == commit_point(output) and len(first.ids) == 3 and first.classes.tolist() == ["x", "y"]
+    write_part(source, "part-1.parquet", ["d"], ["four lines"], label=["y"])
+    run_featurize(config(tiny_text_dir, source, address, keep_columns=("label",), incremental=True))
+    assert commit_point(output) != first.point
+    latest = load_version(output, version=None, label_column="label", features=("fungi",), exact_rows=10,
+                          make_featurizer=None)
+    pinned = load_version(output, version=int(first.version), label_column="label", features=("fungi",),
+                          exact_rows=10, make_featurizer=None)
+    assert int(latest.version) > int(first.version) and len(latest.ids) == 4
+    assert (pinned.version, sorted(pinned.ids.tolist())) == (first.version, ["a", "b", "c"])
