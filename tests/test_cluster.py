@@ -146,7 +146,7 @@ def test_cluster_launcher_config_is_valid_for_ray():
     assert config["head_node_type"] in nodes
     assert any(n.get("max_workers", 0) > n.get("min_workers", 0) for n in nodes.values())  # autoscaling
     setup = " ".join(config["setup_commands"])
-    assert "ray[data,default]" in setup and "~/fungi" in setup
+    assert "ray[data,default,serve]" in setup and "~/fungi" in setup
     for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
         assert "RAY_AUTH_MODE=token" in command and "--disable-usage-stats" in command
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
