@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "submit": "pipelines.commands.submit",
     "feast": "pipelines.commands.feast",
     "vacuum": "pipelines.commands.vacuum",
+    "serve": "pipelines.commands.serve",
 }
 
 

@@ -92,6 +92,33 @@ def test_rayjob_runs_fungi_featurize_and_shuts_the_cluster_down():
     assert workers["minReplicas"] < workers["maxReplicas"]
 
 
+def test_rayservice_serves_fungi_with_the_token_from_a_secret_and_autoscaling_gpu_replicas():
+    import importlib
+
+    service = load_yaml("rayservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    args = cli.build_parser().parse_args(["serve", *app["args"]["argv"]])  # the command's own options
+    assert args.command == "serve" and args.token_file == "/etc/fungi/token"
+    assert args.replicas == "1,8" and 0 < args.gpus_per_replica < 1 and args.poll_s > 0
+    assert app["runtime_env"]["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["mode"] == "token" and cluster["enableInTreeAutoscaling"] is True
+    (workers,) = cluster["workerGroupSpecs"]
+    for pod in (cluster["headGroupSpec"]["template"]["spec"], workers["template"]["spec"]):
+        (container,) = pod["containers"]
+        assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in container["env"]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/fungi")
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "fungi-serve-token" and volume["secret"]["items"][0]["path"] == "token"
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert workers["minReplicas"] < workers["maxReplicas"]
+
+
 def test_nightly_cronjob_creates_the_incremental_rayjob():
     docs = {d["kind"]: d for d in yaml.safe_load_all((CLUSTER_DIR / "nightly-cronjob.yaml").read_text())}
     cron = docs["CronJob"]
@@ -119,7 +146,7 @@ def test_cluster_launcher_config_is_valid_for_ray():
     assert config["head_node_type"] in nodes
     assert any(n.get("max_workers", 0) > n.get("min_workers", 0) for n in nodes.values())  # autoscaling
     setup = " ".join(config["setup_commands"])
-    assert "ray[data,default]" in setup and "~/fungi" in setup
+    assert "ray[data,default,serve]" in setup and "~/fungi" in setup
     for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
         assert "RAY_AUTH_MODE=token" in command and "--disable-usage-stats" in command
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]

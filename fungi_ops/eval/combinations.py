@@ -118,6 +118,17 @@ def combine_blocks(table: FeatureTable, columns: Sequence[str]) -> np.ndarray:
     return out
 
 
+def unit_concatenation(table: FeatureTable, columns: Sequence[str]) -> np.ndarray:
+    """The combination ``columns`` of ``table`` without PCA: :func:`combine_blocks`, then unit rows.
+
+    What :func:`prepare_features` gives without ``pca_dim``, for one table: ``fungi serve``
+    builds its index and its queries' vectors with it, so that they are those ``fungi eval`` compares.
+    """
+    rows = combine_blocks(table, columns)
+    _normalise_rows_inplace(rows)
+    return rows
+
+
 def prepare_features(
     train: FeatureTable,
     test: FeatureTable,

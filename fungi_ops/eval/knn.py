@@ -116,27 +116,48 @@ def knn_vote(
         vote: ``"weighted"`` or ``"majority"``.
         temperature: softness of the weighted vote.
     """
+    predictions = np.empty(similarities.shape[0], dtype=np.int64)
+    for start in range(0, similarities.shape[0], _VOTE_CHUNK):
+        scores = vote_scores(
+            similarities[start : start + _VOTE_CHUNK], neighbour_labels[start : start + _VOTE_CHUNK], n_classes,
+            vote=vote, temperature=temperature,
+        )
+        predictions[start : start + scores.shape[0]] = scores.argmax(axis=1)
+    return predictions
+
+
+def vote_scores(
+    similarities: np.ndarray,
+    neighbour_labels: np.ndarray,
+    n_classes: int,
+    *,
+    vote: str = "weighted",
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> np.ndarray:
+    """``(n_query, n_classes)`` float64 votes of the neighbours, whose argmax is :func:`knn_vote`'s class.
+
+    Weighted: the summed ``exp((similarity - the row's best) / temperature)`` per class;
+    majority: the count per class plus a tie-breaking term in ``[0, 1)``. ``fungi serve``
+    reports them per label, so one function computes both the vote and what it shows.
+    """
     if vote not in VOTE_RULES:
         raise EvalInputError(f"vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
     if temperature <= 0:
         raise EvalInputError(f"temperature must be positive, got {temperature}")
     k = similarities.shape[1]
-    predictions = np.empty(similarities.shape[0], dtype=np.int64)
-    for start in range(0, similarities.shape[0], _VOTE_CHUNK):
-        sims = torch.from_numpy(np.ascontiguousarray(similarities[start : start + _VOTE_CHUNK], dtype=np.float32))
-        labels = torch.from_numpy(np.ascontiguousarray(neighbour_labels[start : start + _VOTE_CHUNK], dtype=np.int64))
-        scores = torch.zeros((sims.shape[0], n_classes), dtype=torch.float64)
-        if vote == "weighted":
-            # Shifting by the row maximum leaves the argmax unchanged and avoids overflow.
-            weights = torch.exp((sims - sims.max(dim=1, keepdim=True).values).double() / temperature)
-            scores.scatter_add_(1, labels, weights)
-        else:
-            scores.scatter_add_(1, labels, torch.ones_like(sims, dtype=torch.float64))
-            summed = torch.zeros_like(scores).scatter_add_(1, labels, sims.double())
-            # Summed similarity lies in [-k, k], so this term is in [0, 1): it only breaks ties.
-            scores += (summed + k) / (2 * k + 1)
-        predictions[start : start + sims.shape[0]] = scores.argmax(dim=1).numpy()
-    return predictions
+    sims = torch.from_numpy(np.ascontiguousarray(similarities, dtype=np.float32))
+    labels = torch.from_numpy(np.ascontiguousarray(neighbour_labels, dtype=np.int64))
+    scores = torch.zeros((sims.shape[0], n_classes), dtype=torch.float64)
+    if vote == "weighted":
+        # Shifting by the row maximum leaves the argmax unchanged and avoids overflow.
+        weights = torch.exp((sims - sims.max(dim=1, keepdim=True).values).double() / temperature)
+        scores.scatter_add_(1, labels, weights)
+    else:
+        scores.scatter_add_(1, labels, torch.ones_like(sims, dtype=torch.float64))
+        summed = torch.zeros_like(scores).scatter_add_(1, labels, sims.double())
+        # Summed similarity lies in [-k, k], so this term is in [0, 1): it only breaks ties.
+        scores += (summed + k) / (2 * k + 1)
+    return scores.numpy()
 
 
 def knn_classify(

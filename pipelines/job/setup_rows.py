@@ -57,11 +57,8 @@ class SetupStage:
         count = self.spec.setup_rows
         if not count:
             return None, None
-        fs = self.root.filesystem()
         if self.config.incremental and previous is not None and previous.setup_artifact:
-            from safetensors.numpy import load
-
-            return load(read_bytes(fs, self.root.child_path(previous.setup_artifact))), previous.setup_artifact
+            return read_setup_state(self.root, previous.setup_artifact), previous.setup_artifact
         chosen = self.config.support_from or self.config.setup_from
         flag = "--support-from" if self.spec.dense else "--setup-from"
         unreadable: dict[str, str] | None = None
@@ -140,6 +137,14 @@ class SetupStage:
         if not self.spec.setup_splits:  # one part, in draw order: images keep it (a dense support is no row table)
             return encoded[0]
         return self.tasks.remote(merge_setup_parts, num_cpus=0)(order_ref, *encoded)
+
+
+def read_setup_state(root: Location, relative: str) -> dict[str, Any]:
+    """The setup state an output committed (``relative``: its manifest's ``setup_artifact``), as arrays:
+    what a night that keeps its output's spec and a serving replica give the featurize actor."""
+    from safetensors.numpy import load
+
+    return load(read_bytes(root.filesystem(), root.child_path(relative)))
 
 
 def select_setup_rows(spec_json: str, decoder: bytes, source: Location, files: list[InputFile], id_column: str,
