@@ -17,5 +17,6 @@ things are:
 - :mod:`pipelines.tasks`, :mod:`pipelines.ray_runtime`, :mod:`pipelines.interrupts`: where a run's
   tasks execute, starting Ray, Ctrl-C and SIGTERM;
 - :mod:`pipelines.feast`: a Feast repository for an output (``fungi feast``);
+- :mod:`pipelines.serve`: the output's featurizer and search index on Ray Serve (``fungi serve``);
 - :mod:`pipelines.submit` (``fungi submit``) and :mod:`pipelines.demo` (``fungi demo``).
 """

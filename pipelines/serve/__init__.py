@@ -4,7 +4,7 @@ A Ray Serve application (:mod:`pipelines.serve.app`) whose replicas each hold
 
 * the batch job's own featurize stage, built from the spec and setup state the output records
   (:mod:`pipelines.serve.engine`): a request's items go through the job's decode and
-  :class:`~pipelines.stages.FeaturizeActor`, so serving and the nightly table cannot drift;
+  :class:`~pipelines.job.actor.FeaturizeActor`, so serving and the nightly table cannot drift;
 * a faiss index of one committed version of the output (:mod:`pipelines.serve.index`),
   swapped whole for the next version when a night commits: every response names the one
   version it used;

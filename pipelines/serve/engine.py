@@ -1,10 +1,10 @@
 """The batch job's featurize stage, for the items of requests.
 
-A replica builds :class:`~pipelines.stages.FeaturizeActor` (the actor the job's pool runs)
+A replica builds :class:`~pipelines.job.actor.FeaturizeActor` (the actor the job's pool runs)
 from the spec and the setup state (SimCLR negatives) that the served output records, and
 passes request items through the job's own steps: the content hash that seeds a row's views
-(:func:`fungi_ops.seeding.content_hash`), :func:`~pipelines.stages.decode_batch` with the
-spec's decoder (:func:`fungi_ops.adapters.make_spec_decoder`), then the actor. A payload
+(:func:`fungi_ops.seeding.content_hash`), :func:`~pipelines.job.decode.decode_batch` with the
+spec's decoder (:func:`fungi_ops.factory.make_spec_decoder`), then the actor. A payload
 therefore gets the features its copy in the output has: bit-identical when it is featurized
 in a batch of the same rows as in the job (text rows are padded to the longest row of their
 batch, which moves the last bits of a float32 result), equal within float rounding otherwise.
@@ -21,11 +21,11 @@ import pyarrow as pa
 from fungi_ops.errors import ConfigError
 from fungi_ops.seeding import content_hash
 from pipelines.manifest import Manifest
-from pipelines.setup_rows import read_setup_state
-from pipelines.spec_resolution import ResolvedSpec
-from pipelines.stages import (
-    ERROR_COLUMN, HASH_COLUMN, ID_COLUMN, PAYLOAD_COLUMN, STAGE_COLUMN, FeaturizeActor, decode_batch,
-)
+from pipelines.job.actor import FeaturizeActor
+from pipelines.job.decode import decode_batch
+from pipelines.job.setup_rows import read_setup_state
+from pipelines.job.spec_resolution import ResolvedSpec
+from pipelines.layout import CONTENT_HASH_COLUMN, ERROR_COLUMN, ID_COLUMN, PAYLOAD_COLUMN, STAGE_COLUMN
 from pipelines.storage import Location
 
 
@@ -49,7 +49,7 @@ class ServingFeaturizer:
 
     def __init__(self, root: Location, manifest: Manifest, *, max_image_pixels: int, threads: int | None = None,
                  batch_size: int | str = "auto", gpus: float = 0.0) -> None:
-        from fungi_ops.adapters import make_spec_decoder
+        from fungi_ops.factory import make_spec_decoder
 
         spec = ResolvedSpec.recorded(manifest)
         if spec.dense:
@@ -80,7 +80,7 @@ class ServingFeaturizer:
         payload_type = pa.large_string() if self.modality == "text" else pa.large_binary()
         table = pa.table({
             ID_COLUMN: pa.array(ids, pa.string()),
-            HASH_COLUMN: pa.array(hashes, pa.string()),
+            CONTENT_HASH_COLUMN: pa.array(hashes, pa.string()),
             PAYLOAD_COLUMN: pa.array(payloads, payload_type),
             ERROR_COLUMN: pa.nulls(len(ids), pa.string()),
             STAGE_COLUMN: pa.nulls(len(ids), pa.string()),

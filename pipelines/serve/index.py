@@ -29,7 +29,8 @@ import pyarrow.dataset as pads
 from fungi_ops.errors import ConfigError
 from fungi_ops.eval.combinations import combination_name, unit_concatenation
 from fungi_ops.eval.io import FEATURE_COLUMNS, FeatureTable, load_feature_table
-from pipelines.formats.base import MANIFEST_PROPERTY, OutputTable
+from pipelines.formats.base import OutputTable
+from pipelines.layout import MANIFEST_PROPERTY
 from pipelines.formats.folder import ParquetFolder
 from pipelines.formats.table import LakeTable
 from pipelines.manifest import Manifest, read_header, read_manifest
