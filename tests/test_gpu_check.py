@@ -68,7 +68,7 @@ def test_gpu_check_smoke_writes_every_part_with_numbers(tmp_path: Path) -> None:
     env.pop("OUT", None)
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--parts", "pipeline,fungivision,dense", "--output", str(output)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     data = json.loads(output.read_text())
@@ -127,7 +127,7 @@ def test_gpu_check_on_a_bare_image_runs_the_engine_and_lists_the_rest_as_failed(
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--parts", "engine,pipeline,fungivision,dense",
          "--output", str(output)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     data = json.loads(output.read_text())
