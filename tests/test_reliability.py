@@ -230,6 +230,23 @@ def test_an_empty_or_truncated_file_fails_alone_and_the_exit_code_follows_the_er
     assert [e["error"].split(" is not")[0] for e in errors] == [f"input file {source / 'empty.parquet'}"]
 
 
+def test_an_unreadable_file_in_an_overwrite_is_said_to_have_lost_its_previous_features(tiny_text_dir, tmp_path, capsys):
+    """``--overwrite`` replaces the output whole: an input file it cannot read keeps no features of the
+    replaced output, and the warning says so (a plain run keeps them, and says that)."""
+    source, output = good_input(tmp_path / "in"), tmp_path / "out"
+    args = ["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
+            "--model", f"hf:{tiny_text_dir}", "--max-error-fraction", "1"]
+    assert cli_main(args) == 0
+    truncate(source / "part-1.parquet")
+    capsys.readouterr()
+    assert cli_main([*args, "--incremental"]) == 0
+    assert "not committed (its previous features are kept, the next run" in capsys.readouterr().err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e"]
+    assert cli_main([*args, "--overwrite"]) == 0
+    assert "not committed (--overwrite dropped its previous features, the next run" in capsys.readouterr().err
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c"]
+
+
 def test_a_null_id_is_reported_as_null_with_its_row(tiny_text_dir, tmp_path):
     source, output = tmp_path / "in", tmp_path / "out"
     write(source / "part-0.parquet", id=["a", None, "c"], text=["one", "two", "three"])

@@ -215,9 +215,11 @@ def run(args: argparse.Namespace) -> int:
     summary = run_featurize(config_from_args(args))  # bad settings, a lost lease: pipelines.cli.main's one line
     print(summary.line())
     too_many_files = summary.failed_files_fraction > summary.max_error_fraction
+    previous = "--overwrite dropped its previous features" if args.overwrite else \
+        "its previous features are kept"
     for message in summary.files_failed:
-        print(f"{'error' if too_many_files else 'warning'}: {message}; this file was not committed (its previous "
-              "features are kept, the next run tries it again)", file=sys.stderr)
+        print(f"{'error' if too_many_files else 'warning'}: {message}; this file was not committed ({previous}, the "
+              "next run tries it again)", file=sys.stderr)
     if too_many_files:
         print(
             f"error: {len(summary.files_failed)} of the {summary.files_read} input files read could not be read "
