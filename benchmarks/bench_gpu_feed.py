@@ -12,8 +12,9 @@ real model's spec, feature widths and setup state, but ``featurize`` holds for
    after another), the CPU-ms per image of each stage and of all of them outside the
    featurizer (``time.process_time`` around each stage);
 2. on a local Ray (2 CPUs and one declared GPU: one GPU actor, as on a GPU node), the
-   stream's steady rate with the stand-in at no delay (the rate these cores can feed), then
-   at fractions of it (target: >= 0.9x the stand-in's rate), and the CPU seconds (user + sys)
+   rate the stand-in is fed (its images over the span from its first batch to the end of its
+   last) and the share of that span it is busy, with no delay in it, then with the stand-in
+   at fractions of the rate these cores can feed (their CPU over the per-image work) (target: >= 0.9x the stand-in's rate), and the CPU seconds (user + sys)
    of every process of the Ray session (driver, Ray's daemons, workers; psutil, by role:
    :class:`SessionCPU`), split into the work that grows with the images (stage tasks, the
    actor), a run's fixed part (worker starts, setup) and Ray's work per second (daemons,
@@ -82,8 +83,11 @@ def stand_in_class() -> type:
                     objective.set_negatives(torch.randn(len(samples) * views, objective.config.latent_dim, generator=generator))
 
         def featurize(self, samples: Any, keys: Any) -> Any:
+            began = time.time()
             if self.rate > 0:
                 time.sleep(len(samples) / self.rate)
+            with open(os.environ[RATE_FILE] + ".calls", "a") as calls:  # when the "GPU" was busy: start, end, images
+                calls.write(f"{began} {time.time()} {len(samples)}\n")
             features = {}
             for name, dim in self.feature_dims.items():
                 values = self.rng.standard_normal((len(samples), dim), dtype=np.float32)
@@ -351,18 +355,25 @@ class SessionCPU:
 def ray_run(data: Path, output: Path, rate: float, rate_file: Path, images: int) -> dict[str, Any]:
     """One ``fungi featurize`` on the local Ray with the stand-in at ``rate`` (0: no delay); its figures."""
     rate_file.write_text(str(rate))
+    Path(f"{rate_file}.calls").unlink(missing_ok=True)  # the in-process run's
     load = os.getloadavg()[0]
     with SessionCPU() as cpu:
         # a GPU actor holds one CPU by default: a quarter here, or on 2 CPUs it waits behind the read tasks
         record = featurize(data, output, "--in-process-rows", "0", "--cpus-per-actor", "0.25")
     assert record["rows_written"] == images, record
     steady, wall = record["steady_rows_per_s"], record["wall_s"]
+    calls = np.loadtxt(f"{rate_file}.calls", ndmin=2)
+    Path(f"{rate_file}.calls").unlink()
+    span = calls[:, 1].max() - calls[:, 0].min()  # from the stand-in's first batch to the end of its last
+    fed = calls[:, 2].sum() / span
     roles = {role: round(1000 * seconds / images, 2) for role, seconds in sorted(cpu.roles.items(), key=lambda kv: -kv[1])}
     per_image = sum(roles.get(role, 0.0) for role in PER_IMAGE_ROLES)
     fixed_s = sum(cpu.roles.get(role, 0.0) for role in FIXED_ROLES)
     return {"stand_in_rate": rate or None, "rows": record["rows_written"], "wall_s": wall,
             "first_write_s": record["first_write_s"], "steady_rows_per_s": steady,
-            "vs_stand_in": round(steady / rate, 3) if rate else None,
+            # the rate the stand-in was fed over its busy span, and the share of it the stand-in ("GPU") was busy
+            "fed_rows_per_s": round(fed, 1), "vs_stand_in": round(fed / rate, 3) if rate else None,
+            "stand_in_busy": round((calls[:, 1] - calls[:, 0]).sum() / span, 3),
             "cpu_ms_per_image": round(1000 * cpu.total / images, 2), "cpu_ms_per_image_by_role": roles,
             "per_image_cpu_ms": round(per_image, 2), "fixed_cpu_s": round(fixed_s, 1),
             # the driver's executor, Ray's daemons and Ray Data's actors: work per second of the run, not per image
@@ -415,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                           "worker_process_setup_hook": "bench_gpu_feed.install_stand_in"})
     runs = [ray_run(data, scratch / "ray_max", 0.0, rate_file, args.images)]
     print(json.dumps(runs[-1]), flush=True)
-    feedable = runs[0]["steady_rows_per_s"]
+    # what the cores can feed: their CPU over the per-image work (a no-delay run cannot show it, as the
+    # stream decodes the whole input into the object store while the actor loads its model)
+    feedable = round(args.cpus * 1000 / runs[0]["per_image_cpu_ms"], 1)
     for fraction in (float(f) for f in args.fractions.split(",") if f):
         runs.append(ray_run(data, scratch / f"ray_{fraction}", round(fraction * feedable, 1), rate_file, args.images))
         print(json.dumps(runs[-1]), flush=True)
