@@ -12,11 +12,15 @@ real model's spec, feature widths and setup state, but ``featurize`` holds for
    after another), the CPU-ms per image of each stage and of all of them outside the
    featurizer (``time.process_time`` around each stage);
 2. on a local Ray (2 CPUs and one declared GPU: one GPU actor, as on a GPU node), the
-   stream's steady rate with the stand-in at no delay (the rate these cores can feed), then
-   at fractions of it (target: >= 0.9x the stand-in's rate), and the CPU-ms per image of
-   every process of the run (driver, Ray's daemons and workers; psutil);
+   rate the stand-in is fed (its images over the span from its first batch to the end of its
+   last) and the share of that span it is busy, with no delay in it, then with the stand-in
+   at fractions of the rate these cores can feed (their CPU over the per-image work) (target: >= 0.9x the stand-in's rate), and the CPU seconds (user + sys)
+   of every process of the Ray session (driver, Ray's daemons, workers; psutil, by role:
+   :class:`SessionCPU`), split into the work that grows with the images (stage tasks, the
+   actor), a run's fixed part (worker starts, setup) and Ray's work per second (daemons,
+   driver, Ray Data's actors);
 3. from (2), the cores it takes to feed 250 and 1,000 images/s (target: <= 8 of a 16-core
-   node's for 250).
+   node's for 250): the per-image work times the rate, plus Ray's per-second cores.
 
 The images are crops of scikit-learn's two sample photographs (``load_sample_images``),
 zoomed, flipped and tinted at random, so each JPEG is a distinct photo-like image (about
@@ -48,7 +52,6 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 MODEL, OBJECTIVES, BATCH = "timm:vit_base_patch16_224", "kl,dino,simclr", 64
-SMALL_IMAGES = 64
 RATE_FILE = "FUNGI_BENCH_STAND_IN_RATE_FILE"
 """Env var naming the file that holds the stand-in's rate (images/s; 0: no delay), read when a featurizer is made."""
 
@@ -80,8 +83,11 @@ def stand_in_class() -> type:
                     objective.set_negatives(torch.randn(len(samples) * views, objective.config.latent_dim, generator=generator))
 
         def featurize(self, samples: Any, keys: Any) -> Any:
+            began = time.time()
             if self.rate > 0:
                 time.sleep(len(samples) / self.rate)
+            with open(os.environ[RATE_FILE] + ".calls", "a") as calls:  # when the "GPU" was busy: start, end, images
+                calls.write(f"{began} {time.time()} {len(samples)}\n")
             features = {}
             for name, dim in self.feature_dims.items():
                 values = self.rng.standard_normal((len(samples), dim), dtype=np.float32)
@@ -94,18 +100,23 @@ def stand_in_class() -> type:
 def install_stand_in() -> None:
     """Make ``fungi_ops.make_featurizer`` (what the actors and the setup task call) build the stand-in.
 
-    Runs in this process and, as Ray's ``worker_process_setup_hook``, in every Ray worker."""
-    import torch
-
+    Runs in this process and, as Ray's ``worker_process_setup_hook``, in every Ray worker. It
+    imports no torch (3.2 CPU-s): only the workers that build a featurizer do, as in a real run,
+    where a read or write worker never imports it."""
     import fungi_ops
-    from fungi_ops.projection import RandomProjection
 
-    stand_in = stand_in_class()
-    fungi_ops.make_featurizer = lambda spec, **options: stand_in(spec, **options)
-    # the projection is never used by the stand-in, and ViT-B's is 768 x 590,592 (1.7 GiB, seconds
-    # of CPU to draw in every actor): an uninitialised matrix of its shape (its pages never touched)
-    RandomProjection.for_featurizer = classmethod(
-        lambda cls, out_dim, in_dim, seed, *, dtype, device, explicit=None: cls(torch.empty((out_dim, in_dim), dtype=dtype)))
+    def make_stand_in(spec: Any, **options: Any) -> Any:
+        import torch
+
+        from fungi_ops.projection import RandomProjection
+
+        # the projection is never used by the stand-in, and ViT-B's is 768 x 590,592 (1.7 GiB, seconds
+        # of CPU to draw in every actor): an uninitialised matrix of its shape (its pages never touched)
+        RandomProjection.for_featurizer = classmethod(
+            lambda cls, out_dim, in_dim, seed, *, dtype, device, explicit=None: cls(torch.empty((out_dim, in_dim), dtype=dtype)))
+        return stand_in_class()(spec, **options)
+
+    fungi_ops.make_featurizer = make_stand_in
 
 
 # -- data ------------------------------------------------------------------------------
@@ -257,56 +268,118 @@ def decode_profile(payloads: list[bytes]) -> dict[str, float]:
 
 
 # -- 2. on Ray ------------------------------------------------------------------------
-class TreeCPU:
-    """CPU seconds of this process and its descendants (Ray's daemons and workers), sampled every 0.2 s
-    (a process that ends keeps its last sample)."""
+ROLES = (
+    # (role, what a process's title or command line contains), first match wins
+    ("stage tasks", ("read_sources", "decode_batch", "write_batch", "finalize_source", "StreamingRepartition")),
+    ("featurize actor (stand-in)", ("MapBatches(FeaturizeActor))", "MapBatches(FeaturizeActor)).submit")),
+    ("setup (spec, setup rows, actor load)", ("setup_rows", "FeaturizeActor)).__init__", "_scan_new", "spec_resolution")),
+    ("worker start (Python, Ray, imports)", ("ray::IDLE", "default_worker.py")),
+    ("Ray Data's actors", ("_StatsActor", "AutoscalingCoordinator", "ActorLocationTracker")),
+    ("Ray daemons", ("raylet", "gcs_server", "log_monitor", "DashboardAgent", "RuntimeEnvAgent", "dashboard", "monitor.py")),
+)
+PER_IMAGE_ROLES = ("stage tasks", "featurize actor (stand-in)")
+"""The roles whose CPU grows with the images; the rest is a run's fixed part or Ray's per-second work."""
+FIXED_ROLES = ("setup (spec, setup rows, actor load)", "worker start (Python, Ray, imports)")
+WORKER_ROLES = (*PER_IMAGE_ROLES, *FIXED_ROLES, "Ray Data's actors")
 
-    def __init__(self) -> None:
+
+def process_role(process: Any, driver: int) -> str:
+    """What a process of the Ray session is (:data:`ROLES`), from its title (Ray names a worker after its task)."""
+    if process.pid == driver:
+        return "driver (plan, Ray Data's executor, commit)"
+    command = " ".join(process.cmdline())
+    for role, marks in ROLES:
+        if any(mark in command for mark in marks):
+            return role
+    return "other: " + command[:40]
+
+
+class SessionCPU:
+    """CPU seconds (user + sys) of this process and its descendants (the Ray session: daemons and
+    workers), by role (:func:`process_role`), sampled every ``interval`` seconds.
+
+    A sample's CPU since the last one is credited to the role the process had at that sample (a
+    worker takes its task's title); a process first seen counts all its CPU, one that ends keeps
+    its last sample (at most ``interval`` of it is lost). The sampler's own CPU (a walk of
+    ``/proc``: tens of ms on a machine with many processes) is taken off the driver's."""
+
+    def __init__(self, interval: float = 1.0) -> None:
         import psutil
 
         self.me = psutil.Process()
-        self.seconds: dict[int, float] = {}
+        self.interval = interval
+        self.last: dict[int, float] = {}
+        self.roles: dict[str, float] = {}
+        self.started: set[int] = set()  # Ray worker processes started during the run
+        self.sampler_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> float:
+    def sample(self, *, baseline: bool = False) -> None:
         import psutil
 
+        began = time.thread_time()
         for process in [self.me, *self.me.children(recursive=True)]:
             try:
                 times = process.cpu_times()
+                role = process_role(process, self.me.pid)
             except psutil.Error:
                 continue
-            self.seconds[process.pid] = times.user + times.system
-        return sum(self.seconds.values())
+            seconds = times.user + times.system
+            if not baseline:
+                self.roles[role] = self.roles.get(role, 0.0) + seconds - self.last.get(process.pid, 0.0)
+                if process.pid not in self.last and role in WORKER_ROLES:
+                    self.started.add(process.pid)
+            self.last[process.pid] = seconds
+        self.sampler_seconds += time.thread_time() - began
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "TreeCPU":
-        self.start = self.sample()
+    def __enter__(self) -> "SessionCPU":
+        self.sample(baseline=True)
+        self.sampler_seconds = 0.0
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.total = self.sample() - self.start
+        self.sample()
+        driver = next(role for role in self.roles if role.startswith("driver"))
+        self.roles[driver] -= self.sampler_seconds
+        self.total = sum(self.roles.values())
 
 
 def ray_run(data: Path, output: Path, rate: float, rate_file: Path, images: int) -> dict[str, Any]:
+    """One ``fungi featurize`` on the local Ray with the stand-in at ``rate`` (0: no delay); its figures."""
     rate_file.write_text(str(rate))
+    Path(f"{rate_file}.calls").unlink(missing_ok=True)  # the in-process run's
     load = os.getloadavg()[0]
-    with TreeCPU() as cpu:
+    with SessionCPU() as cpu:
         # a GPU actor holds one CPU by default: a quarter here, or on 2 CPUs it waits behind the read tasks
         record = featurize(data, output, "--in-process-rows", "0", "--cpus-per-actor", "0.25")
     assert record["rows_written"] == images, record
-    steady = record["steady_rows_per_s"]
-    return {"stand_in_rate": rate or None, "rows": record["rows_written"], "wall_s": record["wall_s"],
+    steady, wall = record["steady_rows_per_s"], record["wall_s"]
+    calls = np.loadtxt(f"{rate_file}.calls", ndmin=2)
+    Path(f"{rate_file}.calls").unlink()
+    span = calls[:, 1].max() - calls[:, 0].min()  # from the stand-in's first batch to the end of its last
+    fed = calls[:, 2].sum() / span
+    roles = {role: round(1000 * seconds / images, 2) for role, seconds in sorted(cpu.roles.items(), key=lambda kv: -kv[1])}
+    per_image = sum(roles.get(role, 0.0) for role in PER_IMAGE_ROLES)
+    fixed_s = sum(cpu.roles.get(role, 0.0) for role in FIXED_ROLES)
+    return {"stand_in_rate": rate or None, "rows": record["rows_written"], "wall_s": wall,
             "first_write_s": record["first_write_s"], "steady_rows_per_s": steady,
-            "vs_stand_in": round(steady / rate, 3) if rate else None,
-            "cpu_ms_per_image": round(1000 * cpu.total / images, 2), "load_average": round(load, 1)}
+            # the rate the stand-in was fed over its busy span, and the share of it the stand-in ("GPU") was busy
+            "fed_rows_per_s": round(fed, 1), "vs_stand_in": round(fed / rate, 3) if rate else None,
+            "stand_in_busy": round((calls[:, 1] - calls[:, 0]).sum() / span, 3),
+            "cpu_ms_per_image": round(1000 * cpu.total / images, 2), "cpu_ms_per_image_by_role": roles,
+            "per_image_cpu_ms": round(per_image, 2), "fixed_cpu_s": round(fixed_s, 1),
+            # the driver's executor, Ray's daemons and Ray Data's actors: work per second of the run, not per image
+            "per_second_cores": round((cpu.total - fixed_s - per_image * images / 1000) / wall, 3),
+            "workers_started": len(cpu.started), "sampler_cpu_s": round(cpu.sampler_seconds, 1),
+            "load_average": round(load, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,25 +424,21 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=args.cpus, num_gpus=1, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"},
                           "worker_process_setup_hook": "bench_gpu_feed.install_stand_in"})
-    small = scratch / "input_small"  # a run's fixed CPU (Ray Data's start, model loads, setup, commit)
-    small.mkdir()
-    pq.write_table(pq.read_table(data / "part-0.parquet").slice(0, SMALL_IMAGES), small / "part-0.parquet")
-    fixed = ray_run(small, scratch / "ray_small", 0.0, rate_file, SMALL_IMAGES)
-    print(json.dumps(fixed), flush=True)
     runs = [ray_run(data, scratch / "ray_max", 0.0, rate_file, args.images)]
     print(json.dumps(runs[-1]), flush=True)
-    feedable = runs[0]["steady_rows_per_s"]
+    # what the cores can feed: their CPU over the per-image work (a no-delay run cannot show it, as the
+    # stream decodes the whole input into the object store while the actor loads its model)
+    feedable = round(args.cpus * 1000 / runs[0]["per_image_cpu_ms"], 1)
     for fraction in (float(f) for f in args.fractions.split(",") if f):
         runs.append(ray_run(data, scratch / f"ray_{fraction}", round(fraction * feedable, 1), rate_file, args.images))
         print(json.dumps(runs[-1]), flush=True)
     ray.shutdown()
-    # CPU per image of the stream beyond a run's fixed part: (CPU of the full run - CPU of the small run) / extra images
-    for run in runs:
-        run["marginal_cpu_ms_per_image"] = round(
-            (run["cpu_ms_per_image"] * args.images - fixed["cpu_ms_per_image"] * SMALL_IMAGES) / (args.images - SMALL_IMAGES), 2)
-    figures["ray"], figures["ray_small"] = runs, fixed
-    cpu_ms = runs[0]["marginal_cpu_ms_per_image"]  # at no delay: what the cores do per image when they are the limit
-    figures["cores_for"] = {str(rate): round(rate * cpu_ms / 1000, 1) for rate in (250, 1000)}
+    figures["ray"] = runs
+    # when the cores are the limit (no delay): the stage work per image, plus Ray's per-second work at that rate
+    no_delay = runs[0]
+    per_image, per_second = no_delay["per_image_cpu_ms"], no_delay["per_second_cores"]
+    figures["cores_for"] = {str(rate): {"stage_work": round(rate * per_image / 1000, 1), "ray_per_second": per_second,
+                                        "total": round(rate * per_image / 1000 + per_second, 1)} for rate in (250, 1000)}
     figures["feedable_rate"] = feedable
     figures["total_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps({k: figures[k] for k in ("decode_ms", "cores_for", "feedable_rate", "total_s")}, indent=1))
