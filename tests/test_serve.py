@@ -259,7 +259,9 @@ def test_64_concurrent_requests_are_batched_and_all_correct(server, outputs):
     for index, (row, answer) in enumerate(answers):
         item = answer["items"][0]
         assert item["id"] == f"c{index}"
-        np.testing.assert_allclose(vectors(item, "grad_simclr"), expected[row], atol=1e-5, rtol=0)
+        # batched with other requests' rows, padded to another length: float32 rounding moves the last
+        # bits (1.01e-5 seen); a wrong vector (another row's, views seeded otherwise) differs far more
+        np.testing.assert_allclose(vectors(item, "grad_simclr"), expected[row], atol=1e-4, rtol=0)
 
 
 def test_a_night_committed_while_serving_is_picked_up_and_each_response_names_one_version(server, outputs, tiny_text_dir):
