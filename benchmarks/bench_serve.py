@@ -17,9 +17,11 @@ with ``kl,dino,simclr``, 256x256 PNGs), the script
    * ``engine``: that plain process on all items in batches of ``--max-batch-size``: items/s;
    * ``http c=8``, ``http c=32``: one-item requests from 8 / 32 client threads: items/s, and
      the ratio to the engine's;
+   * one item at a time, ``--latency-items`` of them, in the engine's process and then through
+     ``POST /featurize``: items/s and CPU per item (the CPU overhead of HTTP + Serve at c=1);
    * the CPU seconds per item of each side (the engine's process; every process of the Ray
-     session with the client's), which the other users of the cores do not change, and the
-     CPU Ray's processes spend while no request is made;
+     session with the client's), which the other users of the cores change far less than
+     wall time, and the CPU Ray's processes spend while no request is made;
 
    ``--driver-baseline`` also times the featurize stage in this process, the Ray driver (as
    the first version of this benchmark did);
@@ -123,7 +125,13 @@ def wire(modality: str, payload: Any) -> Any:
 
 class EngineProcess:
     """The baseline: the replica's featurize stage in a plain process (spawned, no Ray in it), with
-    the replica's thread settings, timed inside that process."""
+    the replica's thread settings, timed inside that process.
+
+    Caveat (benchmarks/README.md): this process spends ~0.7-1 s of CPU on a one-item call that
+    costs ~170 ms in the same code run as a script from the shell (a new interpreter started by
+    ``subprocess`` instead does the same; the cause is not established): its one-item figures
+    overstate the direct call's cost.
+    """
 
     def __init__(self, output: Path, threads: int, batch_size: int) -> None:
         import multiprocessing
