@@ -129,7 +129,8 @@ class EngineProcess:
 
     It featurizes in a worker thread, as the replica does (``asyncio.to_thread``): in a process
     that has only ever featurized in its main thread, a one-item MiniLM call cost 755 ms of CPU,
-    and 130-170 ms in either thread once one call had run in another thread (benchmarks/README.md).
+    and 130-170 ms in either thread once one call had run in another thread; GNU OpenMP spins
+    less once it manages more threads than CPUs (benchmarks/README.md).
     """
 
     def __init__(self, output: Path, threads: int, batch_size: int) -> None:
