@@ -138,6 +138,24 @@ class LakeTable(OutputTable):
         path = path.lstrip("/")
         return path[len(root):] if path.startswith(root) else path
 
+    def latest_version(self) -> int | None:
+        """The current version's number (a Delta version, an Iceberg snapshot id; None: no table yet).
+
+        Any writer's commit changes it, and it is read from the format's log or metadata alone
+        (neither the rows nor fungi's manifest): what a reader that follows new versions polls.
+        """
+        table = self._table()
+        return None if table is None else self._version_of(table)
+
+    def committed_version(self, version: int | None = None) -> tuple[int, Manifest]:
+        """``(version number, fungi manifest)`` of the current version or of ``version``: one committed state,
+        which a reader pins (:meth:`read_files` with that number) to read its files and its manifest together."""
+        table = self._existing(version)
+        commit = self._fungi_commit(table)
+        if commit is None:
+            raise ConfigError(f"{self.uri} is not a fungi output (no commit of fungi's in its history)")
+        return self._version_of(table), read_manifest(self.location.join(commit[MANIFEST_PROPERTY]))
+
     def read_manifest(self) -> Manifest | None:
         """The fungi manifest that fungi's latest commit of the table names (None: no fungi commit)."""
         commit = self._fungi_commit(self._table())

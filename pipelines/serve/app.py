@@ -111,6 +111,24 @@ def _json(value: Any) -> Any:
     return value
 
 
+def _nearest(served: ServedVersion, items: list[Any], name: str,
+             k: int) -> tuple[list[Any], list[tuple[int, np.ndarray, np.ndarray]]]:
+    """The ``k`` nearest rows of each featurized item on combination ``name``.
+
+    ``(answers, hits)``: ``answers`` holds each failed item's error in its place (the caller
+    fills the others); ``hits`` one ``(position, similarities, row indices)`` per featurized
+    item, best first, without the ``-1`` rows an IVF search leaves when it finds fewer than ``k``.
+    """
+    answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
+    good = [i for i, item in enumerate(items) if item.error is None]
+    if not good:
+        return answers, []
+    vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, name)
+    scores, rows = served.indexes[name].search(vectors, k)
+    found = rows >= 0
+    return answers, [(i, scores[p, found[p]], rows[p, found[p]]) for p, i in enumerate(good)]
+
+
 api = FastAPI(title="fungi serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -263,18 +281,13 @@ class FungiReplica:
             name = _combination(served, query.features)
         except BadRequest as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
-        good = [i for i, item in enumerate(items) if item.error is None]
-        answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
-        if good:
-            vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, name)
-            scores, rows = served.indexes[name].search(vectors, query.k)
-            for position, i in enumerate(good):
-                found = [int(r) for r in rows[position] if r >= 0]
-                kept = served.kept.take(found).to_pylist() if served.kept.num_columns else [{} for _ in found]
-                answers[i] = {"id": items[i].id, "neighbours": [
-                    {"id": _json(served.ids[r]), "score": float(s), **{k: _json(v) for k, v in extra.items()}}
-                    for r, s, extra in zip(found, scores[position], kept)
-                ]}
+        answers, hits = _nearest(served, items, name, query.k)
+        for i, scores, rows in hits:
+            kept = served.kept.take(rows).to_pylist() if served.kept.num_columns else [{} for _ in rows]
+            answers[i] = {"id": items[i].id, "neighbours": [
+                {"id": _json(served.ids[r]), "score": float(s), **{k: _json(v) for k, v in extra.items()}}
+                for r, s, extra in zip(rows, scores, kept)
+            ]}
         return {"spec_hash": served.spec_hash, "version": served.version, "features": name, "items": answers}
 
     @api.post("/classify")
@@ -288,17 +301,12 @@ class FungiReplica:
                 raise BadRequest(422, "classify: the server was started without --label-column, and the output keeps no 'label'")
         except BadRequest as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
-        good = [i for i, item in enumerate(items) if item.error is None]
-        answers: list[Any] = [item_error(item.id, item.error, item.stage) for item in items]
-        if good:
-            vectors = served.unit_rows({c: np.stack([items[i].features[c] for i in good]) for c in served.dims}, FUNGI)
-            sims, rows = served.indexes[FUNGI].search(vectors, query.k)
-            for position, i in enumerate(good):
-                found = rows[position] >= 0  # an IVF search may find fewer than k rows
-                row = vote_scores(sims[position, found][None, :], served.codes[rows[position, found]][None, :],
-                                  len(served.classes), temperature=DEFAULT_TEMPERATURE)[0]
-                order = [c for c in np.argsort(-row, kind="stable") if row[c] > 0]
-                total = float(row.sum())
-                answers[i] = {"id": items[i].id, "label": _json(served.classes[int(row.argmax())]),
-                              "scores": [{"label": _json(served.classes[c]), "score": float(row[c]) / total} for c in order]}
+        answers, hits = _nearest(served, items, FUNGI, query.k)
+        for i, sims, rows in hits:
+            row = vote_scores(sims[None, :], served.codes[rows][None, :], len(served.classes),
+                              temperature=DEFAULT_TEMPERATURE)[0]
+            order = [c for c in np.argsort(-row, kind="stable") if row[c] > 0]
+            total = float(row.sum())
+            answers[i] = {"id": items[i].id, "label": _json(served.classes[int(row.argmax())]),
+                          "scores": [{"label": _json(served.classes[c]), "score": float(row[c]) / total} for c in order]}
         return {"spec_hash": served.spec_hash, "version": served.version, "k": query.k, "items": answers}
