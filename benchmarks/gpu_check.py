@@ -425,8 +425,6 @@ def pipeline_rows(sizes: Sizes, device: torch.device, scratch: Path, batch_size:
         "--modality", "image", "--model", f"timm:{sizes.image_model}", "--weights", "random",
         "--objectives", sizes.pipeline_objectives, "--precision", "bf16", "--batch-size", batch_size,
     ]
-    if smoke:
-        command += ["--actors", "1"]
     if in_process_rows is not None:
         command += ["--in-process-rows", str(in_process_rows)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

@@ -25,6 +25,9 @@ from pipelines.layout import CONTENT_HASH_COLUMN, EVENT_TIME_COLUMN, ID_COLUMN
 from pipelines.tasks import DEFAULT_IN_PROCESS_ROWS
 
 DEFAULT_DATA_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
+# An input this small is taken for a small job before its footers are read: its spec is resolved in the
+# driver, which loads the model for the job anyway (a few hundred images, or thousands of short texts).
+SMALL_INPUT_BYTES = 64 * 2**20
 DEFAULT_LEASE_TIMEOUT_S = 600.0
 
 

@@ -443,8 +443,9 @@ def test_feature_store_yaml_naming_the_old_module_path_still_loads_the_store(tmp
     assert isinstance(get_online_store_from_config(config.online_store), FungiSqliteOnlineStore)
 
 
-def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_path, local_ray):
-    """`fungi featurize --history` (the real job, in its own process), then the whole hand-off."""
+def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_path):
+    """`fungi featurize --history` (the real command, in its own process: a small job, no Ray), then the
+    whole hand-off."""
     from feast import FeatureStore
 
     (tmp_path / "in").mkdir()
@@ -456,7 +457,7 @@ def test_real_featurize_to_online_lookup_and_vector_search(tiny_text_dir, tmp_pa
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(tmp_path / "in"), "--output", str(out),
          "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--objectives", "kl", "--keep-columns", "label",
-         "--actors", "1", "--batch-size", "4", "--history", "--address", local_ray],
+         "--batch-size", "4", "--history"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr

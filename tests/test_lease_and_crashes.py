@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from lakes import Crash, config, crash_at, features, ids_of, lake, write_part
 from fungi_ops.eval import load_feature_table
@@ -34,9 +33,6 @@ from pipelines.layout import CONTENT_HASH_COLUMN, ERROR_COLUMN, ID_COLUMN, SOURC
 from pipelines.storage import Location
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the session
 
 
 # -- the lease -----------------------------------------------------------------------------------------
@@ -373,8 +369,7 @@ def test_kill_9_of_the_driver_in_the_commit_then_a_rerun(tiny_text_dir, tmp_path
     write_part(source, "part-1.parquet", [f"f1-{r:03d}" for r in range(4)], ["changed"] + [f"text {i} of file 1" for i in range(1, 4)])
     write_part(source, "part-7.parquet", ["n-0", "n-1"], ["one", "two"])
     command = [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(output),
-               "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental",
-               "--address", ray.get_runtime_context().gcs_address]  # the session's Ray: no start-up per run
+               "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--incremental"]  # a small job: no Ray
     env = {**os.environ, "FUNGI_COMMIT_CRASH_AFTER": "3", "PYTHONPATH": str(REPO)}
     killed = subprocess.run(command, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert killed.returncode == 137, killed.stdout + killed.stderr

@@ -3,7 +3,8 @@
 Each notebook runs in a fresh kernel of *this* interpreter: a kernelspec written to a
 temporary directory points at ``sys.executable``, so no globally installed ``python3``
 kernel of another environment can be picked up. The kernel works in the repository root,
-so the notebooks import the checkout under test.
+so the notebooks import the checkout under test. Their jobs are small: they run in the
+kernel's process, without Ray, as they do for a user.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ KERNEL = "fungi-tests"
 
 
 @pytest.fixture(scope="module")
-def kernel_manager_factory(tmp_path_factory, local_ray):
+def kernel_manager_factory(tmp_path_factory):
     pytest.importorskip("ipykernel")
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
@@ -32,7 +33,6 @@ def kernel_manager_factory(tmp_path_factory, local_ray):
                 "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "fungi tests",
                 "language": "python",
-                "env": {"RAY_ADDRESS": local_ray},  # jobs join the session's Ray: no start-up per notebook
             }
         )
     )

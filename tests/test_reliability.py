@@ -179,7 +179,7 @@ def test_a_corrupt_file_fails_alone_and_the_rest_is_committed(tiny_text_dir, tmp
                    compression="none")
     corrupt_a_page(source / "part-2.parquet")
     code = cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
-                     "--model", f"hf:{tiny_text_dir}", "--actors", "1"])
+                     "--model", f"hf:{tiny_text_dir}"])
     captured = capsys.readouterr()
     assert code == 1
     assert "cannot read input file part-2.parquet" in captured.err and "not committed" in captured.err
@@ -190,7 +190,7 @@ def test_a_corrupt_file_fails_alone_and_the_rest_is_committed(tiny_text_dir, tmp
     # fixed overnight: the next incremental run picks the file up
     write(source / "part-2.parquet", id=["x", "y"], text=["six", "seven"], label=[0, 1])
     assert cli_main(["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
-                     "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--incremental"]) == 0
+                     "--model", f"hf:{tiny_text_dir}", "--incremental"]) == 0
     assert sorted(pq.read_table(output).column("id").to_pylist()) == ["a", "b", "c", "d", "e", "x", "y"]
 
 
@@ -204,7 +204,7 @@ def test_an_empty_or_truncated_file_fails_alone_and_the_exit_code_follows_the_er
     (source / "empty.parquet").write_bytes(b"")
     truncate(source / "part-3.parquet")
     args = ["featurize", "--input", str(source), "--output", str(output), "--modality", "text",
-            "--model", f"hf:{tiny_text_dir}", "--actors", "1"]
+            "--model", f"hf:{tiny_text_dir}"]
     assert cli_main(args) == 1  # 2 of 5 files failed > the default 1 %
     err = capsys.readouterr().err
     assert f"error: input file {source / 'empty.parquet'} is not a readable Parquet file (ArrowInvalid: Parquet file " \
@@ -251,7 +251,7 @@ def test_a_null_id_is_reported_as_null_with_its_row(tiny_text_dir, tmp_path):
     source, output = tmp_path / "in", tmp_path / "out"
     write(source / "part-0.parquet", id=["a", None, "c"], text=["one", "two", "three"])
     summary = run_featurize(FeaturizeConfig(input=str(source), output=str(output), modality="text",
-                                            model=f"hf:{tiny_text_dir}", actors=(1, 1), max_error_fraction=0.5))
+                                            model=f"hf:{tiny_text_dir}", max_error_fraction=0.5))
     assert summary.rows_written == 2 and summary.rows_failed == 1
     errors = pq.read_table(output / "_errors").to_pylist()
     assert errors[0]["id"] is None and errors[0]["error"] == "row 1 of part-0.parquet has a null 'id'"
@@ -263,8 +263,7 @@ def test_decode_errors_name_no_python_objects(tmp_path):
     source, output = tmp_path / "in", tmp_path / "out"
     write(source / "part-0.parquet", id=["ok", "bad"], image=[png_bytes(40, 40), b"definitely not an image"])
     summary = run_featurize(FeaturizeConfig(input=str(source), output=str(output), modality="image",
-                                            model="timm:test_vit", weights="random", actors=(1, 1),
-                                            max_error_fraction=0.5))
+                                            model="timm:test_vit", weights="random", max_error_fraction=0.5))
     assert summary.rows_written == 1
     message = pq.read_table(output / "_errors").column("error")[0].as_py()
     assert message.startswith("cannot decode image") and " at 0x" not in message
@@ -274,13 +273,15 @@ def test_decode_errors_name_no_python_objects(tmp_path):
     (lambda tmp, source: payloads(source, [12, 1, 2, 3, 4]), "column 'text' has type int64"),  # from the footers
     (undecodable_setup_rows, "no decodable rows in"),  # found by a Ray task: its findings must not be logged there
 ], ids=["from the footers", "from a Ray task"])
-def test_a_refusal_found_after_ray_started_is_one_line_on_the_real_stderr(breaker, message, tiny_text_dir, tmp_path):
-    """What a shell user sees (capsys above does not capture Ray's own logging): one line."""
+def test_a_refusal_found_after_ray_started_is_one_line_on_the_real_stderr(breaker, message, tiny_text_dir, tmp_path,
+                                                                         local_ray):
+    """What a shell user sees (capsys above does not capture Ray's own logging): one line. The job joins
+    the session's Ray (``--address``), as a job on a cluster does."""
     source = good_input(tmp_path / "in")
     extra = breaker(tmp_path, source)
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "featurize", "--input", str(source), "--output", str(tmp_path / "out"),
-         "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", *extra],
+         "--modality", "text", "--model", f"hf:{tiny_text_dir}", "--actors", "1", "--address", local_ray, *extra],
         capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1]),
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -54,13 +54,16 @@ def test_in_process_tasks_call_at_once_and_give_values():
 
 
 def test_a_small_job_in_a_fresh_process_starts_no_ray(tiny_text_dir, tmp_path):
-    """The CLI's small job: features written and committed, and Ray never initialized in that process."""
+    """The CLI's small job: features written and committed, Ray never initialized in that process, and
+    the spec resolved there too (no child process loads the model a second time)."""
     source = lake(tmp_path / "in", files=2, rows=3)
     script = (
-        "import json, sys, ray\n"
+        "import json, subprocess, sys, ray\n"
+        "children, popen = [], subprocess.Popen\n"
+        "subprocess.Popen = lambda args, *a, **k: children.append(args[0]) or popen(args, *a, **k)\n"
         "from pipelines.cli import main\n"
         "code = main(sys.argv[1:])\n"
-        "print(json.dumps({'code': code, 'ray': ray.is_initialized()}))\n"
+        "print(json.dumps({'code': code, 'ray': ray.is_initialized(), 'children': children}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
@@ -70,6 +73,7 @@ def test_a_small_job_in_a_fresh_process_starts_no_ray(tiny_text_dir, tmp_path):
         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
     )
     assert child.returncode == 0, child.stderr[-4000:]
-    assert json.loads(child.stdout.strip().splitlines()[-1]) == {"code": 0, "ray": False}
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert (result["code"], result["ray"], sys.executable in result["children"]) == (0, False, False), result
     manifest = json.loads((tmp_path / "out" / "_fungi_manifest.json").read_text())
     assert manifest["rows"] == 6 and manifest["pending"] is None

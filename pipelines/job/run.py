@@ -40,7 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from fungi_ops.errors import ConfigError, FungiError
-from pipelines.config import FeaturizeConfig, runs_in_process, spec_settings
+from pipelines.config import SMALL_INPUT_BYTES, FeaturizeConfig, runs_in_process, spec_settings
 from pipelines.formats import open_output
 from pipelines.formats.base import NothingToCommit
 from pipelines.formats.folder import history_location, history_name
@@ -290,7 +290,7 @@ class FeaturizeJob:
         self.input, listing = self.listing.location, self.listing.files
         self.check_overlap()
         recorded = self.recorded_spec(listing)
-        resolving = None if recorded else SpecResolver(config)
+        resolving = None if recorded else SpecResolver(config, in_place=self.likely_in_process(listing))
         if resolving and not runs_in_process(0, config):
             init_ray(config.address)  # a cluster, or small jobs off: Ray starts while the child loads the model
         self.spec = resolving.result() if resolving else recorded
@@ -329,6 +329,13 @@ class FeaturizeJob:
             delete_empty_dir(fs, self.output.child_path(STAGING_DIR))
         except Exception as exc:  # noqa: BLE001 - the error that stopped the run is the one to report
             log.warning("could not delete the staging area of %s: %s", self.table.uri, exc)
+
+    def likely_in_process(self, listing: list[InputFile]) -> bool:
+        """Whether the job will most likely run in this process (:func:`runs_in_process`), judged before any
+        footer is read: small jobs allowed and at most :data:`SMALL_INPUT_BYTES` of input. Such a job's spec is
+        resolved here, where its model is loaded anyway. A misjudged one (more rows than ``--in-process-rows``
+        in so few bytes) still runs on Ray, with torch in a driver of a small job."""
+        return runs_in_process(0, self.config) and sum(info.size for info in listing) <= SMALL_INPUT_BYTES
 
     def tasks_for(self, plan: NightPlan, footer_rows: dict[str, int]) -> Tasks:
         """Where this run's tasks execute: this process for a small job, else Ray (started now if need be)."""

@@ -146,15 +146,17 @@ class SpecResolver:
     The child is a fresh interpreter (``python -m pipelines.job``, the settings as JSON on
     its stdin), so a caller's script is not re-imported there, and the driver can start Ray
     while the child loads the model. A process that holds torch already (a notebook, the
-    tests) resolves in place: there it costs no extra memory. A ConfigError of the child
+    tests), or a small job's (``in_place``), resolves in place: there it costs no extra memory. A ConfigError of the child
     (unknown model, bad layer, bad objective parameter) is raised by :meth:`result` with its
     message.
     """
 
-    def __init__(self, config: FeaturizeConfig) -> None:
+    def __init__(self, config: FeaturizeConfig, *, in_place: bool = False) -> None:
+        """``in_place``: resolve here even without torch (a job that will run in this process loads the model
+        here anyway; a child would load it once more, about 10 s of a small job's 30)."""
         self.config = config
         self.process = None
-        if "torch" not in sys.modules:
+        if not in_place and "torch" not in sys.modules:
             import subprocess
 
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
