@@ -20,3 +20,13 @@ things are:
 - :mod:`pipelines.serve`: the output's featurizer and search index on Ray Serve (``fungi serve``);
 - :mod:`pipelines.submit` (``fungi submit``) and :mod:`pipelines.demo` (``fungi demo``).
 """
+import os
+
+# GNU OpenMP (torch's CPU thread pool) lets idle team threads spin on the cores that the thread
+# calling torch needs; in a process that runs torch only in its main thread (the featurize actors,
+# the in-process job) that cost 2-5x the CPU per item on 2 cores (MiniLM kl,simclr: 899 against
+# 166 ms per one-item call, 391 against 217 ms per item in batches of 32; features unchanged;
+# benchmarks/bench_omp_wait.py). Passive waiting must be set before torch loads libgomp, so here,
+# before any of this package imports torch; Ray workers get it through
+# pipelines.ray_runtime's runtime env. An OMP_WAIT_POLICY set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
