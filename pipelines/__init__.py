@@ -23,10 +23,11 @@ things are:
 import os
 
 # GNU OpenMP (torch's CPU thread pool) lets idle team threads spin on the cores that the thread
-# calling torch needs; in a process that runs torch only in its main thread (the featurize actors,
-# the in-process job) that cost 2-5x the CPU per item on 2 cores (MiniLM kl,simclr: 899 against
-# 166 ms per one-item call, 391 against 217 ms per item in batches of 32; features unchanged;
-# benchmarks/bench_omp_wait.py). Passive waiting must be set before torch loads libgomp, so here,
-# before any of this package imports torch; Ray workers get it through
-# pipelines.ray_runtime's runtime env. An OMP_WAIT_POLICY set by the user wins.
+# calling torch needs. Where torch runs only in a process's main thread (the in-process job, a
+# featurize actor of 2 or more CPUs) that cost 2-12x the CPU per item on 2 cores: MiniLM kl,simclr
+# 903 against 170 ms per one-item call and 401 against 197 ms per item in batches of 32; ViT-Tiny
+# kl 1,175 against 92 ms per one-image call (benchmarks/bench_omp_wait.py); features unchanged.
+# libgomp reads the policy when torch loads it, so it is set here, before this package imports
+# torch; Ray's workers get the driver's value through pipelines.ray_runtime's runtime env. An
+# OMP_WAIT_POLICY set by the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
