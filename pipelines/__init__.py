@@ -20,3 +20,14 @@ things are:
 - :mod:`pipelines.serve`: the output's featurizer and search index on Ray Serve (``fungi serve``);
 - :mod:`pipelines.submit` (``fungi submit``) and :mod:`pipelines.demo` (``fungi demo``).
 """
+import os
+
+# GNU OpenMP (torch's CPU thread pool) lets idle team threads spin on the cores that the thread
+# calling torch needs. Where torch runs only in a process's main thread (the in-process job, a
+# featurize actor of 2 or more CPUs) that cost 2-12x the CPU per item on 2 cores: MiniLM kl,simclr
+# 903 against 170 ms per one-item call and 401 against 197 ms per item in batches of 32; ViT-Tiny
+# kl 1,175 against 92 ms per one-image call (benchmarks/bench_omp_wait.py); features unchanged.
+# libgomp reads the policy when torch loads it, so it is set here, before this package imports
+# torch; Ray's workers get the driver's value through pipelines.ray_runtime's runtime env. An
+# OMP_WAIT_POLICY set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

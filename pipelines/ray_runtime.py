@@ -38,7 +38,10 @@ def _init(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    # OMP_WAIT_POLICY: the driver's (pipelines/__init__.py sets PASSIVE unless the user chose), so
+    # that the actors' torch does not spin-wait either, on a cluster's workers too
+    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     # Inside a submitted Ray job, Ray merges this with the job's runtime env and refuses a
     # variable that both set: leave those to the job's runtime env.
     runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in _job_env_vars()}}

@@ -77,3 +77,25 @@ def test_a_small_job_in_a_fresh_process_starts_no_ray(tiny_text_dir, tmp_path):
     assert (result["code"], result["ray"], sys.executable in result["children"]) == (0, False, False), result
     manifest = json.loads((tmp_path / "out" / "_fungi_manifest.json").read_text())
     assert manifest["rows"] == 6 and manifest["pending"] is None
+
+
+@pytest.mark.parametrize("chosen, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_torch_threads_wait_passively_in_the_cli_and_the_ray_workers_unless_the_user_chose(chosen, expected):
+    """GNU OpenMP's spinning idle threads cost 2-5x the CPU per item where torch runs in a process's
+    main thread (benchmarks/bench_omp_wait.py): importing pipelines sets OMP_WAIT_POLICY before
+    torch loads, and Ray's workers get the driver's value through fungi's runtime env."""
+    script = (
+        "import os, ray\n"
+        "from unittest import mock\n"
+        "from pipelines import ray_runtime\n"
+        "with mock.patch.object(ray, 'init') as init:\n"
+        "    ray_runtime._init(None, 1)\n"
+        "print(os.environ['OMP_WAIT_POLICY'], init.call_args.kwargs['runtime_env']['env_vars']['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    env["PYTHONPATH"] = str(REPO)
+    if chosen:
+        env["OMP_WAIT_POLICY"] = chosen
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert child.stdout.split() == [expected, expected]
