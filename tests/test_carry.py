@@ -194,3 +194,27 @@ def test_a_table_output_carries_and_records_featurized_and_carried(kind, tiny_te
     assert (record.rows_featurized, record.rows_carried, record.rows_deleted) == (0, 4, 0)
     assert "featurized 0, carried 4" in summary.line()
     assert read_output(uri).sort_by("id").equals(before)
+
+
+def test_a_compaction_read_gathers_its_few_changed_rows_into_full_blocks():
+    """After a compaction each record batch keeps only its changed rows: they go on in blocks of the
+    stream's size, not one tiny block per batch (thousands of 2-row blocks at 10M rows)."""
+    from pipelines.job.read import _Blocks
+
+    blocks = _Blocks(4)
+    batches = [pa.table({"id": pa.array([f"{b}-{i}" for i in range(n)], pa.string())})
+               for b, n in enumerate([2, 0, 3, 5, 1])]
+    out = [block for batch in batches for block in blocks.add(batch)] + list(blocks.rest())
+    assert [block.num_rows for block in out] == [4, 4, 3]
+    assert pa.concat_tables(out).column("id").to_pylist() == pa.concat_tables(batches).column("id").to_pylist()
+
+
+def test_the_id_check_scans_groups_of_files_not_one_task_per_file():
+    """Scan tasks take about SCAN_TASK_ROWS ids each: 250 files of a 10M-row compaction night, 10 tasks."""
+    from pipelines.job.plan import _groups
+
+    assert _groups([200_000] * 50 + [50_000] * 200, 1_000_000) == [
+        list(range(start, start + 5)) for start in range(0, 50, 5)
+    ] + [list(range(start, start + 20)) for start in range(50, 250, 20)]
+    assert _groups([0, 3_000_000, 10], 1_000_000) == [[0], [1], [2]]
+    assert _groups([], 1_000_000) == []

@@ -253,8 +253,10 @@ class _SourceFinalizer:
             or [pa.array([], pa.string())]
         ).drop_null()
         self.moved = read_moved_ids(work.planned.moved_ids)
-        self.current = None  # the input file's ids now, when a night needs them
-        if work.planned.input and (self.prune or work.planned.kind != NEW):
+        # the input file's ids now, when a night needs them; a new source has no previous rows to prune
+        # or call orphans (its rows all came from the file), so its file is not read a second time
+        self.current = None
+        if work.planned.input and work.planned.kind != NEW:
             ids = read_columns(input_location, work.planned.input, [id_column]).column(0)
             self.current = ids.cast(pa.string()).combine_chunks().drop_null()
         self.old_ids = self._previous(self.old and self.old["file"], [ID_COLUMN])

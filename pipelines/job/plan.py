@@ -30,8 +30,9 @@ tasks to the run's scratch area, one folder per source (:func:`moved_ids_path`),
 by the task that rewrites that source's output file.
 
 Both checks hash-partition the ids into buckets of about ``ID_BUCKET_ROWS`` ids, written
-as small Parquet files to the run's staging area by one Ray task per input file, then
-checked by one Ray task per bucket. A night of a few thousand rows costs a fraction of a
+as small Parquet files to the run's staging area by one Ray task per group of files of about
+``SCAN_TASK_ROWS`` ids (a compaction night of 10M rows: 10 tasks, not 250), then checked by
+one Ray task per bucket. A night of a few thousand rows costs a fraction of a
 second; Ray Data's own ``groupby`` cost 11-15 s even for 2,000 ids on 2 cores (measured),
 which is why it is not used here.
 """
@@ -57,6 +58,7 @@ from pipelines.storage import InputFile, Location, list_files
 from pipelines.tasks import Tasks
 
 ID_BUCKET_ROWS = 2_000_000
+SCAN_TASK_ROWS = 1_000_000  # ids one scan task reads (several files)
 NEW, CHANGED, RETRY, PRUNE, MOVED = "new", "changed", "retry", "prune", "moved"
 
 
@@ -154,39 +156,73 @@ def _bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
     return (hashes % np.uint64(buckets)).astype(np.int64)
 
 
-def _scatter(ids: pa.Array, tag: int, buckets: int, directory: Location, name: str) -> None:
-    """Write ``(id, tag)`` rows to one small file per non-empty bucket."""
+def _scatter(ids: pa.Array, tags: np.ndarray, buckets: int, directory: Location, name: str) -> None:
+    """Write ``(id, tag)`` rows to one small file per non-empty bucket (null ids are left out)."""
     fs = directory.filesystem()
-    valid = ids.filter(pc.is_valid(ids))
-    assignment = _bucket_of(valid, buckets)
+    valid = pc.is_valid(ids)
+    ids, tags = ids.filter(valid), tags[valid.to_numpy(zero_copy_only=False)]
+    assignment = _bucket_of(ids, buckets)
     for bucket in np.unique(assignment):
-        chosen = valid.filter(pa.array(assignment == bucket))
-        table = pa.table({"id": chosen, "tag": pa.array(np.full(len(chosen), tag, dtype=np.int32))})
+        chosen = assignment == bucket
+        table = pa.table({"id": ids.filter(pa.array(chosen)), "tag": pa.array(tags[chosen], pa.int32())})
         path = directory.child_path(f"b{bucket:05d}", f"{name}{INTERNAL_SUFFIX}")
         fs.create_dir(posixpath.dirname(path), recursive=True)
         pq.write_table(table, path, filesystem=fs)
 
 
-def _scan_new(location: Location, work: SourceWork, id_column: str, id_type: pa.DataType, tag: int,
-              buckets: int, directory: Location) -> tuple[Any, Any, int, str | None]:
-    """Ray task: an input file's id range and null count, its ids scattered to buckets; or why it cannot be read."""
-    try:
-        table = read_columns(location, work.input, [id_column])
-    except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone
-        return None, None, 0, f"cannot read input file {work.source}: {type(exc).__name__}: {exc}"
-    ids = table.column(0).combine_chunks().cast(id_type)
-    _scatter(ids, tag, buckets, directory.join("new"), f"{tag:08d}")
-    bounds = pc.min_max(ids)
-    return bounds["min"].as_py(), bounds["max"].as_py(), ids.null_count, None
+def _tagged(parts: list[tuple[int, pa.Array]], id_type: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """The ids of several files as one array, and each id's file tag."""
+    ids = pa.chunked_array([chunk for _, part in parts for chunk in part.chunks] if parts else [], id_type)
+    tags = np.concatenate([np.full(len(part), tag, np.int32) for tag, part in parts]) if parts else np.zeros(0, np.int32)
+    return ids.combine_chunks(), tags
 
 
-def _scan_old(output: Location, names: list[str], id_type: pa.DataType, tag: int, buckets: int,
+def _scan_new(location: Location, works: list[tuple[int, SourceWork]], id_column: str, id_type: pa.DataType,
+              buckets: int, directory: Location) -> list[tuple[Any, Any, int, str | None]]:
+    """Ray task over a group of input files: each file's id range and null count, or why it cannot be
+    read; the ids of the files read scattered to buckets together (one file per bucket and group)."""
+    results, parts = [], []
+    for tag, work in works:
+        try:
+            table = read_columns(location, work.input, [id_column])
+        except Exception as exc:  # noqa: BLE001 - a corrupt file fails alone
+            results.append((None, None, 0, f"cannot read input file {work.source}: {type(exc).__name__}: {exc}"))
+            continue
+        ids = table.column(0).cast(id_type)
+        bounds = pc.min_max(ids)
+        results.append((bounds["min"].as_py(), bounds["max"].as_py(), ids.null_count, None))
+        parts.append((tag, ids))
+    ids, tags = _tagged(parts, id_type)
+    _scatter(ids, tags, buckets, directory.join("new"), f"{works[0][0]:08d}")
+    return results
+
+
+def _scan_old(output: Location, sources: list[tuple[int, list[str]]], id_type: pa.DataType, buckets: int,
               directory: Location) -> None:
-    """Ray task: the ids of a committed source (data and error file) scattered to buckets."""
+    """Ray task over a group of committed sources (tag, data and error file): their ids scattered to buckets."""
     fs = output.filesystem()
-    parts = [pq.read_table(output.child_path(name), columns=["id"], filesystem=fs).column(0) for name in names]
-    ids = pa.chunked_array(parts, pa.string()).combine_chunks()
-    _scatter(ids.cast(id_type), tag, buckets, directory.join("old"), f"{tag:08d}")
+    parts = [
+        (tag, pa.chunked_array([pq.read_table(output.child_path(name), columns=["id"], filesystem=fs).column(0).cast(id_type)
+                                for name in names], id_type))
+        for tag, names in sources
+    ]
+    ids, tags = _tagged(parts, id_type)
+    _scatter(ids, tags, buckets, directory.join("old"), f"{sources[0][0]:08d}")
+
+
+def _groups(rows: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive indices grouped so that a group holds about ``limit`` rows (a bigger item alone):
+    one scan task per group, not per file, so that 10^5 small files do not cost 10^5 tasks and
+    10^5 x buckets tiny files."""
+    groups: list[list[int]] = []
+    held = 0
+    for index, count in enumerate(rows):
+        if not groups or held + count > limit:
+            groups.append([])
+            held = 0
+        groups[-1].append(index)
+        held += count
+    return groups
 
 
 def moved_ids_path(directory: Location, old_tag: int) -> Location:
@@ -288,19 +324,23 @@ def check_ids(
     total = sum(input_rows[w.source] for w in reads) + sum(row["rows"] + row["errors"] for row in old_sources)
     buckets = max(1, math.ceil(total / ID_BUCKET_ROWS))
     scan_new = tasks.remote(_scan_new, num_cpus=0.25)
-    new_scans = tasks.get([
-        scan_new(input_location, work, id_column, id_type, tag, buckets, scratch)
-        for tag, work in enumerate(reads)
+    new_groups = _groups([input_rows[work.source] for work in reads], SCAN_TASK_ROWS)
+    scanned = tasks.get([
+        scan_new(input_location, [(tag, reads[tag]) for tag in group], id_column, id_type, buckets, scratch)
+        for group in new_groups
     ])
+    new_scans = [result for results in scanned for result in results]
     failed = {work.source: error for work, (_, _, _, error) in zip(reads, new_scans) if error}
     for source in failed:
         del plan.work[source]  # not committed this night; its previous output stays as it was
     own = {work.source: (lo, hi) for work, (lo, hi, _, _) in zip(reads, new_scans) if lo is not None}
     candidates = _overlapping_committed(old_sources, own)
     scan_old = tasks.remote(_scan_old, num_cpus=0.25)
+    old_groups = _groups([row["rows"] + row["errors"] for row in candidates], SCAN_TASK_ROWS)
     tasks.get([
-        scan_old(output, [n for n in (row["file"], row["error_file"]) if n], id_type, tag, buckets, scratch)
-        for tag, row in enumerate(candidates)
+        scan_old(output, [(tag, [n for n in (candidates[tag]["file"], candidates[tag]["error_file"]) if n])
+                          for tag in group], id_type, buckets, scratch)
+        for group in old_groups
     ])
     dropped_sources = {row["source"] for row in plan.dropped}
     dropped = {old_tag for old_tag, row in enumerate(candidates) if row["source"] in dropped_sources}

@@ -133,6 +133,33 @@ def _read_failure(source: str, message: str, columns: InputColumns, schema: Inpu
     )
 
 
+class _Blocks:
+    """Rows left to featurize, gathered into blocks of ``rows`` rows: after a compaction each record
+    batch keeps only its few changed rows, and a block per batch would send thousands of 2-row
+    blocks through decode, the actors, the staging writes and the finalize reads."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.held = rows, 0
+        self.parts: list[pa.Table] = []
+
+    def add(self, block: pa.Table) -> Iterator[pa.Table]:
+        """Gather ``block``; yield the full blocks gathered."""
+        if block.num_rows:
+            self.parts.append(block)
+            self.held += block.num_rows
+        while self.held >= self.rows:
+            table = pa.concat_tables(self.parts)
+            yield table.slice(0, self.rows)
+            rest = table.slice(self.rows)
+            self.parts, self.held = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def rest(self) -> Iterator[pa.Table]:
+        """The last, partial block."""
+        if self.held:
+            yield pa.concat_tables(self.parts)
+        self.parts, self.held = [], 0
+
+
 def read_sources(
     items: pa.Table,
     *,
@@ -151,7 +178,8 @@ def read_sources(
     or content is new. The rows it carries from donor files are listed at :func:`carried_path`
     once the file is read whole (a retried task writes the same list again).
 
-    Memory: one record batch of ``rows_per_block`` rows, plus the (id, hash) pairs of
+    Rows are yielded in blocks of ``rows_per_block`` (:class:`_Blocks`). Memory: about two
+    blocks of rows, plus the (id, hash) pairs of
     the source's previous output and of its donor files (:class:`~pipelines.job.known_rows.KnownRows`).
     """
     fs = staging.filesystem()
@@ -159,6 +187,7 @@ def read_sources(
         source, donors = item["source"], item.get("donors") or []
         known = KnownRows.load(output, item["old_file"], item["old_error_file"], donors)
         carried: list[tuple[pa.Array, pa.Array]] = []
+        pending = _Blocks(rows_per_block)
         first_row = 0
         try:
             input_file = pickle.loads(item["input"])
@@ -168,8 +197,8 @@ def read_sources(
                     schema=schema, event_time=event_time, known=known, retry_failed=retry_failed, carried=carried,
                 )
                 first_row += batch.num_rows
-                if block.num_rows:
-                    yield block
+                yield from pending.add(block)
+            yield from pending.rest()
             if donors:
                 indices = pa.chunked_array([index for _, index in carried], pa.int32())
                 listed = pa.table({ID_COLUMN: pa.chunked_array([ids for ids, _ in carried], pa.string()),

@@ -165,7 +165,7 @@ class Stream:
             batch_size=1,
             num_cpus=0.25,
             fn_kwargs=self._read_settings(schema, rows_per_block),
-        ).repartition(target_num_rows_per_block=rows_per_block)
+        )  # blocks of rows_per_block rows already (no repartition: its tasks each ask a whole CPU)
         decoded = read.map_batches(
             decode_batch,
             batch_format="pyarrow",
