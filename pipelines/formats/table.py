@@ -151,14 +151,17 @@ class LakeTable(OutputTable):
         """``(version number, fungi manifest)`` of the current version or of ``version``: one committed state,
         which a reader pins (:meth:`read_files` with that number) to read its files and its manifest together."""
         table = self._existing(version)
-        commit = self._fungi_commit(table)
-        if commit is None:
+        manifest = self._manifest_of(self._fungi_commit(table))
+        if manifest is None:
             raise ConfigError(f"{self.uri} is not a fungi output (no commit of fungi's in its history)")
-        return self._version_of(table), read_manifest(self.location.join(commit[MANIFEST_PROPERTY]))
+        return self._version_of(table), manifest
 
     def read_manifest(self) -> Manifest | None:
         """The fungi manifest that fungi's latest commit of the table names (None: no fungi commit)."""
-        commit = self._fungi_commit(self._table())
+        return self._manifest_of(self._fungi_commit(self._table()))
+
+    def _manifest_of(self, commit: dict[str, Any] | None) -> Manifest | None:
+        """The fungi manifest a fungi commit's properties name (None: no commit)."""
         return read_manifest(self.location.join(commit[MANIFEST_PROPERTY])) if commit else None
 
     def holds_foreign_data(self) -> bool:
@@ -173,7 +176,7 @@ class LakeTable(OutputTable):
         table = self._table()
         commit = self._fungi_commit(table)
         self._clear_dead_runs(table, commit[RUN_PROPERTY] if commit else None, live_run=run_id)
-        manifest = read_manifest(self.location.join(commit[MANIFEST_PROPERTY])) if commit else None
+        manifest = self._manifest_of(commit)
         if manifest is not None and not tolerate_unreadable:
             self._refuse_drift(table, manifest)
         return manifest
